@@ -1,0 +1,55 @@
+"""The public gateway: API keys, the /v1 contract, forwarding, the 360° view fan-out."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from gateway import customers, events
+from gateway.upstream import Upstreams
+from shared.auth import dev_key_path, load_keyring
+from shared.service import Runtime, create_service_app
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger("kairos.gateway")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The gateway process."""
+    cfg = settings or get_settings()
+
+    async def setup(rt: Runtime) -> None:
+        app.state.keyring = load_keyring(cfg)
+        if not cfg.api_keys:
+            log.warning("no KAIROS_API_KEYS: development admin key in %s", dev_key_path(cfg))
+        up = Upstreams(cfg)
+        rt.extras["upstreams"] = up
+        rt.closers.append(up.close)
+
+    app = create_service_app(
+        "gateway",
+        schema=None,
+        routers=[events.router, customers.router],
+        setup=setup,
+        settings=cfg,
+        body_overrides={"/v1/customers:import": cfg.import_max_bytes},
+        title="Kairos",
+    )
+    # Fail fast on a bad key configuration rather than at the first request.
+    app.state.keyring = load_keyring(cfg)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title="Kairos", version="1", routes=app.routes,
+                              description="Real-time campaign management: the public /v1 API.")
+            doc.setdefault("components", {}).setdefault("schemas", {}).update(events.EXTRA_SCHEMAS)
+            doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            doc["security"] = [{"bearer": []}]
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

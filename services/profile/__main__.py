@@ -1,0 +1,5 @@
+"""Run the profile service: ``python -m services.profile``."""
+
+from shared.runner import serve
+
+serve("profile", "services.profile.app:create_app")

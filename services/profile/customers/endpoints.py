@@ -1,0 +1,187 @@
+"""Profile HTTP endpoints (internal; the gateway forwards the public API here)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+
+from services.profile.customers import service
+from services.profile.customers.repository import CustomerRepository
+from services.profile.projection import Projection
+from shared.contracts.customers import (
+    CUSTOMER_ID_PATTERN,
+    CustomerPatch,
+    CustomerPut,
+    Device,
+    ImportResult,
+    MergeList,
+    MergeRecord,
+    MergeRequest,
+    Profile,
+    WriteAccepted,
+)
+from shared.events import iso, utcnow
+from shared.service import Runtime, runtime
+
+router = APIRouter(prefix="/v1/customers", tags=["customers"])
+
+CustomerIdPath = Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)]
+RuntimeDep = Annotated[Runtime, Depends(runtime)]
+PrincipalHeader = Annotated[str | None, Header(alias="x-kairos-principal")]
+IMPORT_BATCH = 2000
+
+
+def projection(rt: Runtime) -> Projection:
+    proj: Projection = rt.extras["projection"]
+    return proj
+
+
+async def reproject(rt: Runtime, ids: list[str]) -> None:
+    """Rewrite the Redis projection of profiles from what is committed."""
+    assert rt.db is not None
+    async with rt.db.sessions() as session:
+        docs = await service.build_docs(CustomerRepository(session), ids)
+    await projection(rt).write_many(docs)
+
+
+@router.put("/{customer_id}", response_model=WriteAccepted)
+async def put_customer(customer_id: CustomerIdPath, body: CustomerPut, rt: RuntimeDep) -> WriteAccepted:
+    assert rt.db is not None
+    async with rt.db.transaction() as uow:
+        version = await service.put_customer(uow, customer_id=customer_id, body=body, now=utcnow())
+    await reproject(rt, [customer_id])
+    return WriteAccepted(customer_id=customer_id, version=version)
+
+
+@router.patch("/{customer_id}", response_model=WriteAccepted)
+async def patch_customer(
+    customer_id: CustomerIdPath, body: CustomerPatch, rt: RuntimeDep
+) -> WriteAccepted:
+    assert rt.db is not None
+    async with rt.db.transaction() as uow:
+        version = await service.patch_customer(uow, customer_id=customer_id, body=body, now=utcnow())
+    await reproject(rt, [customer_id])
+    return WriteAccepted(customer_id=customer_id, version=version)
+
+
+@router.get("/{customer_id}", response_model=Profile)
+async def get_customer(customer_id: CustomerIdPath, rt: RuntimeDep) -> Profile:
+    assert rt.db is not None
+    async with rt.db.transaction() as uow:
+        return await service.get_profile(uow, customer_id=customer_id, now=utcnow())
+
+
+@router.delete("/{customer_id}", status_code=202)
+async def erase_customer(customer_id: CustomerIdPath, rt: RuntimeDep) -> dict[str, object]:
+    assert rt.db is not None
+    async with rt.db.transaction() as uow:
+        ids, version = await service.erase(uow, customer_id=customer_id)
+    for cid in ids:
+        await projection(rt).erase(cid, version)
+    return {"customer_id": customer_id, "erased": ids}
+
+
+@router.post("/{customer_id}/devices", response_model=WriteAccepted, status_code=201)
+async def add_device(customer_id: CustomerIdPath, body: Device, rt: RuntimeDep) -> WriteAccepted:
+    assert rt.db is not None
+    async with rt.db.transaction() as uow:
+        version = await service.add_device(uow, customer_id=customer_id, device=body, now=utcnow())
+    await reproject(rt, [customer_id])
+    return WriteAccepted(customer_id=customer_id, version=version)
+
+
+@router.post("/{customer_id}/merge", response_model=MergeRecord)
+async def merge_customer(
+    customer_id: CustomerIdPath, body: MergeRequest, rt: RuntimeDep, principal: PrincipalHeader = None
+) -> MergeRecord:
+    assert rt.db is not None
+    async with rt.db.transaction() as uow:
+        m = await service.merge(
+            uow, target=customer_id, source=body.from_, principal=principal, now=utcnow()
+        )
+        version = (await CustomerRepository(uow.session).versions([body.from_]))[body.from_]
+    await reproject(rt, [customer_id])
+    await projection(rt).erase(body.from_, version)
+    assert m.merge_id is not None
+    return MergeRecord(merge_id=m.merge_id, target=m.target, source=m.source,
+                       principal=m.principal, at=iso(m.at), moved=m.moved)
+
+
+@router.get("/{customer_id}/merges", response_model=MergeList)
+async def list_merges(customer_id: CustomerIdPath, rt: RuntimeDep) -> MergeList:
+    assert rt.db is not None
+    async with rt.db.transaction() as uow:
+        await service.lookup(uow, kind="customer_id", value=customer_id)
+        rows = await CustomerRepository(uow.session).merges_of(customer_id)
+    return MergeList(
+        merges=[MergeRecord(merge_id=m.merge_id or 0, target=m.target, source=m.source,
+                            principal=m.principal, at=iso(m.at), moved=m.moved) for m in rows]
+    )
+
+
+lookup_router = APIRouter(tags=["customers"])
+
+
+@lookup_router.get("/v1/customers:lookup")
+async def lookup_customer(
+    rt: RuntimeDep,
+    kind: Annotated[str, Query(pattern=r"^[a-z_]{1,40}$")],
+    value: Annotated[str, Query(min_length=1, max_length=320)],
+) -> dict[str, str]:
+    assert rt.db is not None
+    async with rt.db.transaction() as uow:
+        return {"customer_id": await service.lookup(uow, kind=kind, value=value)}
+
+
+NDJSON_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/x-ndjson": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@lookup_router.post("/v1/customers:import", response_model=ImportResult, openapi_extra=NDJSON_BODY)
+async def import_customers(request: Request, rt: RuntimeDep) -> ImportResult:
+    """Stream NDJSON; each good line is kept, each bad line reported by number."""
+    assert rt.db is not None
+    imported, errors = 0, []
+    pending: list[service.CustomerImportLine] = []
+    lineno = 0
+    buf = b""
+
+    async def flush() -> None:
+        nonlocal imported, pending
+        if not pending:
+            return
+        assert rt.db is not None
+        async with rt.db.transaction() as uow:
+            ids = await service.import_batch(uow, pending, utcnow())
+        await reproject(rt, ids)
+        imported += len(pending)
+        pending = []
+
+    async for chunk in request.stream():
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            lineno += 1
+            if not line.strip():
+                continue
+            body, err = service.parse_import_line(line, lineno)
+            if err is not None:
+                errors.append(err)
+            elif body is not None:
+                pending.append(body)
+        if len(pending) >= IMPORT_BATCH:
+            await flush()
+    if buf.strip():
+        lineno += 1
+        body, err = service.parse_import_line(buf, lineno)
+        if err is not None:
+            errors.append(err)
+        elif body is not None:
+            pending.append(body)
+    await flush()
+    return ImportResult(imported=imported, failed=len(errors), errors=errors[:1000])

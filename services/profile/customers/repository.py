@@ -1,0 +1,260 @@
+"""All SQL of the profile service."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+
+from services.profile.models import Counter, Customer, Device, Identity, Merge, ProcessedEvent
+from shared.db import Repository
+
+
+def _j(v: Any) -> str:
+    return orjson.dumps(v).decode()
+
+
+class CustomerRepository(Repository[Customer]):
+    model = Customer
+
+    async def resolve(self, ids: Iterable[str]) -> dict[str, str | None]:
+        """Map ids to their surviving profile id (merged-away ids follow ``merged_into``)."""
+        ids = list(set(ids))
+        if not ids:
+            return {}
+        rows = await self.session.execute(
+            sa.select(Customer.customer_id, Customer.merged_into).where(
+                Customer.customer_id.in_(ids)  # type: ignore[attr-defined]
+            )
+        )
+        return {cid: (into or cid) for cid, into in rows.all()}
+
+    async def ensure(self, ids: Iterable[str], now: datetime) -> None:
+        """Create empty profiles for ids seen for the first time."""
+        values = [
+            {"customer_id": cid, "attributes": {}, "tags": [], "consents": {}, "created_at": now,
+             "updated_at": now, "version": 0}
+            for cid in sorted(set(ids))
+        ]
+        if values:
+            await self.session.execute(insert(Customer).values(values).on_conflict_do_nothing())
+
+    async def bump(self, ids: Iterable[str], now: datetime) -> dict[str, int]:
+        """Grow the version of each profile (one change each); returns the new versions."""
+        rows = await self.session.execute(
+            sa.text(
+                "UPDATE profile.customer SET version = version + 1, updated_at = :now"
+                " WHERE customer_id = ANY(:ids) RETURNING customer_id, version"
+            ),
+            {"ids": sorted(set(ids)), "now": now},
+        )
+        return {r[0]: r[1] for r in rows.all()}
+
+    async def upsert_many(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Create or replace whole profiles (PUT, import); version grows by one each."""
+        if not rows:
+            return
+        stmt = insert(Customer).values(list(rows))
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[Customer.customer_id],
+            set_={
+                "attributes": stmt.excluded.attributes,
+                "tags": stmt.excluded.tags,
+                "consents": stmt.excluded.consents,
+                "timezone": stmt.excluded.timezone,
+                "locale": stmt.excluded.locale,
+                "updated_at": stmt.excluded.updated_at,
+                "version": Customer.version + 1,  # type: ignore[operator]
+            },
+            where=Customer.merged_into.is_(None),  # type: ignore[union-attr]
+        )
+        await self.session.execute(stmt)
+
+    async def versions(self, ids: Sequence[str]) -> dict[str, int]:
+        rows = await self.session.execute(
+            sa.text("SELECT customer_id, version FROM profile.customer WHERE customer_id = ANY(:ids)"),
+            {"ids": list(ids)},
+        )
+        return {r[0]: r[1] for r in rows.all()}
+
+    # -- identities ----------------------------------------------------------
+    async def identities_of(self, ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        rows = await self.session.execute(
+            sa.select(Identity.kind, Identity.value, Identity.customer_id).where(
+                Identity.customer_id.in_(list(ids))  # type: ignore[attr-defined]
+            )
+        )
+        out: dict[str, dict[str, str]] = {}
+        for kind, value, cid in rows.all():
+            out.setdefault(cid, {})[kind] = value
+        return out
+
+    async def owners(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """Who owns each (kind, value) identity now."""
+        if not pairs:
+            return {}
+        rows = await self.session.execute(
+            sa.text(
+                "SELECT kind, value, customer_id FROM profile.identity"
+                " WHERE (kind, value) IN (SELECT * FROM unnest(CAST(:k AS text[]), CAST(:v AS text[])))"
+            ),
+            {"k": [p[0] for p in pairs], "v": [p[1] for p in pairs]},
+        )
+        return {(r[0], r[1]): r[2] for r in rows.all()}
+
+    async def set_identities(
+        self, customer_id: str, identities: dict[str, str], *, replace: bool
+    ) -> None:
+        if replace:
+            await self.session.execute(
+                sa.text(
+                    "DELETE FROM profile.identity WHERE customer_id = :c AND kind <> 'anonymous_id'"
+                ),
+                {"c": customer_id},
+            )
+        else:
+            await self.session.execute(
+                sa.text("DELETE FROM profile.identity WHERE customer_id = :c AND kind = ANY(:k)"),
+                {"c": customer_id, "k": list(identities)},
+            )
+        await self.add_identities([(k, v, customer_id) for k, v in identities.items()])
+
+    async def add_identities(self, triples: Sequence[tuple[str, str, str]]) -> None:
+        if triples:
+            await self.session.execute(
+                insert(Identity)
+                .values([{"kind": k, "value": v, "customer_id": c} for k, v, c in triples])
+                .on_conflict_do_nothing()
+            )
+
+    async def find_by_identity(self, kind: str, value: str) -> str | None:
+        row = await self.session.execute(
+            sa.select(Identity.customer_id).where(Identity.kind == kind, Identity.value == value)
+        )
+        return row.scalar_one_or_none()
+
+    # -- devices -------------------------------------------------------------
+    async def devices_of(self, ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        rows = await self.session.execute(
+            sa.select(Device).where(Device.customer_id.in_(list(ids)))  # type: ignore[attr-defined]
+        )
+        out: dict[str, list[dict[str, Any]]] = {}
+        for d in rows.scalars().all():
+            out.setdefault(d.customer_id, []).append(
+                {"platform": d.platform, "token": d.token, "app_id": d.app_id,
+                 "registered_at": d.registered_at}
+            )
+        return out
+
+    async def add_device(self, customer_id: str, dev: dict[str, Any], now: datetime) -> None:
+        stmt = insert(Device).values(customer_id=customer_id, registered_at=now, **dev)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[Device.token],
+            set_={"customer_id": customer_id, "platform": dev["platform"],
+                  "app_id": dev["app_id"], "registered_at": now},
+        )
+        await self.session.execute(stmt)
+
+    async def drop_token(self, token: str, reported_at: datetime) -> str | None:
+        """Remove a token a provider called invalid, unless registered again after that."""
+        row = await self.session.execute(
+            sa.text(
+                "DELETE FROM profile.device WHERE token = :t AND registered_at <= :at"
+                " RETURNING customer_id"
+            ),
+            {"t": token, "at": reported_at},
+        )
+        return row.scalar_one_or_none()
+
+    # -- counters ------------------------------------------------------------
+    async def counters_of(
+        self, ids: Sequence[str], *, for_update: bool = False
+    ) -> dict[str, dict[str, Counter]]:
+        stmt = sa.select(Counter).where(Counter.customer_id.in_(list(ids)))  # type: ignore[attr-defined]
+        if for_update:
+            stmt = stmt.order_by(Counter.customer_id, Counter.event_type).with_for_update()
+        out: dict[str, dict[str, Counter]] = {}
+        for c in (await self.session.execute(stmt)).scalars().all():
+            out.setdefault(c.customer_id, {})[c.event_type] = c
+        return out
+
+    async def save_counters(self, rows: Sequence[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        stmt = insert(Counter).values(list(rows))
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[Counter.customer_id, Counter.event_type],
+            set_={k: getattr(stmt.excluded, k) for k in ("total", "first_seen", "last_seen",
+                                                        "buckets", "last")},
+        )
+        await self.session.execute(stmt)
+
+    async def claim_events(self, ids: Sequence[str], now: datetime) -> set[str]:
+        """Record event ids; returns those not seen before."""
+        if not ids:
+            return set()
+        rows = await self.session.execute(
+            insert(ProcessedEvent)
+            .values([{"event_id": i, "at": now} for i in ids])
+            .on_conflict_do_nothing()
+            .returning(ProcessedEvent.event_id)
+        )
+        return set(rows.scalars().all())
+
+    # -- merges & erasure ------------------------------------------------------
+    async def record_merge(self, m: Merge) -> Merge:
+        self.session.add(m)
+        await self.session.flush()
+        return m
+
+    async def merges_of(self, customer_id: str) -> Sequence[Merge]:
+        rows = await self.session.execute(
+            sa.select(Merge).where(Merge.target == customer_id).order_by(Merge.merge_id.desc())  # type: ignore[union-attr]
+        )
+        return rows.scalars().all()
+
+    async def move_rows(self, source: str, target: str) -> dict[str, int]:
+        """Move identities and devices of ``source`` to ``target``; mark source merged."""
+        moved = {}
+        for table in ("identity", "device"):
+            r = await self.session.execute(
+                sa.text(f"UPDATE profile.{table} SET customer_id = :t WHERE customer_id = :s"),
+                {"t": target, "s": source},
+            )
+            moved[table] = r.rowcount  # type: ignore[attr-defined]
+        await self.session.execute(
+            sa.text("UPDATE profile.customer SET merged_into = :t WHERE merged_into = :s"),
+            {"t": target, "s": source},
+        )
+        return moved
+
+    async def erase(self, customer_id: str) -> list[str]:
+        """Delete a profile and everything personal about it, merged-away ids included."""
+        ids = [customer_id] + list(
+            (
+                await self.session.execute(
+                    sa.text("SELECT customer_id FROM profile.customer WHERE merged_into = :c"),
+                    {"c": customer_id},
+                )
+            ).scalars()
+        )
+        for table in ("identity", "device", "counter", "merge"):
+            col = "target" if table == "merge" else "customer_id"
+            await self.session.execute(
+                sa.text(f"DELETE FROM profile.{table} WHERE {col} = ANY(:ids)"), {"ids": ids}
+            )
+        await self.session.execute(
+            sa.text("DELETE FROM profile.merge WHERE source = ANY(:ids)"), {"ids": ids}
+        )
+        await self.session.execute(
+            sa.text("DELETE FROM profile.customer WHERE customer_id = ANY(:ids)"), {"ids": ids}
+        )
+        return ids
+
+
+def to_json(v: Any) -> str:
+    return _j(v)

@@ -1,0 +1,480 @@
+"""Profile use cases: write, read, merge, erase, import, and applying events.
+
+Services never commit: callers pass a unit of work and write the projection
+after it has committed (see endpoints and the consumer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from services.profile import counters
+from services.profile.customers.repository import CustomerRepository
+from services.profile.models import Counter, Customer, Merge
+from shared.contracts.customers import (
+    CustomerImportLine,
+    CustomerPatch,
+    CustomerPut,
+    Device,
+    Profile,
+)
+from shared.db import UnitOfWork
+from shared.errors import Conflict, NotFound, Unprocessable
+from shared.events import CloudEvent, iso
+
+SOURCE = "kairos/profile"
+ANON_PREFIX = "anon:"
+
+
+def _event(type_: str, customer_id: str, data: dict[str, Any]) -> CloudEvent:
+    return CloudEvent(source=SOURCE, type=type_, subject=customer_id, data=data)
+
+
+def _changed(uow: UnitOfWork, customer_id: str, version: int, changed: list[str], **extra: Any) -> None:
+    uow.emit(
+        "profile.changed",
+        _event("profile.changed", customer_id,
+               {"customer_id": customer_id, "version": version, "changed": changed, **extra}),
+    )
+
+
+# -- reads ---------------------------------------------------------------------
+async def build_docs(repo: CustomerRepository, ids: list[str]) -> list[dict[str, Any]]:
+    """Projection documents (the compact read model) for profiles, as committed."""
+    if not ids:
+        return []
+    rows = await repo.list(Customer.customer_id.in_(ids), limit=len(ids))  # type: ignore[attr-defined]
+    live = [c for c in rows if c.merged_into is None]
+    idents = await repo.identities_of([c.customer_id for c in live])
+    devices = await repo.devices_of([c.customer_id for c in live])
+    ctrs = await repo.counters_of([c.customer_id for c in live])
+    docs = []
+    for c in live:
+        docs.append(
+            {
+                "customer_id": c.customer_id,
+                "version": c.version,
+                "attributes": c.attributes,
+                "tags": c.tags,
+                "consents": c.consents,
+                "identities": idents.get(c.customer_id, {}),
+                "devices": [
+                    {k: d[k] for k in ("platform", "token", "app_id")}
+                    for d in devices.get(c.customer_id, [])
+                ],
+                "timezone": c.timezone,
+                "locale": c.locale,
+                "counters": {
+                    t: {"total": k.total, "first": iso(k.first_seen), "last": iso(k.last_seen),
+                        **k.buckets}
+                    for t, k in ctrs.get(c.customer_id, {}).items()
+                },
+                "last": {t: k.last for t, k in ctrs.get(c.customer_id, {}).items() if k.last},
+                "updated_at": iso(c.updated_at),
+            }
+        )
+    return docs
+
+
+async def get_profile(uow: UnitOfWork, *, customer_id: str, now: datetime) -> Profile:
+    """The stored profile with counters as rolling windows; 404 for unknown or merged-away ids."""
+    repo = CustomerRepository(uow.session)
+    c = await repo.get(customer_id)
+    if c is None:
+        raise NotFound(f"Customer '{customer_id}' is not known.")
+    if c.merged_into is not None:
+        raise NotFound(f"Customer '{customer_id}' was merged into '{c.merged_into}'.")
+    idents = (await repo.identities_of([customer_id])).get(customer_id, {})
+    devices = (await repo.devices_of([customer_id])).get(customer_id, [])
+    ctrs = (await repo.counters_of([customer_id])).get(customer_id, {})
+    return Profile(
+        customer_id=customer_id,
+        attributes=c.attributes,
+        tags=c.tags,
+        consents=c.consents,
+        identities=idents,
+        devices=[Device(platform=d["platform"], token=d["token"], app_id=d["app_id"]) for d in devices],
+        counters={t: {**counters.windows(k.buckets, now), "total": k.total} for t, k in ctrs.items()},
+        last={t: k.last for t, k in ctrs.items() if k.last},
+        first_seen={t: iso(k.first_seen) for t, k in ctrs.items()},
+        last_seen={t: iso(k.last_seen) for t, k in ctrs.items()},
+        timezone=c.timezone,
+        locale=c.locale,
+        created_at=iso(c.created_at),
+        updated_at=iso(c.updated_at),
+        version=c.version,
+    )
+
+
+async def lookup(uow: UnitOfWork, *, kind: str, value: str) -> str:
+    """The surviving profile that owns an identity (or a customer id)."""
+    repo = CustomerRepository(uow.session)
+    cid = value if kind == "customer_id" else await repo.find_by_identity(kind, value)
+    if cid is not None:
+        resolved = (await repo.resolve([cid])).get(cid)
+        if resolved is not None:
+            return resolved
+    raise NotFound(f"No customer has {kind} '{value}'.")
+
+
+# -- writes --------------------------------------------------------------------
+async def _check_identities(repo: CustomerRepository, customer_id: str, idents: dict[str, str]) -> None:
+    owners = await repo.owners(list(idents.items()))
+    taken = [
+        {"loc": ["identities", k], "msg": f"already belongs to customer '{owner}'"}
+        for (k, _), owner in owners.items()
+        if owner != customer_id
+    ]
+    if taken:
+        raise Conflict(
+            "An identity belongs to another customer; merge the two profiles instead.", errors=taken
+        )
+
+
+def _identities(body: CustomerPut | CustomerPatch) -> dict[str, str]:
+    if body.identities is None:
+        return {}
+    try:
+        return body.identities.as_dict()
+    except ValueError as exc:
+        raise Unprocessable(str(exc), errors=[{"loc": ["identities"], "msg": str(exc)}]) from exc
+
+
+async def put_customer(uow: UnitOfWork, *, customer_id: str, body: CustomerPut, now: datetime) -> int:
+    """Create or replace a profile; counters, devices and anonymous links are kept."""
+    repo = CustomerRepository(uow.session)
+    existing = await repo.get(customer_id, for_update=True)
+    if existing is not None and existing.merged_into is not None:
+        raise Conflict(f"Customer '{customer_id}' was merged into '{existing.merged_into}'.")
+    idents = _identities(body)
+    await _check_identities(repo, customer_id, idents)
+    await repo.upsert_many([_row(customer_id, body, now)])
+    await repo.set_identities(customer_id, idents, replace=True)
+    version = (await repo.versions([customer_id]))[customer_id]
+    _changed(uow, customer_id, version, ["attributes", "tags", "consents", "identities"])
+    return version
+
+
+def _row(customer_id: str, body: CustomerPut, now: datetime) -> dict[str, Any]:
+    return {
+        "customer_id": customer_id,
+        "attributes": body.attributes,
+        "tags": sorted(set(body.tags)),
+        "consents": body.consents.given(),
+        "timezone": body.timezone,
+        "locale": body.locale,
+        "created_at": now,
+        "updated_at": now,
+        "version": 1,
+    }
+
+
+async def patch_customer(
+    uow: UnitOfWork, *, customer_id: str, body: CustomerPatch, now: datetime
+) -> int:
+    """Merge changes into a profile: null attributes remove, tags added/removed, consents set."""
+    repo = CustomerRepository(uow.session)
+    c = await repo.get(customer_id, for_update=True)
+    if c is None or c.merged_into is not None:
+        raise NotFound(f"Customer '{customer_id}' is not known.")
+    changed = []
+    if body.attributes:
+        attrs = dict(c.attributes)
+        for k, v in body.attributes.items():
+            if v is None:
+                attrs.pop(k, None)
+            else:
+                attrs[k] = v
+        c.attributes = attrs
+        changed.append("attributes")
+    if body.tags_add or body.tags_remove:
+        tags = (set(c.tags) | set(body.tags_add)) - set(body.tags_remove)
+        c.tags = sorted(tags)
+        changed.append("tags")
+    if body.consents is not None:
+        c.consents = {**c.consents, **body.consents.given()}
+        changed.append("consents")
+    for f in ("timezone", "locale"):
+        if f in body.model_fields_set:
+            setattr(c, f, getattr(body, f))
+            changed.append(f)
+    idents = _identities(body)
+    if idents:
+        await _check_identities(repo, customer_id, idents)
+        await repo.set_identities(customer_id, idents, replace=False)
+        changed.append("identities")
+    c.version += 1
+    c.updated_at = now
+    await uow.session.flush()
+    _changed(uow, customer_id, c.version, changed)
+    return c.version
+
+
+async def add_device(uow: UnitOfWork, *, customer_id: str, device: Device, now: datetime) -> int:
+    """Register a push token (moves it if another profile had it)."""
+    repo = CustomerRepository(uow.session)
+    resolved = (await repo.resolve([customer_id])).get(customer_id)
+    if resolved is None:
+        raise NotFound(f"Customer '{customer_id}' is not known.")
+    await repo.add_device(resolved, device.model_dump(), now)
+    version = (await repo.bump([resolved], now))[resolved]
+    _changed(uow, resolved, version, ["devices"])
+    return version
+
+
+async def drop_invalid_token(uow: UnitOfWork, *, token: str, reported_at: datetime, now: datetime) -> str | None:
+    """A provider said the token is dead: drop it unless it was registered again since."""
+    repo = CustomerRepository(uow.session)
+    cid = await repo.drop_token(token, reported_at)
+    if cid is not None:
+        version = (await repo.bump([cid], now))[cid]
+        _changed(uow, cid, version, ["devices"])
+    return cid
+
+
+async def withdraw_consent(uow: UnitOfWork, *, customer_id: str, channel: str, now: datetime) -> str | None:
+    """An unsubscribe response withdraws that channel's consent."""
+    repo = CustomerRepository(uow.session)
+    cid = (await repo.resolve([customer_id])).get(customer_id)
+    if cid is None:
+        return None
+    c = await repo.get(cid, for_update=True)
+    assert c is not None
+    c.consents = {**c.consents, channel: False}
+    c.version += 1
+    c.updated_at = now
+    await uow.session.flush()
+    _changed(uow, cid, c.version, ["consents"])
+    return cid
+
+
+async def erase(uow: UnitOfWork, *, customer_id: str) -> tuple[list[str], int]:
+    """Right to erasure: delete everything and announce ``profile.erased``."""
+    repo = CustomerRepository(uow.session)
+    c = await repo.get(customer_id, for_update=True)
+    if c is None or c.merged_into is not None:
+        raise NotFound(f"Customer '{customer_id}' is not known.")
+    version = c.version + 1
+    ids = await repo.erase(customer_id)
+    uow.emit(
+        "profile.erased",
+        _event("profile.erased", customer_id, {"customer_id": customer_id, "ids": ids}),
+    )
+    return ids, version
+
+
+# -- merges --------------------------------------------------------------------
+def _stricter(a: dict[str, bool], b: dict[str, bool]) -> dict[str, bool]:
+    out = dict(b)
+    for k, v in a.items():
+        out[k] = v and out[k] if k in out else v
+    return out
+
+
+async def merge(
+    uow: UnitOfWork, *, target: str, source: str, principal: str | None, now: datetime
+) -> Merge:
+    """Fold ``source`` into ``target``: target's attributes win, stricter consents, counters add."""
+    if target == source:
+        raise Unprocessable("A profile cannot be merged into itself.",
+                            errors=[{"loc": ["from"], "msg": "same as the target"}])
+    repo = CustomerRepository(uow.session)
+    # Lock both in a stable order so concurrent merges cannot deadlock.
+    rows = {}
+    for cid in sorted((target, source)):
+        rows[cid] = await repo.get(cid, for_update=True)
+    t, s = rows[target], rows[source]
+    if t is None or t.merged_into is not None:
+        raise NotFound(f"Customer '{target}' is not known.")
+    if s is None:
+        raise NotFound(f"Customer '{source}' is not known.",
+                       errors=[{"loc": ["from"], "msg": "unknown customer"}])
+    if s.merged_into is not None:
+        raise Conflict(f"Customer '{source}' was already merged into '{s.merged_into}'.")
+    t.attributes = {**s.attributes, **t.attributes}
+    added_tags = sorted(set(s.tags) - set(t.tags))
+    t.tags = sorted(set(t.tags) | set(s.tags))
+    t.consents = _stricter(s.consents, t.consents)
+    t.timezone = t.timezone or s.timezone
+    t.locale = t.locale or s.locale
+    t.created_at = min(t.created_at, s.created_at)
+    ctrs = await repo.counters_of([target, source], for_update=True)
+    merged_rows = []
+    for etype, sc in ctrs.get(source, {}).items():
+        tc = ctrs.get(target, {}).get(etype)
+        merged_rows.append(_fold_counter(tc, sc, target, now))
+    await repo.save_counters(merged_rows)
+    await uow.session.execute(
+        Counter.__table__.delete().where(Counter.__table__.c.customer_id == source)  # type: ignore[attr-defined]
+    )
+    moved = await repo.move_rows(source, target)
+    s.merged_into = target
+    s.attributes, s.tags, s.consents = {}, [], {}
+    s.version += 1
+    t.version += 1
+    t.updated_at = s.updated_at = now
+    record = await repo.record_merge(
+        Merge(target=target, source=source, principal=principal, at=now,
+              moved={**moved, "tags": added_tags, "counters": [r["event_type"] for r in merged_rows]})
+    )
+    _changed(uow, target, t.version, ["attributes", "tags", "consents", "identities", "devices", "counters"])
+    uow.emit("profile.merged", _event("profile.merged", target,
+                                      {"target": target, "source": source, "merge_id": record.merge_id}))
+    return record
+
+
+def _fold_counter(tc: Counter | None, sc: Counter, target: str, now: datetime) -> dict[str, Any]:
+    if tc is None:
+        return {"customer_id": target, "event_type": sc.event_type, "total": sc.total,
+                "first_seen": sc.first_seen, "last_seen": sc.last_seen, "buckets": sc.buckets,
+                "last": sc.last}
+    buckets = orjson.loads(orjson.dumps(tc.buckets))
+    counters.merge(buckets, sc.buckets, now)
+    return {
+        "customer_id": target, "event_type": sc.event_type, "total": tc.total + sc.total,
+        "first_seen": min(tc.first_seen, sc.first_seen), "last_seen": max(tc.last_seen, sc.last_seen),
+        "buckets": buckets, "last": tc.last if tc.last_seen >= sc.last_seen else sc.last,
+    }
+
+
+# -- events --------------------------------------------------------------------
+@dataclass
+class EventData:
+    """What the consumer needs of one ``events.*`` CloudEvent."""
+
+    id: str
+    type: str
+    customer_id: str | None
+    anonymous_id: str | None
+    time: datetime
+    properties: dict[str, Any]
+
+    @classmethod
+    def from_cloudevent(cls, ev: CloudEvent) -> EventData:
+        d = ev.data
+        t = datetime.fromisoformat(str(d.get("time") or ev.time).replace("Z", "+00:00"))
+        if t.tzinfo is None:
+            t = t.replace(tzinfo=UTC)
+        return cls(
+            id=ev.id, type=str(d["type"]), customer_id=d.get("customer_id"),
+            anonymous_id=d.get("anonymous_id"), time=t, properties=dict(d.get("properties") or {}),
+        )
+
+
+@dataclass
+class Applied:
+    customers: set[str] = field(default_factory=set)
+    erased: list[tuple[str, int]] = field(default_factory=list)
+
+
+async def apply_events(uow: UnitOfWork, events: list[EventData], now: datetime) -> Applied:
+    """Apply a batch of events: identity resolution, counters, last values, one version bump each."""
+    repo = CustomerRepository(uow.session)
+    out = Applied()
+    events = list({e.id: e for e in reversed(events)}.values())[::-1]  # one copy per id
+    fresh_ids = await repo.claim_events([e.id for e in events], now)
+    # Redelivered events still re-project their customers (the projection may have missed them).
+    explicit = {e.customer_id for e in events if e.customer_id}
+    resolved = await repo.resolve(explicit)
+    anon = await repo.owners([("anonymous_id", e.anonymous_id) for e in events if e.anonymous_id])
+    anon_owner = {v: c for (_, v), c in anon.items()}
+    new_links: list[tuple[str, str, str]] = []
+    folds: list[tuple[str, str]] = []
+    targets: list[tuple[EventData, str]] = []
+    for e in events:
+        if e.customer_id:
+            cid = resolved.get(e.customer_id) or e.customer_id
+            if e.anonymous_id:
+                owner = anon_owner.get(e.anonymous_id)
+                if owner is None:
+                    new_links.append(("anonymous_id", e.anonymous_id, cid))
+                elif owner != cid and e.id in fresh_ids:
+                    folds.append((cid, owner))
+                anon_owner[e.anonymous_id] = cid
+        else:
+            assert e.anonymous_id is not None
+            cid = anon_owner.get(e.anonymous_id) or ANON_PREFIX + e.anonymous_id
+            if e.anonymous_id not in anon_owner:
+                new_links.append(("anonymous_id", e.anonymous_id, cid))
+                anon_owner[e.anonymous_id] = cid
+        targets.append((e, cid))
+        out.customers.add(cid)
+    await repo.ensure({cid for e, cid in targets if e.id in fresh_ids}, now)
+    await repo.add_identities(new_links)
+    for target, source in dict.fromkeys(folds):
+        await merge(uow, target=target, source=source, principal="identity-resolution", now=now)
+    by_customer: dict[str, list[EventData]] = {}
+    for e, cid in targets:
+        if e.id in fresh_ids:
+            by_customer.setdefault(cid, []).append(e)
+    if not by_customer:
+        return out
+    existing = await repo.counters_of(sorted(by_customer), for_update=True)
+    for mine in existing.values():  # read, changed in memory, written by one upsert
+        for c in mine.values():
+            uow.session.expunge(c)
+    rows = []
+    for cid in sorted(by_customer):
+        mine = existing.get(cid, {})
+        for e in sorted(by_customer[cid], key=lambda x: x.time):
+            c = mine.get(e.type)
+            if c is None:
+                c = Counter(customer_id=cid, event_type=e.type, total=0, first_seen=e.time,
+                            last_seen=e.time, buckets=counters.empty(), last={})
+                mine[e.type] = c
+            c.total += 1
+            counters.add(c.buckets, e.time, now)
+            if e.time >= c.last_seen:
+                c.last = {**c.last, **_scalars(e.properties)}
+                c.last_seen = e.time
+            c.first_seen = min(c.first_seen, e.time)
+        for etype in {e.type for e in by_customer[cid]}:
+            c = mine[etype]
+            rows.append({"customer_id": cid, "event_type": etype, "total": c.total,
+                         "first_seen": c.first_seen, "last_seen": c.last_seen,
+                         "buckets": c.buckets, "last": c.last})
+    await repo.save_counters(rows)
+    versions = await repo.bump(by_customer, now)
+    for cid, v in versions.items():
+        _changed(uow, cid, v, ["counters"], event_types=sorted({e.type for e in by_customer[cid]}))
+    return out
+
+
+def _scalars(props: dict[str, Any]) -> dict[str, Any]:
+    """Last values keep scalars (and short lists); nested objects are not rule material."""
+    return {k: v for k, v in props.items() if not isinstance(v, dict)}
+
+
+# -- import --------------------------------------------------------------------
+def parse_import_line(line: bytes, lineno: int) -> tuple[CustomerImportLine | None, dict[str, Any] | None]:
+    """Validate one NDJSON line; returns the body or an error naming the line and field."""
+    try:
+        body = CustomerImportLine.model_validate_json(line)
+        body.identities.as_dict()
+        return body, None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "line"
+        return None, {"line": lineno, "detail": f"{where}: {first['msg']}"}
+    except ValueError as exc:
+        return None, {"line": lineno, "detail": str(exc)}
+
+
+async def import_batch(uow: UnitOfWork, bodies: list[CustomerImportLine], now: datetime) -> list[str]:
+    """Upsert a batch of import lines in one statement; returns the customer ids written."""
+    repo = CustomerRepository(uow.session)
+    last: dict[str, CustomerImportLine] = {b.customer_id: b for b in bodies}  # last line wins
+    rows = [_row(cid, b, now) for cid, b in last.items()]
+    await repo.upsert_many(rows)
+    links = [(k, v, cid) for cid, b in last.items() for k, v in b.identities.as_dict().items()]
+    if links:
+        await repo.add_identities(links)
+    versions = await repo.versions(list(last))
+    for cid, v in versions.items():
+        _changed(uow, cid, v, ["attributes", "tags", "consents", "identities"], source="import")
+    return list(versions)

@@ -1,0 +1,1 @@
+"""Kairos shared library: settings, bus, database, Redis, telemetry, auth, errors."""

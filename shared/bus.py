@@ -1,0 +1,313 @@
+"""NATS JetStream: streams, CloudEvents publishing and the durable pull-consumer runner."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
+from nats.js.errors import NotFoundError
+from opentelemetry import propagate, trace
+from prometheus_client import Counter
+
+from shared.events import CloudEvent
+
+log = logging.getLogger("kairos.bus")
+tracer = trace.get_tracer("kairos.bus")
+
+# Every stream and the logical subjects it holds, in one place.
+STREAMS: dict[str, list[str]] = {
+    "EVENTS": ["events.>"],
+    "PROFILE": ["profile.>"],
+    "SEGMENT": ["segment.>"],
+    "CATALOG": ["catalog.>"],
+    "CONTACT": ["contact.>"],
+    "DISPATCH": ["dispatch.>"],
+    "DELIVERY": ["delivery.>"],
+    "RESPONSE": ["response.>"],
+    "DLQ": ["dlq.>"],
+}
+DUPLICATE_WINDOW_S = 120.0
+
+CONSUMED = Counter("kairos_bus_messages_total", "Messages handled", ["consumer", "outcome"])
+PUBLISHED = Counter("kairos_bus_published_total", "Messages published", ["stream"])
+
+
+class TransientError(Exception):
+    """A failure worth retrying later (a dependency is down); the message is nak'ed."""
+
+
+class PoisonMessage(Exception):
+    """A message that can never be handled; it goes to the dead letter at once."""
+
+
+class Bus:
+    """One NATS connection with JetStream, names namespaced by ``prefix``."""
+
+    def __init__(self, url: str, *, prefix: str = "", source: str = "kairos") -> None:
+        self.url = url
+        self.prefix = prefix
+        self.source = source
+        self.nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+
+    # -- names -------------------------------------------------------------
+    def subject(self, logical: str) -> str:
+        """The wire subject of a logical subject such as ``events.app.opened``."""
+        return f"{self.prefix}.{logical}" if self.prefix else logical
+
+    def logical(self, wire: str) -> str:
+        """Strip the namespace from a wire subject."""
+        if self.prefix and wire.startswith(self.prefix + "."):
+            return wire[len(self.prefix) + 1 :]
+        return wire
+
+    def stream(self, name: str) -> str:
+        """The wire name of a stream."""
+        return f"{self.prefix.upper().replace('.', '_')}_{name}" if self.prefix else name
+
+    def durable(self, name: str) -> str:
+        """The wire name of a durable consumer."""
+        return f"{self.prefix.replace('.', '_')}_{name}" if self.prefix else name
+
+    # -- lifecycle -----------------------------------------------------------
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise RuntimeError("bus not connected")
+        return self._js
+
+    async def connect(self, *, ensure_streams: bool = True) -> None:
+        """Connect (with reconnects) and create the streams idempotently."""
+        self.nc = await nats.connect(
+            self.url,
+            name=self.source,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=5,
+        )
+        self._js = self.nc.jetstream(timeout=10, publish_async_max_pending=20_000)
+        if ensure_streams:
+            await self.ensure_streams()
+
+    async def ensure_streams(self) -> None:
+        """Create or update every stream; safe to run from every process at once."""
+        for name, subjects in STREAMS.items():
+            cfg = StreamConfig(
+                name=self.stream(name),
+                subjects=[self.subject(s) for s in subjects],
+                duplicate_window=DUPLICATE_WINDOW_S,
+                max_age=7 * 24 * 3600.0,
+            )
+            try:
+                await self.js.add_stream(cfg)
+            except Exception:  # already exists with another config: converge it
+                with contextlib.suppress(Exception):
+                    await self.js.update_stream(cfg)
+
+    async def close(self) -> None:
+        """Drain: finish in-flight work, flush publishes, then close."""
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        self.nc = None
+        self._js = None
+
+    def is_connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    # -- publishing ----------------------------------------------------------
+    def envelope(
+        self, type_: str, data: dict[str, Any], *, subject: str | None = None, id_: str | None = None
+    ) -> CloudEvent:
+        """A new CloudEvent from this process."""
+        ev = CloudEvent(source=self.source, type=type_, subject=subject, data=data)
+        if id_:
+            ev.id = id_
+        return ev
+
+    @staticmethod
+    def headers_for(ev: CloudEvent) -> dict[str, str]:
+        headers = {"Nats-Msg-Id": ev.id, "Content-Type": "application/cloudevents+json"}
+        propagate.inject(headers)  # W3C traceparent
+        return headers
+
+    async def publish(self, logical: str, ev: CloudEvent) -> None:
+        """Publish one event and wait for the stream's ack."""
+        await self.js.publish(self.subject(logical), ev.to_bytes(), headers=self.headers_for(ev))
+        PUBLISHED.labels(logical.split(".", 1)[0]).inc()
+
+    async def publish_many(
+        self, items: Iterable[tuple[str, CloudEvent]], *, timeout: float = 10.0
+    ) -> None:
+        """Pipeline many publishes and await every ack; raises if any was not stored."""
+        futures = []
+        for logical, ev in items:
+            fut = await self.js.publish_async(
+                self.subject(logical), ev.to_bytes(), headers=self.headers_for(ev)
+            )
+            futures.append(fut)
+            PUBLISHED.labels(logical.split(".", 1)[0]).inc()
+        if futures:
+            await asyncio.wait_for(asyncio.gather(*futures), timeout)
+
+    async def publish_raw(self, wire_subject: str, payload: bytes, headers: dict[str, str]) -> None:
+        await self.js.publish(wire_subject, payload, headers=headers)
+
+
+BatchHandler = Callable[[Sequence[tuple[Msg, CloudEvent]]], Awaitable[None]]
+
+
+@dataclass
+class Consumer:
+    """A durable pull consumer: fetch in batches, ack after commit, dead-letter poison.
+
+    The handler gets a batch of (msg, event). If it returns, every message is acked.
+    If it raises TransientError, the batch is nak'ed with a delay. Any other error
+    makes the runner retry the messages one by one, so one poison message cannot
+    block its neighbours; a message that keeps failing goes to ``dlq.<name>`` after
+    ``max_deliver`` deliveries and is terminated.
+    """
+
+    bus: Bus
+    name: str
+    subjects: list[str]
+    stream: str
+    handler: BatchHandler
+    batch: int = 500
+    max_deliver: int = 5
+    ack_wait_s: float = 30.0
+    nak_delay_s: float = 1.0
+    _task: asyncio.Task[None] | None = field(default=None, init=False)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    healthy: bool = field(default=False, init=False)
+
+    async def start(self) -> None:
+        """Create the durable consumer and start the fetch loop in the background."""
+        durable = self.bus.durable(self.name)
+        stream = self.bus.stream(self.stream)
+        wire = [self.bus.subject(s) for s in self.subjects]
+        config = ConsumerConfig(
+            durable_name=durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.ack_wait_s,
+            max_deliver=self.max_deliver + 1,  # the runner dead-letters before the server gives up
+            max_ack_pending=max(self.batch * 4, 1000),
+            filter_subjects=wire if len(wire) > 1 else None,
+            filter_subject=wire[0] if len(wire) == 1 else None,
+        )
+        try:
+            await self.bus.js.consumer_info(stream, durable)
+        except NotFoundError:
+            await self.bus.js.add_consumer(stream, config)
+        self._sub = await self.bus.js.pull_subscribe_bind(durable, stream=stream)
+        self._task = asyncio.create_task(self._loop(), name=f"consumer:{self.name}")
+
+    async def stop(self) -> None:
+        """Finish the batch in hand, then stop fetching (SIGTERM drain)."""
+        self._stopping.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, 15)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+        with contextlib.suppress(Exception):
+            await self._sub.unsubscribe()
+
+    async def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                msgs = await self._sub.fetch(self.batch, timeout=1.0)
+            except TimeoutError:
+                self.healthy = True  # an empty consumer answers with a timeout: normal
+                continue
+            except Exception as exc:  # connection blips: wait and fetch again
+                if self._stopping.is_set():
+                    break
+                self.healthy = False
+                log.warning("consumer %s fetch failed: %s", self.name, exc)
+                await asyncio.sleep(0.5)
+                continue
+            self.healthy = True
+            await self._handle(msgs)
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        good: list[tuple[Msg, CloudEvent]] = []
+        for m in msgs:
+            try:
+                good.append((m, CloudEvent.from_bytes(m.data)))
+            except Exception as exc:
+                await self._dead_letter(m, f"undecodable: {exc}")
+        if not good:
+            return
+        try:
+            with self._span(good[0][0], len(good)):
+                await self.handler(good)
+        except TransientError as exc:
+            log.warning("consumer %s: transient failure, retrying batch: %s", self.name, exc)
+            CONSUMED.labels(self.name, "nak").inc(len(good))
+            await asyncio.gather(*(m.nak(delay=self.nak_delay_s) for m, _ in good))
+            return
+        except Exception as exc:
+            if len(good) == 1:
+                await self._failed(good[0][0], exc)
+                return
+            log.warning("consumer %s: batch failed (%s); retrying one by one", self.name, exc)
+            for item in good:
+                try:
+                    await self.handler([item])
+                except Exception as one_exc:
+                    await self._failed(item[0], one_exc)
+                else:
+                    await item[0].ack()
+                    CONSUMED.labels(self.name, "ok").inc()
+            return
+        await asyncio.gather(*(m.ack() for m, _ in good))
+        CONSUMED.labels(self.name, "ok").inc(len(good))
+
+    async def _failed(self, msg: Msg, exc: Exception) -> None:
+        delivered = msg.metadata.num_delivered if msg.metadata else 1
+        if isinstance(exc, PoisonMessage) or delivered >= self.max_deliver:
+            await self._dead_letter(msg, f"{type(exc).__name__}: {exc}")
+            return
+        log.warning("consumer %s: delivery %d failed: %s", self.name, delivered, exc)
+        CONSUMED.labels(self.name, "nak").inc()
+        await msg.nak(delay=self.nak_delay_s * delivered)
+
+    async def _dead_letter(self, msg: Msg, reason: str) -> None:
+        log.error("consumer %s: dead-lettering %s: %s", self.name, msg.subject, reason)
+        headers = dict(msg.headers or {})
+        headers["Kairos-Dead-Reason"] = reason[:500]
+        headers["Kairos-Original-Subject"] = msg.subject
+        headers["Kairos-Consumer"] = self.name
+        # The dead letter keeps its own id so it is not de-duplicated away.
+        headers.pop("Nats-Msg-Id", None)
+        try:
+            await self.bus.publish_raw(self.bus.subject(f"dlq.{self.name}"), msg.data, headers)
+        except Exception as exc:  # keep the message: nak so it comes back
+            log.error("consumer %s: dead letter publish failed: %s", self.name, exc)
+            await msg.nak(delay=self.nak_delay_s)
+            return
+        CONSUMED.labels(self.name, "dead").inc()
+        await msg.term()
+
+    def _span(self, msg: Msg, n: int) -> Any:
+        ctx = propagate.extract(dict(msg.headers or {}))
+        return tracer.start_as_current_span(
+            f"consume {self.name}", context=ctx, attributes={"messaging.batch.message_count": n}
+        )
+
+
+def decode_data(ev: CloudEvent) -> dict[str, Any]:
+    """The event's data as a dict (helper for handlers)."""
+    return ev.data if isinstance(ev.data, dict) else orjson.loads(ev.data)

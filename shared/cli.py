@@ -1,0 +1,196 @@
+"""``kairos``: run the suite on the embedded default, migrate, import, generate demo data."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from shared.settings import get_settings
+
+app = typer.Typer(help="Kairos, real-time campaign management.", no_args_is_help=True)
+console = Console()
+
+
+def _run_dir() -> Path:
+    return get_settings().run_dir
+
+
+def _stack_doc() -> dict[str, object]:
+    path = _run_dir() / "stack.json"
+    if not path.exists():
+        raise typer.BadParameter(f"{path} not found: start the suite with 'kairos up' first")
+    doc: dict[str, object] = json.loads(path.read_text())
+    return doc
+
+
+def _api_key() -> str:
+    key = os.environ.get("KAIROS_API_KEY")
+    if key:
+        return key
+    path = _run_dir() / "api-key"
+    if not path.exists():
+        raise typer.BadParameter("set KAIROS_API_KEY (no .run/api-key found)")
+    return path.read_text().strip()
+
+
+@app.command()
+def up() -> None:
+    """Start Postgres, Redis and NATS (unless KAIROS_*_URL point elsewhere), migrate, start all
+    six processes, and stay in the foreground; Ctrl-C or 'kairos down' stops everything."""
+    from shared.stack import Stack
+
+    run_dir = _run_dir()
+    stop = {"now": False}
+
+    def _stop(*_: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    console.print("[bold]Kairos[/] starting servers and migrating…")
+    stack = Stack.prepare(run_dir)
+    try:
+        stack.start_all()
+        stack.wait_ready()
+        stack.write_stack_json()
+        (run_dir / "kairos.pid").write_text(str(os.getpid()))
+        key_file = run_dir / "api-key"
+        console.print(f"[green]ready[/]  gateway: [bold]{stack.url('gateway')}[/]")
+        if key_file.exists() and not os.environ.get("KAIROS_API_KEYS"):
+            console.print(f"API key (admin, dev): [bold]{key_file.read_text().strip()}[/]  ({key_file})")
+        console.print(f"stack: {run_dir / 'stack.json'}   logs: {run_dir / 'logs'}   stop: Ctrl-C")
+        restarts: dict[str, float] = {}
+        while not stop["now"]:
+            time.sleep(0.5)
+            for name, proc in list(stack.procs.items()):
+                if proc.poll() is not None and not stop["now"]:
+                    if time.monotonic() - restarts.get(name, 0) < 5:
+                        continue
+                    console.print(f"[yellow]{name} exited ({proc.returncode}); restarting[/]")
+                    restarts[name] = time.monotonic()
+                    stack.start(name)
+    finally:
+        console.print("stopping…")
+        stack.down()
+        (run_dir / "kairos.pid").unlink(missing_ok=True)
+        console.print("stopped")
+
+
+@app.command()
+def down() -> None:
+    """Stop a running 'kairos up'."""
+    pid_file = _run_dir() / "kairos.pid"
+    if not pid_file.exists():
+        console.print("nothing is running")
+        return
+    pid = int(pid_file.read_text())
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pid_file.unlink(missing_ok=True)
+        console.print("nothing is running")
+        return
+    for _ in range(120):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            console.print("stopped")
+            return
+        time.sleep(0.5)
+    console.print("[red]still running after 60 s[/]")
+    raise typer.Exit(1)
+
+
+@app.command()
+def migrate() -> None:
+    """Apply every service's migrations to KAIROS_DATABASE_URL (creating the database)."""
+    from shared.migrate import ensure_database, upgrade
+
+    url = get_settings().database_url
+    asyncio.run(ensure_database(url))
+    upgrade(url)
+    console.print("migrations applied")
+
+
+@app.command("import")
+def import_(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="NDJSON, one customer a line")],
+    gateway: Annotated[str | None, typer.Option(help="Gateway URL (default: .run/stack.json)")] = None,
+) -> None:
+    """Stream an NDJSON file of customers through the gateway, with rate and ETA."""
+    url = gateway or str(_stack_doc()["gateway"])
+    size = file.stat().st_size
+    columns = (TextColumn("[bold]import"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("import", total=size)
+
+        def chunks():  # type: ignore[no-untyped-def]
+            with file.open("rb") as fh:
+                while block := fh.read(1 << 20):
+                    progress.update(task, advance=len(block))
+                    yield block
+
+        started = time.monotonic()
+        resp = httpx.post(
+            f"{url}/v1/customers:import", content=chunks(),
+            headers={"authorization": f"Bearer {_api_key()}", "content-type": "application/x-ndjson"},
+            timeout=httpx.Timeout(None, connect=5),
+        )
+    elapsed = time.monotonic() - started
+    if resp.status_code != 200:
+        console.print(f"[red]import failed ({resp.status_code})[/]: {resp.text}")
+        raise typer.Exit(1)
+    doc = resp.json()
+    rate = doc["imported"] / elapsed if elapsed else 0
+    console.print(f"imported {doc['imported']:,}, failed {doc['failed']:,} in {elapsed:.1f}s "
+                  f"({rate:,.0f} customers/s)")
+    for err in doc["errors"][:20]:
+        console.print(f"  line {err['line']}: {err['detail']}")
+
+
+demo = typer.Typer(help="Demo data.")
+app.add_typer(demo, name="demo")
+
+
+@demo.command("generate")
+def demo_generate(
+    out: Annotated[Path, typer.Option(help="Output NDJSON of customers")] = Path("customers.ndjson"),
+    customers: Annotated[int, typer.Option(help="How many customers")] = 10_000,
+    events: Annotated[Path | None, typer.Option(help="Also write an NDJSON of events here")] = None,
+    events_per_customer: Annotated[int, typer.Option()] = 5,
+    seed: Annotated[int, typer.Option()] = 7,
+) -> None:
+    """Write a realistic telecom population (and optionally its events) as NDJSON."""
+    from shared.demo import write_customers, write_events
+
+    n = write_customers(out, customers, seed=seed)
+    console.print(f"wrote {n:,} customers to {out}")
+    if events is not None:
+        m = write_events(events, customers, events_per_customer, seed=seed)
+        console.print(f"wrote {m:,} events to {events}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Postgres: async engine, per-service schema, unit of work, repository base, outbox relay."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Generic, TypeVar
+
+import orjson
+import sqlalchemy as sa
+from fastapi import Request
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlmodel import SQLModel
+
+from shared.bus import Bus
+from shared.events import CloudEvent
+
+log = logging.getLogger("kairos.db")
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+SQLModel.metadata.naming_convention = NAMING_CONVENTION
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+    """An asyncpg engine with a bounded pool; JSON through orjson."""
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        json_serializer=lambda v: orjson.dumps(v).decode(),
+        json_deserializer=orjson.loads,
+    )
+
+
+def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+class UnitOfWork:
+    """One transaction; events collected during it go to the outbox in the same commit."""
+
+    def __init__(self, session: AsyncSession, schema: str, notify: asyncio.Event | None) -> None:
+        self.session = session
+        self.schema = schema
+        self._notify = notify
+        self._events: list[tuple[str, CloudEvent]] = []
+
+    def emit(self, subject: str, ev: CloudEvent) -> None:
+        """Publish ``ev`` on ``subject`` after (and only if) this unit of work commits."""
+        self._events.append((subject, ev))
+
+    async def flush_outbox(self) -> None:
+        if not self._events:
+            return
+        await self.session.execute(
+            sa.text(f'INSERT INTO "{self.schema}".outbox (subject, payload) VALUES (:s, :p)'),
+            [{"s": s, "p": ev.to_bytes()} for s, ev in self._events],
+        )
+
+    def committed(self) -> None:
+        if self._events and self._notify is not None:
+            self._notify.set()
+        self._events.clear()
+
+
+class Database:
+    """A service's engine, its schema and the outbox relay's wake-up signal."""
+
+    def __init__(self, url: str, schema: str, *, pool_size: int = 10) -> None:
+        self.schema = schema
+        self.engine = make_engine(url, pool_size=pool_size)
+        self.sessions = make_sessionmaker(self.engine)
+        self.outbox_signal = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[UnitOfWork]:
+        """Commit on success (outbox rows included), roll back on any error."""
+        async with self.sessions() as session:
+            uow = UnitOfWork(session, self.schema, self.outbox_signal)
+            try:
+                yield uow
+                await uow.flush_outbox()
+                await session.commit()
+            except BaseException:
+                await session.rollback()
+                raise
+            uow.committed()
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+async def get_uow(request: Request) -> AsyncIterator[UnitOfWork]:
+    """FastAPI dependency: the request's unit of work (commits after the handler returns)."""
+    db: Database = request.app.state.db
+    async with db.transaction() as uow:
+        yield uow
+
+
+M = TypeVar("M", bound=SQLModel)
+
+
+class Repository(Generic[M]):
+    """Generic repository over one table model; all SQL lives in repositories."""
+
+    model: type[M]
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get(self, key: Any, *, for_update: bool = False) -> M | None:
+        return await self.session.get(self.model, key, with_for_update=for_update)
+
+    def add(self, obj: M) -> M:
+        self.session.add(obj)
+        return obj
+
+    async def delete(self, obj: M) -> None:
+        await self.session.delete(obj)
+
+    async def list(self, *where: Any, limit: int = 100) -> Sequence[M]:
+        stmt = sa.select(self.model).where(*where).limit(limit)
+        return (await self.session.execute(stmt)).scalars().all()
+
+
+def outbox_table_ddl(schema: str) -> list[str]:
+    """DDL of a service's outbox table (used by each service's first migration)."""
+    return [
+        f'CREATE TABLE IF NOT EXISTS "{schema}".outbox ('
+        " id BIGSERIAL PRIMARY KEY, subject TEXT NOT NULL, payload BYTEA NOT NULL,"
+        " created_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+    ]
+
+
+class OutboxRelay:
+    """Publishes committed outbox rows, in order, and deletes them once JetStream has them."""
+
+    def __init__(self, db: Database, bus: Bus, *, batch: int = 500) -> None:
+        self.db = db
+        self.bus = bus
+        self.batch = batch
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=f"outbox:{self.db.schema}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.db.outbox_signal.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, 10)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                moved = await self.relay_once()
+            except Exception as exc:
+                log.warning("outbox relay %s failed: %s", self.db.schema, exc)
+                moved = 0
+                await asyncio.sleep(1.0)
+            if moved >= self.batch:
+                continue
+            self.db.outbox_signal.clear()
+            try:
+                await asyncio.wait_for(self.db.outbox_signal.wait(), 0.5)
+            except TimeoutError:
+                pass
+
+    async def relay_once(self) -> int:
+        """Move one batch; rows are deleted only if every publish was acknowledged."""
+        schema = self.db.schema
+        async with self.db.sessions() as session, session.begin():
+            rows = (
+                await session.execute(
+                    sa.text(
+                        f'DELETE FROM "{schema}".outbox WHERE id IN (SELECT id FROM "{schema}".outbox'
+                        " ORDER BY id FOR UPDATE SKIP LOCKED LIMIT :n) RETURNING id, subject, payload"
+                    ),
+                    {"n": self.batch},
+                )
+            ).all()
+            if not rows:
+                return 0
+            rows.sort(key=lambda r: r[0])
+            await self.bus.publish_many(
+                (r[1], CloudEvent.from_bytes(bytes(r[2]))) for r in rows
+            )
+        return len(rows)

@@ -1,0 +1,22 @@
+"""Run one Kairos process under uvicorn (SIGTERM drains through the app's lifespan)."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from shared.settings import get_settings
+
+
+def serve(name: str, factory: str) -> None:
+    """Serve ``factory`` (an import path to create_app) on the process's configured port."""
+    s = get_settings()
+    host = s.gateway_host if name == "gateway" else s.host
+    uvicorn.run(
+        factory,
+        factory=True,
+        host=host,
+        port=s.port_of(name),
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=20,
+    )

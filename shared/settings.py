@@ -1,0 +1,87 @@
+"""Settings shared by every Kairos process (env prefix ``KAIROS_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SECRET = "change-me-dev-only"
+
+SERVICES = ("profile", "selection", "decision", "dispatch", "feedback")
+
+
+class Settings(BaseSettings):
+    """One settings object per process; every field can be set as ``KAIROS_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="KAIROS_", extra="ignore")
+
+    env: Literal["dev", "test", "staging", "prod"] = "dev"
+    run_dir: Path = Path(".run")
+
+    database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:55432/kairos"
+    redis_url: str = "redis://127.0.0.1:56379/0"
+    nats_url: str = "nats://127.0.0.1:54222"
+
+    # Namespaces so several suites (parallel test runs) share one server safely.
+    bus_prefix: str = ""
+    redis_prefix: str = ""
+
+    host: str = "127.0.0.1"
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8080
+    profile_port: int = 8181
+    selection_port: int = 8182
+    decision_port: int = 8183
+    dispatch_port: int = 8184
+    feedback_port: int = 8185
+    # Explicit service URLs (Kubernetes Services); default http://host:port.
+    profile_url: str | None = None
+    selection_url: str | None = None
+    decision_url: str | None = None
+    dispatch_url: str | None = None
+    feedback_url: str | None = None
+
+    api_keys: str | None = None
+    tracking_secret: str = DEFAULT_SECRET
+
+    view_budget_ms: int = 250
+    upstream_timeout_s: float = 5.0
+    max_body_bytes: int = 1_048_576
+    import_max_bytes: int = 1_073_741_824
+
+    consumer_batch: int = 500
+    consumer_max_deliver: int = 5
+    run_consumers: bool = True
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @model_validator(mode="after")
+    def _enforce_non_default_secrets(self) -> Settings:
+        if self.env not in ("dev", "test") and self.tracking_secret == DEFAULT_SECRET:
+            raise ValueError(
+                "KAIROS_TRACKING_SECRET still has its development default; "
+                f"set a real secret when KAIROS_ENV={self.env}"
+            )
+        if self.env not in ("dev", "test") and not self.api_keys:
+            raise ValueError(f"KAIROS_API_KEYS must be set when KAIROS_ENV={self.env}")
+        return self
+
+    def port_of(self, name: str) -> int:
+        """The listening port of a process by name (gateway or a service)."""
+        port: int = getattr(self, f"{name}_port")
+        return port
+
+    def url_of(self, service: str) -> str:
+        """Base URL the gateway uses to reach a service."""
+        explicit: str | None = getattr(self, f"{service}_url")
+        return explicit or f"http://{self.host}:{self.port_of(service)}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
