@@ -134,7 +134,7 @@ def install(app: FastAPI) -> None:
 
 
 class JSONResponse(Response):
-    """JSON rendered with orjson (FastAPI's JSONResponse is deprecated)."""
+    """JSON rendered with orjson (FastAPI's ORJSONResponse is deprecated)."""
 
     media_type = "application/json"
 

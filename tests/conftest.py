@@ -1,0 +1,100 @@
+"""Real servers for the tests: the ones named by KAIROS_*_URL, else embedded ones.
+
+Each run is isolated: its own database (on an external server), bus prefix and
+Redis key prefix, and its own ports for the six processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy.engine import make_url
+
+from shared.embedded import free_port
+from shared.migrate import drop_database
+from shared.stack import PROCESSES, Stack
+
+RUN_ID = uuid.uuid4().hex[:8]
+KEYS = {
+    "admin": "test-admin-key-" + RUN_ID * 2,
+    "reader": "test-reader-key-" + RUN_ID * 2,
+    "writer": "test-writer-key-" + RUN_ID * 2,
+    "events": "test-events-key-" + RUN_ID * 2,
+    "nothing": "test-nothing-key-" + RUN_ID * 2,
+}
+SCOPES = {
+    "admin": ["admin"],
+    "reader": ["customers:read"],
+    "writer": ["customers:write", "customers:read"],
+    "events": ["events:write"],
+    "nothing": ["reports:read"],
+}
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAIROS_") or k in (
+        "KAIROS_DATABASE_URL", "KAIROS_REDIS_URL", "KAIROS_NATS_URL")}
+    env.update(
+        KAIROS_ENV="test",
+        KAIROS_BUS_PREFIX=f"t{RUN_ID}",
+        KAIROS_REDIS_PREFIX=f"t{RUN_ID}",
+        KAIROS_API_KEYS=json.dumps(
+            [{"name": f"test-{n}", "key": KEYS[n], "scopes": SCOPES[n]} for n in KEYS]
+        ),
+        KAIROS_CONSUMER_MAX_DELIVER="3",
+        KAIROS_LOG_LEVEL="INFO",
+    )
+    if env.get("KAIROS_DATABASE_URL"):
+        url = make_url(env["KAIROS_DATABASE_URL"]).set(database=f"kairos_test_{RUN_ID}")
+        env["KAIROS_DATABASE_URL"] = url.render_as_string(hide_password=False)
+    for name in PROCESSES:
+        env[f"KAIROS_{name.upper()}_PORT"] = str(free_port())
+    return env
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The whole suite as real processes on real Postgres, Redis and NATS."""
+    run_dir: Path = tmp_path_factory.mktemp("run")
+    external_db = bool(os.environ.get("KAIROS_DATABASE_URL"))
+    st = Stack.prepare(
+        run_dir,
+        base_env=_env(),
+        embedded_ports={"pg_port": free_port(), "redis_port": free_port(), "nats_port": free_port()},
+    )
+    try:
+        st.start_all()
+        st.wait_ready()
+        yield st
+    finally:
+        st.down()
+        if external_db:
+            asyncio.run(drop_database(st.env["KAIROS_DATABASE_URL"]))
+        for name in PROCESSES:  # leave the logs where CI prints them on failure
+            log = run_dir / "logs" / f"{name}.log"
+            if log.exists() and os.environ.get("KAIROS_TEST_SHOW_LOGS"):
+                print(log.read_text()[-4000:])  # noqa: T201
+
+
+def auth(name: str = "admin") -> dict[str, str]:
+    return {"authorization": f"Bearer {KEYS[name]}"}
+
+
+@pytest.fixture(scope="session")
+async def gw(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the gateway with the admin key."""
+    async with httpx.AsyncClient(base_url=stack.url("gateway"), headers=auth(), timeout=20) as c:
+        yield c
+
+
+@pytest.fixture
+def cid() -> str:
+    """A fresh customer id per test."""
+    return f"c-{uuid.uuid4().hex[:12]}"
