@@ -43,8 +43,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            doc = get_openapi(title="Kairos", version="1", routes=app.routes,
-                              description="Real-time campaign management: the public /v1 API.")
+            doc = get_openapi(
+                title="Kairos",
+                version="1",
+                routes=app.routes,
+                description="Real-time campaign management: the public /v1 API.",
+            )
             doc.setdefault("components", {}).setdefault("schemas", {}).update(events.EXTRA_SCHEMAS)
             doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             doc["security"] = [{"bearer": []}]

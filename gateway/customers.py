@@ -8,7 +8,6 @@ from typing import Annotated, Any
 import httpx
 import orjson
 from fastapi import APIRouter, Depends, Path, Query, Request
-from shared.errors import JSONResponse
 from starlette.responses import Response
 
 from gateway.idempotency import idempotent
@@ -26,7 +25,7 @@ from shared.contracts.customers import (
     MergeRequest,
     WriteAccepted,
 )
-from shared.errors import NotFound
+from shared.errors import JSONResponse, NotFound
 from shared.service import Runtime, runtime
 
 router = APIRouter(tags=["customers"])
@@ -48,7 +47,11 @@ async def _forward(
     request: Request, rt: Runtime, principal: Principal, method: str, path: str, body: Any = None
 ) -> Response:
     async def call() -> Response:
-        content = orjson.dumps(body.model_dump(mode="json", by_alias=True, exclude_unset=True)) if body is not None else None
+        content = (
+            orjson.dumps(body.model_dump(mode="json", by_alias=True, exclude_unset=True))
+            if body is not None
+            else None
+        )
         resp = await upstreams(rt).request(
             "profile", method, path, principal=principal.name, content=content, headers=JSON
         )
@@ -69,7 +72,11 @@ async def put_customer(
 
 @router.patch("/v1/customers/{customer_id}", response_model=WriteAccepted)
 async def patch_customer(
-    request: Request, customer_id: CustomerId, body: CustomerPatch, principal: Writer, rt: RuntimeDep
+    request: Request,
+    customer_id: CustomerId,
+    body: CustomerPatch,
+    principal: Writer,
+    rt: RuntimeDep,
 ) -> Response:
     """Merge changes into a profile (a null attribute removes it)."""
     return await _forward(request, rt, principal, "PATCH", f"/v1/customers/{customer_id}", body)
@@ -88,7 +95,9 @@ async def add_device(
     request: Request, customer_id: CustomerId, body: Device, principal: DeviceWriter, rt: RuntimeDep
 ) -> Response:
     """Register a push token."""
-    return await _forward(request, rt, principal, "POST", f"/v1/customers/{customer_id}/devices", body)
+    return await _forward(
+        request, rt, principal, "POST", f"/v1/customers/{customer_id}/devices", body
+    )
 
 
 @router.post("/v1/customers/{customer_id}/merge", response_model=MergeRecord)
@@ -96,11 +105,15 @@ async def merge_customer(
     request: Request, customer_id: CustomerId, body: MergeRequest, principal: Writer, rt: RuntimeDep
 ) -> Response:
     """Fold another profile into this one."""
-    return await _forward(request, rt, principal, "POST", f"/v1/customers/{customer_id}/merge", body)
+    return await _forward(
+        request, rt, principal, "POST", f"/v1/customers/{customer_id}/merge", body
+    )
 
 
 @router.get("/v1/customers/{customer_id}/merges", response_model=MergeList)
-async def list_merges(request: Request, customer_id: CustomerId, principal: Reader, rt: RuntimeDep) -> Response:
+async def list_merges(
+    request: Request, customer_id: CustomerId, principal: Reader, rt: RuntimeDep
+) -> Response:
     """The merges recorded into this profile, newest first."""
     return await _forward(request, rt, principal, "GET", f"/v1/customers/{customer_id}/merges")
 
@@ -109,12 +122,21 @@ async def list_merges(request: Request, customer_id: CustomerId, principal: Read
 async def lookup_customer(
     principal: Reader,
     rt: RuntimeDep,
-    kind: Annotated[str, Query(pattern=r"^[a-z_]{1,40}$", description="email, msisdn, device_id, anonymous_id, customer_id or an external id name")],
+    kind: Annotated[
+        str,
+        Query(
+            pattern=r"^[a-z_]{1,40}$",
+            description="email, msisdn, device_id, anonymous_id, customer_id or an external id name",
+        ),
+    ],
     value: Annotated[str, Query(min_length=1, max_length=320)],
 ) -> Response:
     """Find the surviving profile that owns an identity."""
     resp = await upstreams(rt).request(
-        "profile", "GET", "/v1/customers:lookup", params={"kind": kind, "value": value},
+        "profile",
+        "GET",
+        "/v1/customers:lookup",
+        params={"kind": kind, "value": value},
         principal=principal.name,
     )
     return relay(resp)
@@ -123,8 +145,15 @@ async def lookup_customer(
 NDJSON_BODY = {
     "requestBody": {
         "required": True,
-        "content": {"application/x-ndjson": {"schema": {"type": "string", "format": "binary",
-                    "description": "One PUT body plus customer_id per line"}}},
+        "content": {
+            "application/x-ndjson": {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": "One PUT body plus customer_id per line",
+                }
+            }
+        },
     }
 }
 
@@ -134,7 +163,9 @@ async def import_customers(request: Request, principal: Writer, rt: RuntimeDep) 
     """Stream NDJSON through to the profile service (no buffering at the gateway)."""
     client = upstreams(rt).clients["profile"]
     req = client.build_request(
-        "POST", "/v1/customers:import", content=request.stream(),
+        "POST",
+        "/v1/customers:import",
+        content=request.stream(),
         headers={"content-type": "application/x-ndjson", "x-kairos-principal": principal.name},
         timeout=httpx.Timeout(None, connect=1.0),
     )
@@ -142,9 +173,7 @@ async def import_customers(request: Request, principal: Writer, rt: RuntimeDep) 
     return relay(resp)
 
 
-async def _optional(
-    rt: Runtime, service: str, path: str, budget: float
-) -> dict[str, Any] | None:
+async def _optional(rt: Runtime, service: str, path: str, budget: float) -> dict[str, Any] | None:
     try:
         resp = await upstreams(rt).request(service, "GET", path, timeout=budget)
     except Exception:

@@ -8,14 +8,13 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
-from shared.errors import JSONResponse
 from pydantic import TypeAdapter, ValidationError
 from starlette.responses import Response
 
 from gateway.idempotency import idempotent
 from shared.auth import Principal, require
 from shared.contracts.events import MAX_BATCH, EventBatch, EventIn, EventsAccepted
-from shared.errors import Unavailable, Unprocessable, describe
+from shared.errors import JSONResponse, Unavailable, Unprocessable, describe
 from shared.events import CloudEvent, iso, utcnow
 from shared.service import Runtime, runtime
 
@@ -28,7 +27,9 @@ _BODY_SCHEMA = TypeAdapter(EventIn | EventBatch).json_schema(
 OPENAPI = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": {k: v for k, v in _BODY_SCHEMA.items() if k != "$defs"}}},
+        "content": {
+            "application/json": {"schema": {k: v for k, v in _BODY_SCHEMA.items() if k != "$defs"}}
+        },
     }
 }
 EXTRA_SCHEMAS: dict[str, Any] = _BODY_SCHEMA.get("$defs", {})
@@ -43,10 +44,15 @@ def parse_events(raw: bytes) -> list[EventIn]:
     batch = isinstance(doc, dict) and "events" in doc
     items = doc.get("events") if batch else [doc]
     if not isinstance(items, list) or not items:
-        raise Unprocessable("'events' must be a non-empty list.", errors=[{"loc": ["events"], "msg": "empty or not a list"}])
+        raise Unprocessable(
+            "'events' must be a non-empty list.",
+            errors=[{"loc": ["events"], "msg": "empty or not a list"}],
+        )
     if len(items) > MAX_BATCH:
-        raise Unprocessable(f"At most {MAX_BATCH} events per request; got {len(items)}.",
-                            errors=[{"loc": ["events"], "msg": f"more than {MAX_BATCH} events"}])
+        raise Unprocessable(
+            f"At most {MAX_BATCH} events per request; got {len(items)}.",
+            errors=[{"loc": ["events"], "msg": f"more than {MAX_BATCH} events"}],
+        )
     if batch and set(doc) != {"events"}:
         extra = sorted(set(doc) - {"events"})
         raise Unprocessable(f"Unknown fields next to 'events': {extra}.")
@@ -83,16 +89,17 @@ def to_cloudevents(events: list[EventIn], principal: str) -> list[tuple[str, Clo
             "principal": principal,
         }
         ce = CloudEvent(
-            id=eid, source="kairos/gateway", type=f"kairos.event.{ev.type}",
-            subject=ev.customer_id or ev.anonymous_id, data=data,
+            id=eid,
+            source="kairos/gateway",
+            type=f"kairos.event.{ev.type}",
+            subject=ev.customer_id or ev.anonymous_id,
+            data=data,
         )
         out.append((f"events.{ev.type}", ce))
     return out
 
 
-@router.post(
-    "/v1/events", status_code=202, response_model=EventsAccepted, openapi_extra=OPENAPI
-)
+@router.post("/v1/events", status_code=202, response_model=EventsAccepted, openapi_extra=OPENAPI)
 async def post_events(
     request: Request,
     principal: Annotated[Principal, Depends(require("events:write"))],

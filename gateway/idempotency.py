@@ -50,7 +50,10 @@ async def idempotent(
         await redis.delete(rkey)
         return resp
     body = bytes(resp.body)
-    doc = {"status": resp.status_code, "type": resp.media_type or "application/json",
-           "body": body.decode()}
+    doc = {
+        "status": resp.status_code,
+        "type": resp.media_type or "application/json",
+        "body": body.decode(),
+    }
     await redis.set(rkey, orjson.dumps(doc), ex=TTL_S)
     return resp

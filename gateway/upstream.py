@@ -54,14 +54,20 @@ class Upstreams:
             hdrs["x-kairos-principal"] = principal
         try:
             return await self.clients[service].request(
-                method, path, content=content, headers=hdrs, params=params,
+                method,
+                path,
+                content=content,
+                headers=hdrs,
+                params=params,
                 timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
             )
         except httpx.TimeoutException as exc:
             raise GatewayTimeout(f"The {service} service did not answer in time.") from exc
         except httpx.TransportError as exc:
             log.warning("%s unreachable: %s", service, exc)
-            raise Unavailable(f"The {service} service is not reachable; try again shortly.") from exc
+            raise Unavailable(
+                f"The {service} service is not reachable; try again shortly."
+            ) from exc
 
 
 def relay(resp: httpx.Response) -> Response:

@@ -127,7 +127,12 @@ class Bus:
 
     # -- publishing ----------------------------------------------------------
     def envelope(
-        self, type_: str, data: dict[str, Any], *, subject: str | None = None, id_: str | None = None
+        self,
+        type_: str,
+        data: dict[str, Any],
+        *,
+        subject: str | None = None,
+        id_: str | None = None,
     ) -> CloudEvent:
         """A new CloudEvent from this process."""
         ev = CloudEvent(source=self.source, type=type_, subject=subject, data=data)

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -74,7 +75,9 @@ def up() -> None:
         key_file = run_dir / "api-key"
         console.print(f"[green]ready[/]  gateway: [bold]{stack.url('gateway')}[/]")
         if key_file.exists() and not os.environ.get("KAIROS_API_KEYS"):
-            console.print(f"API key (admin, dev): [bold]{key_file.read_text().strip()}[/]  ({key_file})")
+            console.print(
+                f"API key (admin, dev): [bold]{key_file.read_text().strip()}[/]  ({key_file})"
+            )
         console.print(f"stack: {run_dir / 'stack.json'}   logs: {run_dir / 'logs'}   stop: Ctrl-C")
         restarts: dict[str, float] = {}
         while not stop["now"]:
@@ -131,18 +134,27 @@ def migrate() -> None:
 
 @app.command("import")
 def import_(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="NDJSON, one customer a line")],
-    gateway: Annotated[str | None, typer.Option(help="Gateway URL (default: .run/stack.json)")] = None,
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="NDJSON, one customer a line")
+    ],
+    gateway: Annotated[
+        str | None, typer.Option(help="Gateway URL (default: .run/stack.json)")
+    ] = None,
 ) -> None:
     """Stream an NDJSON file of customers through the gateway, with rate and ETA."""
     url = gateway or str(_stack_doc()["gateway"])
     size = file.stat().st_size
-    columns = (TextColumn("[bold]import"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]import"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("import", total=size)
 
-        def chunks():  # type: ignore[no-untyped-def]
+        def chunks() -> Iterator[bytes]:
             with file.open("rb") as fh:
                 while block := fh.read(1 << 20):
                     progress.update(task, advance=len(block))
@@ -150,8 +162,12 @@ def import_(
 
         started = time.monotonic()
         resp = httpx.post(
-            f"{url}/v1/customers:import", content=chunks(),
-            headers={"authorization": f"Bearer {_api_key()}", "content-type": "application/x-ndjson"},
+            f"{url}/v1/customers:import",
+            content=chunks(),
+            headers={
+                "authorization": f"Bearer {_api_key()}",
+                "content-type": "application/x-ndjson",
+            },
             timeout=httpx.Timeout(None, connect=5),
         )
     elapsed = time.monotonic() - started
@@ -160,8 +176,10 @@ def import_(
         raise typer.Exit(1)
     doc = resp.json()
     rate = doc["imported"] / elapsed if elapsed else 0
-    console.print(f"imported {doc['imported']:,}, failed {doc['failed']:,} in {elapsed:.1f}s "
-                  f"({rate:,.0f} customers/s)")
+    console.print(
+        f"imported {doc['imported']:,}, failed {doc['failed']:,} in {elapsed:.1f}s "
+        f"({rate:,.0f} customers/s)"
+    )
     for err in doc["errors"][:20]:
         console.print(f"  line {err['line']}: {err['detail']}")
 
@@ -172,7 +190,9 @@ app.add_typer(demo, name="demo")
 
 @demo.command("generate")
 def demo_generate(
-    out: Annotated[Path, typer.Option(help="Output NDJSON of customers")] = Path("customers.ndjson"),
+    out: Annotated[Path, typer.Option(help="Output NDJSON of customers")] = Path(
+        "customers.ndjson"
+    ),
     customers: Annotated[int, typer.Option(help="How many customers")] = 10_000,
     events: Annotated[Path | None, typer.Option(help="Also write an NDJSON of events here")] = None,
     events_per_customer: Annotated[int, typer.Option()] = 5,

@@ -11,7 +11,12 @@ from typing import Any, Generic, TypeVar
 import orjson
 import sqlalchemy as sa
 from fastapi import Request
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlmodel import SQLModel
 
 from shared.bus import Bus
@@ -198,8 +203,6 @@ class OutboxRelay:
             ).all()
             if not rows:
                 return 0
-            rows.sort(key=lambda r: r[0])
-            await self.bus.publish_many(
-                (r[1], CloudEvent.from_bytes(bytes(r[2]))) for r in rows
-            )
+            rows = sorted(rows, key=lambda r: r[0])
+            await self.bus.publish_many((r[1], CloudEvent.from_bytes(bytes(r[2]))) for r in rows)
         return len(rows)

@@ -16,23 +16,109 @@ TIERS = ["bronze", "silver", "gold", "platinum"]
 COUNTRIES = ["FR", "ES", "IT", "AT", "PL", "NL", "US", "TR", "GR", "PT"]
 INTERESTS = ["travel", "music", "sports", "gaming", "news", "video", "finance", "food", "fashion"]
 BASE_EVENTS = [
-    "app.opened", "app.closed", "topup", "roaming.started", "roaming.ended", "balance.low",
-    "call.dropped", "data.exhausted", "data.pack_bought", "roaming.pack_bought", "bill.paid",
-    "bill.overdue", "plan.changed", "order.placed", "cart.abandoned", "store.visited",
-    "survey.answered", "sim.swapped", "device.upgraded", "contract.renewal_due",
+    "app.opened",
+    "app.closed",
+    "topup",
+    "roaming.started",
+    "roaming.ended",
+    "balance.low",
+    "call.dropped",
+    "data.exhausted",
+    "data.pack_bought",
+    "roaming.pack_bought",
+    "bill.paid",
+    "bill.overdue",
+    "plan.changed",
+    "order.placed",
+    "cart.abandoned",
+    "store.visited",
+    "survey.answered",
+    "sim.swapped",
+    "device.upgraded",
+    "contract.renewal_due",
 ]
-EVENT_TYPES = BASE_EVENTS + [f"app.screen.{s}" for s in (
-    "home", "offers", "bill", "usage", "roaming", "support", "profile", "shop", "settings",
-    "rewards", "family", "tv", "music", "games", "news", "wallet", "insurance", "devices",
-    "coverage", "speedtest", "chat", "faq", "stores", "contracts", "payments", "topup",
-    "data", "calls", "sms", "voicemail", "esim", "5g", "fiber", "tvguide", "sports",
-    "kids", "security", "backup", "cloud", "travel", "partners", "lottery", "quiz",
-    "feedback", "referral", "loyalty", "events", "tickets", "maps", "weather", "health",
-    "energy", "banking", "crypto", "streaming", "podcasts", "radio", "ebooks", "learning",
-    "jobs", "dating", "food", "taxi", "parking", "charging", "tolls", "fuel", "hotels",
-    "flights", "trains", "buses", "ferries", "cars", "bikes", "scooters", "rentals",
-    "insights",
-)]
+EVENT_TYPES = BASE_EVENTS + [
+    f"app.screen.{s}"
+    for s in (
+        "home",
+        "offers",
+        "bill",
+        "usage",
+        "roaming",
+        "support",
+        "profile",
+        "shop",
+        "settings",
+        "rewards",
+        "family",
+        "tv",
+        "music",
+        "games",
+        "news",
+        "wallet",
+        "insurance",
+        "devices",
+        "coverage",
+        "speedtest",
+        "chat",
+        "faq",
+        "stores",
+        "contracts",
+        "payments",
+        "topup",
+        "data",
+        "calls",
+        "sms",
+        "voicemail",
+        "esim",
+        "5g",
+        "fiber",
+        "tvguide",
+        "sports",
+        "kids",
+        "security",
+        "backup",
+        "cloud",
+        "travel",
+        "partners",
+        "lottery",
+        "quiz",
+        "feedback",
+        "referral",
+        "loyalty",
+        "events",
+        "tickets",
+        "maps",
+        "weather",
+        "health",
+        "energy",
+        "banking",
+        "crypto",
+        "streaming",
+        "podcasts",
+        "radio",
+        "ebooks",
+        "learning",
+        "jobs",
+        "dating",
+        "food",
+        "taxi",
+        "parking",
+        "charging",
+        "tolls",
+        "fuel",
+        "hotels",
+        "flights",
+        "trains",
+        "buses",
+        "ferries",
+        "cars",
+        "bikes",
+        "scooters",
+        "rentals",
+        "insights",
+    )
+]
 
 
 def _tags(rng: random.Random, n: int, tier: str, plan: str, region: str) -> list[str]:
@@ -47,7 +133,9 @@ def _tags(rng: random.Random, n: int, tier: str, plan: str, region: str) -> list
     return sorted(tags)
 
 
-def customer(i: int, rng: random.Random, *, tags_min: int = 50, tags_max: int = 1500) -> dict[str, Any]:
+def customer(
+    i: int, rng: random.Random, *, tags_min: int = 50, tags_max: int = 1500
+) -> dict[str, Any]:
     """One generated customer as an import line."""
     plan = rng.choices([p for p, _ in PLANS], weights=[w for _, w in PLANS])[0]
     arpu = round(rng.lognormvariate(3.1, 0.6), 2)
@@ -57,22 +145,36 @@ def customer(i: int, rng: random.Random, *, tags_min: int = 50, tags_max: int = 
     return {
         "customer_id": cid,
         "attributes": {
-            "age": rng.randint(16, 85), "region": region, "plan": plan, "arpu": arpu,
-            "value_tier": tier, "tenure_months": rng.randint(0, 240),
+            "age": rng.randint(16, 85),
+            "region": region,
+            "plan": plan,
+            "arpu": arpu,
+            "value_tier": tier,
+            "tenure_months": rng.randint(0, 240),
             "data_gb_month": round(rng.expovariate(1 / 8), 1),
-            "first_name": rng.choice(["Ana", "Ben", "Chen", "Dana", "Emre", "Fatma", "Jonas", "Lea"]),
-            "contract_end": (datetime(2026, 1, 1) + timedelta(days=rng.randint(0, 900))).date().isoformat(),
+            "first_name": rng.choice(
+                ["Ana", "Ben", "Chen", "Dana", "Emre", "Fatma", "Jonas", "Lea"]
+            ),
+            "contract_end": (datetime(2026, 1, 1) + timedelta(days=rng.randint(0, 900)))
+            .date()
+            .isoformat(),
         },
         "tags": _tags(rng, rng.randint(tags_min, max(tags_min, tags_max)), tier, plan, region),
-        "consents": {"push": rng.random() < 0.7, "email": rng.random() < 0.5,
-                     "sms": rng.random() < 0.6, "inapp": True},
+        "consents": {
+            "push": rng.random() < 0.7,
+            "email": rng.random() < 0.5,
+            "sms": rng.random() < 0.6,
+            "inapp": True,
+        },
         "identities": {"email": f"{cid}@example.com", "msisdn": f"+4915{i:09d}"},
         "timezone": "Europe/Berlin",
         "locale": rng.choice(["de-DE", "en-GB", "tr-TR"]),
     }
 
 
-def write_customers(path: Path, n: int, *, seed: int = 7, tags_min: int = 50, tags_max: int = 1500) -> int:
+def write_customers(
+    path: Path, n: int, *, seed: int = 7, tags_min: int = 50, tags_max: int = 1500
+) -> int:
     rng = random.Random(seed)
     with path.open("wb") as fh:
         for i in range(n):

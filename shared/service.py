@@ -10,16 +10,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from shared.errors import JSONResponse
 from redis.asyncio import Redis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared import errors
 from shared.bus import Bus, Consumer
 from shared.db import Database, OutboxRelay
+from shared.errors import JSONResponse
 from shared.redis import Keys, make_redis
 from shared.settings import Settings, get_settings
-from shared.telemetry import MetricsMiddleware, configure_logging, configure_tracing, metrics_endpoint
+from shared.telemetry import (
+    MetricsMiddleware,
+    configure_logging,
+    configure_tracing,
+    metrics_endpoint,
+)
 
 log = logging.getLogger("kairos.service")
 
@@ -175,7 +180,9 @@ def create_service_app(
                 checks[what] = f"down: {type(exc).__name__}"
         checks["nats"] = "ok" if rt.bus.is_connected() else "down"
         ok = all(v == "ok" for v in checks.values())
-        return JSONResponse({"status": "ok" if ok else "down", "checks": checks}, 200 if ok else 503)
+        return JSONResponse(
+            {"status": "ok" if ok else "down", "checks": checks}, 200 if ok else 503
+        )
 
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
     for r in routers:

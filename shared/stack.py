@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from shared.embedded import Embedded
+from shared.embedded import NATS_PORT, PG_PORT, REDIS_PORT, Embedded
 from shared.migrate import ROOT, ensure_database, upgrade
 from shared.settings import SERVICES
 
@@ -42,14 +42,24 @@ class Stack:
 
     @classmethod
     def prepare(
-        cls, run_dir: Path, *, base_env: dict[str, str] | None = None, ports: dict[str, int] | None = None,
+        cls,
+        run_dir: Path,
+        *,
+        base_env: dict[str, str] | None = None,
+        ports: dict[str, int] | None = None,
         embedded_ports: dict[str, int] | None = None,
     ) -> Stack:
         """Start whatever server is not configured through KAIROS_*_URL, then migrate."""
         env = dict(base_env if base_env is not None else os.environ)
         run_dir.mkdir(parents=True, exist_ok=True)
         env["KAIROS_RUN_DIR"] = str(run_dir)
-        emb = Embedded(run_dir, **(embedded_ports or {}))
+        ep = embedded_ports or {}
+        emb = Embedded(
+            run_dir,
+            pg_port=ep.get("pg_port", PG_PORT),
+            redis_port=ep.get("redis_port", REDIS_PORT),
+            nats_port=ep.get("nats_port", NATS_PORT),
+        )
         try:
             if not env.get("KAIROS_DATABASE_URL"):
                 emb.start_postgres()
@@ -73,7 +83,9 @@ class Stack:
         return cls(run_dir, env, actual, emb if emb.procs else None)
 
     def url(self, name: str) -> str:
-        host = self.env.get("KAIROS_GATEWAY_HOST", "127.0.0.1") if name == "gateway" else "127.0.0.1"
+        host = (
+            self.env.get("KAIROS_GATEWAY_HOST", "127.0.0.1") if name == "gateway" else "127.0.0.1"
+        )
         return f"http://{host}:{self.ports[name]}"
 
     def start(self, name: str) -> None:
@@ -82,8 +94,12 @@ class Stack:
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / f"{name}.log", "ab")  # noqa: SIM115
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", PROCESSES[name]], env=self.env, cwd=ROOT,
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", PROCESSES[name]],
+            env=self.env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def stop(self, name: str, *, kill: bool = False) -> None:

@@ -54,7 +54,9 @@ def configure_logging(service: str, *, level: str = "INFO", as_json: bool = True
     """Route every logger to stderr, JSON by default."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        JsonFormatter(service) if as_json else logging.Formatter("%(levelname)s %(name)s %(message)s")
+        JsonFormatter(service)
+        if as_json
+        else logging.Formatter("%(levelname)s %(name)s %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

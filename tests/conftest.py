@@ -39,8 +39,12 @@ SCOPES = {
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KAIROS_") or k in (
-        "KAIROS_DATABASE_URL", "KAIROS_REDIS_URL", "KAIROS_NATS_URL")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("KAIROS_")
+        or k in ("KAIROS_DATABASE_URL", "KAIROS_REDIS_URL", "KAIROS_NATS_URL")
+    }
     env.update(
         KAIROS_ENV="test",
         KAIROS_BUS_PREFIX=f"t{RUN_ID}",
@@ -67,7 +71,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     st = Stack.prepare(
         run_dir,
         base_env=_env(),
-        embedded_ports={"pg_port": free_port(), "redis_port": free_port(), "nats_port": free_port()},
+        embedded_ports={
+            "pg_port": free_port(),
+            "redis_port": free_port(),
+            "nats_port": free_port(),
+        },
     )
     try:
         st.start_all()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
 from nats.aio.msg import Msg
@@ -16,6 +16,7 @@ from shared.events import CloudEvent, utcnow
 from shared.service import Runtime
 
 log = logging.getLogger("kairos.profile.consumers")
+Batch = Sequence[tuple[Msg, CloudEvent]]
 
 _TRANSIENT = (OperationalError, InterfaceError, ConnectionError, TimeoutError, OSError)
 
@@ -80,7 +81,11 @@ async def handle_responses(rt: Runtime, batch: Sequence[tuple[Msg, CloudEvent]])
     async with rt.db.transaction() as uow:
         for _, ev in batch:
             d = ev.data
-            if d.get("outcome") != "unsubscribed" or not d.get("customer_id") or not d.get("channel"):
+            if (
+                d.get("outcome") != "unsubscribed"
+                or not d.get("customer_id")
+                or not d.get("channel")
+            ):
                 continue
             if d["channel"] not in ("push", "email", "sms", "inapp"):
                 continue
@@ -96,17 +101,38 @@ def consumers(rt: Runtime) -> list[Consumer]:
     """The durable consumers this process runs."""
     s = rt.settings
 
-    def bind(fn):  # type: ignore[no-untyped-def]
+    def bind(fn: Callable[[Runtime, Batch], Awaitable[None]]) -> Callable[[Batch], Awaitable[None]]:
         async def handler(batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
             await fn(rt, batch)
 
         return handler
 
     return [
-        Consumer(rt.bus, "profile-events", ["events.>"], "EVENTS", bind(handle_events),
-                 batch=s.consumer_batch, max_deliver=s.consumer_max_deliver),
-        Consumer(rt.bus, "profile-delivery", ["delivery.>"], "DELIVERY", bind(handle_delivery),
-                 batch=100, max_deliver=s.consumer_max_deliver),
-        Consumer(rt.bus, "profile-responses", ["response.recorded"], "RESPONSE",
-                 bind(handle_responses), batch=100, max_deliver=s.consumer_max_deliver),
+        Consumer(
+            rt.bus,
+            "profile-events",
+            ["events.>"],
+            "EVENTS",
+            bind(handle_events),
+            batch=s.consumer_batch,
+            max_deliver=s.consumer_max_deliver,
+        ),
+        Consumer(
+            rt.bus,
+            "profile-delivery",
+            ["delivery.>"],
+            "DELIVERY",
+            bind(handle_delivery),
+            batch=100,
+            max_deliver=s.consumer_max_deliver,
+        ),
+        Consumer(
+            rt.bus,
+            "profile-responses",
+            ["response.recorded"],
+            "RESPONSE",
+            bind(handle_responses),
+            batch=100,
+            max_deliver=s.consumer_max_deliver,
+        ),
     ]

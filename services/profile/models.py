@@ -18,9 +18,15 @@ class Customer(SQLModel, table=True):
     __tablename__ = "customer"
     __table_args__ = {"schema": SCHEMA}
     customer_id: str = Field(primary_key=True, max_length=128)
-    attributes: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column(JSONB, nullable=False))
-    tags: list[str] = Field(default_factory=list, sa_column=sa.Column(ARRAY(sa.Text), nullable=False))
-    consents: dict[str, bool] = Field(default_factory=dict, sa_column=sa.Column(JSONB, nullable=False))
+    attributes: dict[str, Any] = Field(
+        default_factory=dict, sa_column=sa.Column(JSONB, nullable=False)
+    )
+    tags: list[str] = Field(
+        default_factory=list, sa_column=sa.Column(ARRAY(sa.Text), nullable=False)
+    )
+    consents: dict[str, bool] = Field(
+        default_factory=dict, sa_column=sa.Column(JSONB, nullable=False)
+    )
     timezone: str | None = None
     locale: str | None = None
     created_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
@@ -61,7 +67,9 @@ class Counter(SQLModel, table=True):
     total: int = Field(default=0, sa_column=sa.Column(sa.BigInteger, nullable=False))
     first_seen: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
     last_seen: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
-    buckets: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column(JSONB, nullable=False))
+    buckets: dict[str, Any] = Field(
+        default_factory=dict, sa_column=sa.Column(JSONB, nullable=False)
+    )
     last: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column(JSONB, nullable=False))
 
 

@@ -51,7 +51,11 @@ class Projection:
         """Replace the projection with a tombstone that older writes cannot overwrite."""
         await self._script(
             keys=[self.keys.profile(customer_id)],
-            args=[version, orjson.dumps({"customer_id": customer_id, "erased": True}), TOMBSTONE_TTL_S],
+            args=[
+                version,
+                orjson.dumps({"customer_id": customer_id, "erased": True}),
+                TOMBSTONE_TTL_S,
+            ],
         )
 
     async def read(self, customer_id: str) -> dict[str, Any] | None:

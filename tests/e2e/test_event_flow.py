@@ -22,26 +22,35 @@ async def _counter(gw: httpx.AsyncClient, cid: str, etype: str) -> int:
 
 
 async def test_event_shows_in_view(gw: httpx.AsyncClient, cid: str) -> None:
-    r = await gw.put(f"/v1/customers/{cid}", json={"attributes": {"age": 30}, "tags": ["value:gold"]})
+    r = await gw.put(
+        f"/v1/customers/{cid}", json={"attributes": {"age": 30}, "tags": ["value:gold"]}
+    )
     assert r.status_code == 200, r.text
-    r = await gw.post("/v1/events", json={"type": "app.opened", "customer_id": cid,
-                                         "properties": {"screen": "home"}})
+    r = await gw.post(
+        "/v1/events",
+        json={"type": "app.opened", "customer_id": cid, "properties": {"screen": "home"}},
+    )
     assert r.status_code == 202, r.text
     body = r.json()
-    assert body["accepted"] == 1 and len(body["ids"]) == 1
-    view = await eventually(lambda: gw.get(f"/v1/customers/{cid}"),
-                            lambda r: "app.opened" in r.json()["counters"])
+    assert body["accepted"] == 1
+    assert len(body["ids"]) == 1
+    view = await eventually(
+        lambda: gw.get(f"/v1/customers/{cid}"), lambda r: "app.opened" in r.json()["counters"]
+    )
     doc = view.json()
     assert doc["counters"]["app.opened"]["1d"] == 1
     assert doc["counters"]["app.opened"]["30d"] == 1
     assert doc["last"]["app.opened"] == {"screen": "home"}
     assert doc["attributes"] == {"age": 30}
-    assert doc["partial"] is False and doc["missing"] == []
+    assert doc["partial"] is False
+    assert doc["missing"] == []
 
 
 async def test_unknown_customer_is_created_on_first_event(gw: httpx.AsyncClient, cid: str) -> None:
     assert (await gw.get(f"/v1/customers/{cid}")).status_code == 404
-    await gw.post("/v1/events", json={"type": "topup", "customer_id": cid, "properties": {"amount": 10}})
+    await gw.post(
+        "/v1/events", json={"type": "topup", "customer_id": cid, "properties": {"amount": 10}}
+    )
     await eventually(lambda: _counter(gw, cid, "topup"), lambda n: n == 1)
 
 
@@ -66,7 +75,8 @@ async def test_batch_is_all_or_nothing(gw: httpx.AsyncClient, cid: str) -> None:
     assert r.status_code == 422
     assert r.headers["content-type"].startswith("application/problem+json")
     locs = [e["loc"][:2] for e in r.json()["errors"]]
-    assert ["events", 2] in locs and ["events", 3] in locs
+    assert ["events", 2] in locs
+    assert ["events", 3] in locs
     assert ["events", 0] not in locs
     await gw.post("/v1/events", json={"events": [{"type": "app.opened", "customer_id": cid}]})
     await eventually(lambda: _counter(gw, cid, "app.opened"), lambda n: n == 1)
@@ -76,7 +86,8 @@ async def test_batch_is_all_or_nothing(gw: httpx.AsyncClient, cid: str) -> None:
 async def test_batch_of_many_events(gw: httpx.AsyncClient, cid: str) -> None:
     events = [{"type": "app.opened", "customer_id": cid} for _ in range(250)]
     r = await gw.post("/v1/events", json={"events": events})
-    assert r.status_code == 202 and r.json()["accepted"] == 250
+    assert r.status_code == 202
+    assert r.json()["accepted"] == 250
     assert len(set(r.json()["ids"])) == 250
     await eventually(lambda: _counter(gw, cid, "app.opened"), lambda n: n == 250)
 
@@ -91,8 +102,14 @@ async def test_poison_message_goes_to_dead_letter_and_consumer_continues(
         dlq = await js.subscribe(f"{prefix}.dlq.profile-events", durable=None)
         # Not a CloudEvent at all, and a CloudEvent whose data is not an event.
         await js.publish(f"{prefix}.events.garbage", b"\x00not json")
-        bad = {"id": str(uuid.uuid4()), "source": "test", "type": "x", "specversion": "1.0",
-               "time": "2026-01-01T00:00:00Z", "data": {"no": "type"}}
+        bad = {
+            "id": str(uuid.uuid4()),
+            "source": "test",
+            "type": "x",
+            "specversion": "1.0",
+            "time": "2026-01-01T00:00:00Z",
+            "data": {"no": "type"},
+        }
         await js.publish(f"{prefix}.events.broken", orjson.dumps(bad))
         reasons = []
         for _ in range(2):
@@ -115,8 +132,15 @@ async def test_profile_restart_loses_no_accepted_event(
     try:
         # The gateway still accepts: JetStream holds the events until profile is back.
         for i in range(5):
-            r = await gw.post("/v1/events", json={"events": [
-                {"type": "topup", "customer_id": cid, "properties": {"n": i}} for _ in range(20)]})
+            r = await gw.post(
+                "/v1/events",
+                json={
+                    "events": [
+                        {"type": "topup", "customer_id": cid, "properties": {"n": i}}
+                        for _ in range(20)
+                    ]
+                },
+            )
             assert r.status_code == 202
     finally:
         stack.start("profile")

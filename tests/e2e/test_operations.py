@@ -15,7 +15,8 @@ async def test_health_ready_metrics(stack: Stack, name: str) -> None:
         ready = await c.get("/readyz")
         assert ready.status_code == 200
         checks = ready.json()["checks"]
-        assert checks["redis"] == "ok" and checks["nats"] == "ok"
+        assert checks["redis"] == "ok"
+        assert checks["nats"] == "ok"
         if name != "gateway":
             assert checks["database"] == "ok"
         metrics = await c.get("/metrics")
@@ -26,13 +27,19 @@ async def test_health_ready_metrics(stack: Stack, name: str) -> None:
 async def test_openapi_describes_the_public_paths(gw: httpx.AsyncClient) -> None:
     doc = (await gw.get("/openapi.json")).json()
     paths = doc["paths"]
-    for path in ("/v1/events", "/v1/customers/{customer_id}", "/v1/customers:import",
-                 "/v1/customers/{customer_id}/devices", "/v1/customers/{customer_id}/merge",
-                 "/v1/customers/{customer_id}/merges"):
+    for path in (
+        "/v1/events",
+        "/v1/customers/{customer_id}",
+        "/v1/customers:import",
+        "/v1/customers/{customer_id}/devices",
+        "/v1/customers/{customer_id}/merge",
+        "/v1/customers/{customer_id}/merges",
+    ):
         assert path in paths, path
     ev = paths["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     refs = str(ev)
-    assert "EventIn" in refs and "EventBatch" in refs
+    assert "EventIn" in refs
+    assert "EventBatch" in refs
     assert "EventIn" in doc["components"]["schemas"]
     put = paths["/v1/customers/{customer_id}"]["put"]
     assert "CustomerPut" in str(put["requestBody"])

@@ -14,7 +14,12 @@ ROUTES = [
     ("PUT", "/v1/customers/c-1", {"attributes": {}}, "writer"),
     ("PATCH", "/v1/customers/c-1", {"attributes": {}}, "writer"),
     ("DELETE", "/v1/customers/c-1", None, "writer"),
-    ("POST", "/v1/customers/c-1/devices", {"platform": "ios", "token": "t" * 64, "app_id": "a"}, "events"),
+    (
+        "POST",
+        "/v1/customers/c-1/devices",
+        {"platform": "ios", "token": "t" * 64, "app_id": "a"},
+        "events",
+    ),
     ("POST", "/v1/customers/c-1/merge", {"from": "c-2"}, "writer"),
     ("GET", "/v1/customers/c-1/merges", None, "reader"),
     ("POST", "/v1/customers:import", None, "writer"),
@@ -23,9 +28,15 @@ ROUTES = [
 
 
 @pytest.mark.parametrize(("method", "path", "body", "_"), ROUTES)
-async def test_401_without_or_with_unknown_key(stack: Stack, method: str, path: str, body: object, _: str) -> None:
+async def test_401_without_or_with_unknown_key(
+    stack: Stack, method: str, path: str, body: object, _: str
+) -> None:
     async with httpx.AsyncClient(base_url=stack.url("gateway")) as c:
-        for headers in ({}, {"authorization": "Bearer not-a-real-key-123456"}, {"authorization": "Basic x"}):
+        for headers in (
+            {},
+            {"authorization": "Bearer not-a-real-key-123456"},
+            {"authorization": "Basic x"},
+        ):
             r = await c.request(method, path, json=body, headers=headers)
             assert r.status_code == 401, (path, r.text)
             assert r.headers["content-type"].startswith("application/problem+json")
@@ -33,7 +44,9 @@ async def test_401_without_or_with_unknown_key(stack: Stack, method: str, path: 
 
 
 @pytest.mark.parametrize(("method", "path", "body", "_"), ROUTES)
-async def test_403_without_the_scope(stack: Stack, method: str, path: str, body: object, _: str) -> None:
+async def test_403_without_the_scope(
+    stack: Stack, method: str, path: str, body: object, _: str
+) -> None:
     async with httpx.AsyncClient(base_url=stack.url("gateway")) as c:
         r = await c.request(method, path, json=body, headers=auth("nothing"))
         assert r.status_code == 403, (path, r.text)
@@ -42,8 +55,11 @@ async def test_403_without_the_scope(stack: Stack, method: str, path: str, body:
 
 async def test_scoped_key_is_let_through(stack: Stack) -> None:
     async with httpx.AsyncClient(base_url=stack.url("gateway")) as c:
-        r = await c.post("/v1/events", json={"type": "app.opened", "customer_id": "c-auth"},
-                         headers=auth("events"))
+        r = await c.post(
+            "/v1/events",
+            json={"type": "app.opened", "customer_id": "c-auth"},
+            headers=auth("events"),
+        )
         assert r.status_code == 202
         r = await c.get("/v1/customers/c-unknown-auth", headers=auth("events"))
         assert r.status_code == 403

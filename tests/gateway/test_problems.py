@@ -26,7 +26,9 @@ def _problem(r: httpx.Response, status: int) -> dict[str, object]:
         ({"unknown_field": 1}, "unknown_field"),
     ],
 )
-async def test_put_names_the_field(gw: httpx.AsyncClient, cid: str, body: dict[str, object], field: str) -> None:
+async def test_put_names_the_field(
+    gw: httpx.AsyncClient, cid: str, body: dict[str, object], field: str
+) -> None:
     doc = _problem(await gw.put(f"/v1/customers/{cid}", json=body), 422)
     assert field in str(doc["errors"])
     assert (await gw.get(f"/v1/customers/{cid}")).status_code == 404  # nothing written
@@ -39,9 +41,16 @@ async def test_bad_customer_id(gw: httpx.AsyncClient) -> None:
 
 
 async def test_malformed_json(gw: httpx.AsyncClient, cid: str) -> None:
-    _problem(await gw.put(f"/v1/customers/{cid}", content=b"{nope",
-                          headers={"content-type": "application/json"}), 422)
-    _problem(await gw.post("/v1/events", content=b"[1,", headers={"content-type": "application/json"}), 422)
+    _problem(
+        await gw.put(
+            f"/v1/customers/{cid}", content=b"{nope", headers={"content-type": "application/json"}
+        ),
+        422,
+    )
+    _problem(
+        await gw.post("/v1/events", content=b"[1,", headers={"content-type": "application/json"}),
+        422,
+    )
 
 
 async def test_body_too_large(gw: httpx.AsyncClient, cid: str) -> None:

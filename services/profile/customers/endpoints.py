@@ -11,6 +11,7 @@ from services.profile.customers.repository import CustomerRepository
 from services.profile.projection import Projection
 from shared.contracts.customers import (
     CUSTOMER_ID_PATTERN,
+    CustomerImportLine,
     CustomerPatch,
     CustomerPut,
     Device,
@@ -46,7 +47,9 @@ async def reproject(rt: Runtime, ids: list[str]) -> None:
 
 
 @router.put("/{customer_id}", response_model=WriteAccepted)
-async def put_customer(customer_id: CustomerIdPath, body: CustomerPut, rt: RuntimeDep) -> WriteAccepted:
+async def put_customer(
+    customer_id: CustomerIdPath, body: CustomerPut, rt: RuntimeDep
+) -> WriteAccepted:
     assert rt.db is not None
     async with rt.db.transaction() as uow:
         version = await service.put_customer(uow, customer_id=customer_id, body=body, now=utcnow())
@@ -60,7 +63,9 @@ async def patch_customer(
 ) -> WriteAccepted:
     assert rt.db is not None
     async with rt.db.transaction() as uow:
-        version = await service.patch_customer(uow, customer_id=customer_id, body=body, now=utcnow())
+        version = await service.patch_customer(
+            uow, customer_id=customer_id, body=body, now=utcnow()
+        )
     await reproject(rt, [customer_id])
     return WriteAccepted(customer_id=customer_id, version=version)
 
@@ -93,7 +98,10 @@ async def add_device(customer_id: CustomerIdPath, body: Device, rt: RuntimeDep) 
 
 @router.post("/{customer_id}/merge", response_model=MergeRecord)
 async def merge_customer(
-    customer_id: CustomerIdPath, body: MergeRequest, rt: RuntimeDep, principal: PrincipalHeader = None
+    customer_id: CustomerIdPath,
+    body: MergeRequest,
+    rt: RuntimeDep,
+    principal: PrincipalHeader = None,
 ) -> MergeRecord:
     assert rt.db is not None
     async with rt.db.transaction() as uow:
@@ -104,8 +112,14 @@ async def merge_customer(
     await reproject(rt, [customer_id])
     await projection(rt).erase(body.from_, version)
     assert m.merge_id is not None
-    return MergeRecord(merge_id=m.merge_id, target=m.target, source=m.source,
-                       principal=m.principal, at=iso(m.at), moved=m.moved)
+    return MergeRecord(
+        merge_id=m.merge_id,
+        target=m.target,
+        source=m.source,
+        principal=m.principal,
+        at=iso(m.at),
+        moved=m.moved,
+    )
 
 
 @router.get("/{customer_id}/merges", response_model=MergeList)
@@ -115,8 +129,17 @@ async def list_merges(customer_id: CustomerIdPath, rt: RuntimeDep) -> MergeList:
         await service.lookup(uow, kind="customer_id", value=customer_id)
         rows = await CustomerRepository(uow.session).merges_of(customer_id)
     return MergeList(
-        merges=[MergeRecord(merge_id=m.merge_id or 0, target=m.target, source=m.source,
-                            principal=m.principal, at=iso(m.at), moved=m.moved) for m in rows]
+        merges=[
+            MergeRecord(
+                merge_id=m.merge_id or 0,
+                target=m.target,
+                source=m.source,
+                principal=m.principal,
+                at=iso(m.at),
+                moved=m.moved,
+            )
+            for m in rows
+        ]
     )
 
 
@@ -147,7 +170,7 @@ async def import_customers(request: Request, rt: RuntimeDep) -> ImportResult:
     """Stream NDJSON; each good line is kept, each bad line reported by number."""
     assert rt.db is not None
     imported, errors = 0, []
-    pending: list[service.CustomerImportLine] = []
+    pending: list[CustomerImportLine] = []
     lineno = 0
     buf = b""
 

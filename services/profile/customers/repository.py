@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
+from sqlmodel import col
 
 from services.profile.models import Counter, Customer, Device, Identity, Merge, ProcessedEvent
 from shared.db import Repository
@@ -27,8 +28,8 @@ class CustomerRepository(Repository[Customer]):
         if not ids:
             return {}
         rows = await self.session.execute(
-            sa.select(Customer.customer_id, Customer.merged_into).where(
-                Customer.customer_id.in_(ids)  # type: ignore[attr-defined]
+            sa.select(col(Customer.customer_id), col(Customer.merged_into)).where(
+                col(Customer.customer_id).in_(ids)
             )
         )
         return {cid: (into or cid) for cid, into in rows.all()}
@@ -36,8 +37,15 @@ class CustomerRepository(Repository[Customer]):
     async def ensure(self, ids: Iterable[str], now: datetime) -> None:
         """Create empty profiles for ids seen for the first time."""
         values = [
-            {"customer_id": cid, "attributes": {}, "tags": [], "consents": {}, "created_at": now,
-             "updated_at": now, "version": 0}
+            {
+                "customer_id": cid,
+                "attributes": {},
+                "tags": [],
+                "consents": {},
+                "created_at": now,
+                "updated_at": now,
+                "version": 0,
+            }
             for cid in sorted(set(ids))
         ]
         if values:
@@ -68,7 +76,7 @@ class CustomerRepository(Repository[Customer]):
                 "timezone": stmt.excluded.timezone,
                 "locale": stmt.excluded.locale,
                 "updated_at": stmt.excluded.updated_at,
-                "version": Customer.version + 1,  # type: ignore[operator]
+                "version": col(Customer.version) + 1,
             },
             where=Customer.merged_into.is_(None),  # type: ignore[union-attr]
         )
@@ -76,7 +84,9 @@ class CustomerRepository(Repository[Customer]):
 
     async def versions(self, ids: Sequence[str]) -> dict[str, int]:
         rows = await self.session.execute(
-            sa.text("SELECT customer_id, version FROM profile.customer WHERE customer_id = ANY(:ids)"),
+            sa.text(
+                "SELECT customer_id, version FROM profile.customer WHERE customer_id = ANY(:ids)"
+            ),
             {"ids": list(ids)},
         )
         return {r[0]: r[1] for r in rows.all()}
@@ -84,8 +94,8 @@ class CustomerRepository(Repository[Customer]):
     # -- identities ----------------------------------------------------------
     async def identities_of(self, ids: Sequence[str]) -> dict[str, dict[str, str]]:
         rows = await self.session.execute(
-            sa.select(Identity.kind, Identity.value, Identity.customer_id).where(
-                Identity.customer_id.in_(list(ids))  # type: ignore[attr-defined]
+            sa.select(col(Identity.kind), col(Identity.value), col(Identity.customer_id)).where(
+                col(Identity.customer_id).in_(list(ids))
             )
         )
         out: dict[str, dict[str, str]] = {}
@@ -133,7 +143,9 @@ class CustomerRepository(Repository[Customer]):
 
     async def find_by_identity(self, kind: str, value: str) -> str | None:
         row = await self.session.execute(
-            sa.select(Identity.customer_id).where(Identity.kind == kind, Identity.value == value)
+            sa.select(col(Identity.customer_id)).where(
+                col(Identity.kind) == kind, col(Identity.value) == value
+            )
         )
         return row.scalar_one_or_none()
 
@@ -145,8 +157,12 @@ class CustomerRepository(Repository[Customer]):
         out: dict[str, list[dict[str, Any]]] = {}
         for d in rows.scalars().all():
             out.setdefault(d.customer_id, []).append(
-                {"platform": d.platform, "token": d.token, "app_id": d.app_id,
-                 "registered_at": d.registered_at}
+                {
+                    "platform": d.platform,
+                    "token": d.token,
+                    "app_id": d.app_id,
+                    "registered_at": d.registered_at,
+                }
             )
         return out
 
@@ -154,8 +170,12 @@ class CustomerRepository(Repository[Customer]):
         stmt = insert(Device).values(customer_id=customer_id, registered_at=now, **dev)
         stmt = stmt.on_conflict_do_update(
             index_elements=[Device.token],
-            set_={"customer_id": customer_id, "platform": dev["platform"],
-                  "app_id": dev["app_id"], "registered_at": now},
+            set_={
+                "customer_id": customer_id,
+                "platform": dev["platform"],
+                "app_id": dev["app_id"],
+                "registered_at": now,
+            },
         )
         await self.session.execute(stmt)
 
@@ -188,8 +208,10 @@ class CustomerRepository(Repository[Customer]):
         stmt = insert(Counter).values(list(rows))
         stmt = stmt.on_conflict_do_update(
             index_elements=[Counter.customer_id, Counter.event_type],
-            set_={k: getattr(stmt.excluded, k) for k in ("total", "first_seen", "last_seen",
-                                                        "buckets", "last")},
+            set_={
+                k: getattr(stmt.excluded, k)
+                for k in ("total", "first_seen", "last_seen", "buckets", "last")
+            },
         )
         await self.session.execute(stmt)
 
@@ -201,7 +223,7 @@ class CustomerRepository(Repository[Customer]):
             insert(ProcessedEvent)
             .values([{"event_id": i, "at": now} for i in ids])
             .on_conflict_do_nothing()
-            .returning(ProcessedEvent.event_id)
+            .returning(col(ProcessedEvent.event_id))
         )
         return set(rows.scalars().all())
 
@@ -213,7 +235,9 @@ class CustomerRepository(Repository[Customer]):
 
     async def merges_of(self, customer_id: str) -> Sequence[Merge]:
         rows = await self.session.execute(
-            sa.select(Merge).where(Merge.target == customer_id).order_by(Merge.merge_id.desc())  # type: ignore[union-attr]
+            sa.select(Merge)
+            .where(col(Merge.target) == customer_id)
+            .order_by(col(Merge.merge_id).desc())
         )
         return rows.scalars().all()
 

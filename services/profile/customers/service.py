@@ -35,11 +35,16 @@ def _event(type_: str, customer_id: str, data: dict[str, Any]) -> CloudEvent:
     return CloudEvent(source=SOURCE, type=type_, subject=customer_id, data=data)
 
 
-def _changed(uow: UnitOfWork, customer_id: str, version: int, changed: list[str], **extra: Any) -> None:
+def _changed(
+    uow: UnitOfWork, customer_id: str, version: int, changed: list[str], **extra: Any
+) -> None:
     uow.emit(
         "profile.changed",
-        _event("profile.changed", customer_id,
-               {"customer_id": customer_id, "version": version, "changed": changed, **extra}),
+        _event(
+            "profile.changed",
+            customer_id,
+            {"customer_id": customer_id, "version": version, "changed": changed, **extra},
+        ),
     )
 
 
@@ -70,8 +75,12 @@ async def build_docs(repo: CustomerRepository, ids: list[str]) -> list[dict[str,
                 "timezone": c.timezone,
                 "locale": c.locale,
                 "counters": {
-                    t: {"total": k.total, "first": iso(k.first_seen), "last": iso(k.last_seen),
-                        **k.buckets}
+                    t: {
+                        "total": k.total,
+                        "first": iso(k.first_seen),
+                        "last": iso(k.last_seen),
+                        **k.buckets,
+                    }
                     for t, k in ctrs.get(c.customer_id, {}).items()
                 },
                 "last": {t: k.last for t, k in ctrs.get(c.customer_id, {}).items() if k.last},
@@ -98,8 +107,12 @@ async def get_profile(uow: UnitOfWork, *, customer_id: str, now: datetime) -> Pr
         tags=c.tags,
         consents=c.consents,
         identities=idents,
-        devices=[Device(platform=d["platform"], token=d["token"], app_id=d["app_id"]) for d in devices],
-        counters={t: {**counters.windows(k.buckets, now), "total": k.total} for t, k in ctrs.items()},
+        devices=[
+            Device(platform=d["platform"], token=d["token"], app_id=d["app_id"]) for d in devices
+        ],
+        counters={
+            t: {**counters.windows(k.buckets, now), "total": k.total} for t, k in ctrs.items()
+        },
         last={t: k.last for t, k in ctrs.items() if k.last},
         first_seen={t: iso(k.first_seen) for t, k in ctrs.items()},
         last_seen={t: iso(k.last_seen) for t, k in ctrs.items()},
@@ -123,7 +136,9 @@ async def lookup(uow: UnitOfWork, *, kind: str, value: str) -> str:
 
 
 # -- writes --------------------------------------------------------------------
-async def _check_identities(repo: CustomerRepository, customer_id: str, idents: dict[str, str]) -> None:
+async def _check_identities(
+    repo: CustomerRepository, customer_id: str, idents: dict[str, str]
+) -> None:
     owners = await repo.owners(list(idents.items()))
     taken = [
         {"loc": ["identities", k], "msg": f"already belongs to customer '{owner}'"}
@@ -145,7 +160,9 @@ def _identities(body: CustomerPut | CustomerPatch) -> dict[str, str]:
         raise Unprocessable(str(exc), errors=[{"loc": ["identities"], "msg": str(exc)}]) from exc
 
 
-async def put_customer(uow: UnitOfWork, *, customer_id: str, body: CustomerPut, now: datetime) -> int:
+async def put_customer(
+    uow: UnitOfWork, *, customer_id: str, body: CustomerPut, now: datetime
+) -> int:
     """Create or replace a profile; counters, devices and anonymous links are kept."""
     repo = CustomerRepository(uow.session)
     existing = await repo.get(customer_id, for_update=True)
@@ -227,7 +244,9 @@ async def add_device(uow: UnitOfWork, *, customer_id: str, device: Device, now: 
     return version
 
 
-async def drop_invalid_token(uow: UnitOfWork, *, token: str, reported_at: datetime, now: datetime) -> str | None:
+async def drop_invalid_token(
+    uow: UnitOfWork, *, token: str, reported_at: datetime, now: datetime
+) -> str | None:
     """A provider said the token is dead: drop it unless it was registered again since."""
     repo = CustomerRepository(uow.session)
     cid = await repo.drop_token(token, reported_at)
@@ -237,7 +256,9 @@ async def drop_invalid_token(uow: UnitOfWork, *, token: str, reported_at: dateti
     return cid
 
 
-async def withdraw_consent(uow: UnitOfWork, *, customer_id: str, channel: str, now: datetime) -> str | None:
+async def withdraw_consent(
+    uow: UnitOfWork, *, customer_id: str, channel: str, now: datetime
+) -> str | None:
     """An unsubscribe response withdraws that channel's consent."""
     repo = CustomerRepository(uow.session)
     cid = (await repo.resolve([customer_id])).get(customer_id)
@@ -281,8 +302,10 @@ async def merge(
 ) -> Merge:
     """Fold ``source`` into ``target``: target's attributes win, stricter consents, counters add."""
     if target == source:
-        raise Unprocessable("A profile cannot be merged into itself.",
-                            errors=[{"loc": ["from"], "msg": "same as the target"}])
+        raise Unprocessable(
+            "A profile cannot be merged into itself.",
+            errors=[{"loc": ["from"], "msg": "same as the target"}],
+        )
     repo = CustomerRepository(uow.session)
     # Lock both in a stable order so concurrent merges cannot deadlock.
     rows = {}
@@ -292,8 +315,10 @@ async def merge(
     if t is None or t.merged_into is not None:
         raise NotFound(f"Customer '{target}' is not known.")
     if s is None:
-        raise NotFound(f"Customer '{source}' is not known.",
-                       errors=[{"loc": ["from"], "msg": "unknown customer"}])
+        raise NotFound(
+            f"Customer '{source}' is not known.",
+            errors=[{"loc": ["from"], "msg": "unknown customer"}],
+        )
     if s.merged_into is not None:
         raise Conflict(f"Customer '{source}' was already merged into '{s.merged_into}'.")
     t.attributes = {**s.attributes, **t.attributes}
@@ -319,26 +344,52 @@ async def merge(
     t.version += 1
     t.updated_at = s.updated_at = now
     record = await repo.record_merge(
-        Merge(target=target, source=source, principal=principal, at=now,
-              moved={**moved, "tags": added_tags, "counters": [r["event_type"] for r in merged_rows]})
+        Merge(
+            target=target,
+            source=source,
+            principal=principal,
+            at=now,
+            moved={**moved, "tags": added_tags, "counters": [r["event_type"] for r in merged_rows]},
+        )
     )
-    _changed(uow, target, t.version, ["attributes", "tags", "consents", "identities", "devices", "counters"])
-    uow.emit("profile.merged", _event("profile.merged", target,
-                                      {"target": target, "source": source, "merge_id": record.merge_id}))
+    _changed(
+        uow,
+        target,
+        t.version,
+        ["attributes", "tags", "consents", "identities", "devices", "counters"],
+    )
+    uow.emit(
+        "profile.merged",
+        _event(
+            "profile.merged",
+            target,
+            {"target": target, "source": source, "merge_id": record.merge_id},
+        ),
+    )
     return record
 
 
 def _fold_counter(tc: Counter | None, sc: Counter, target: str, now: datetime) -> dict[str, Any]:
     if tc is None:
-        return {"customer_id": target, "event_type": sc.event_type, "total": sc.total,
-                "first_seen": sc.first_seen, "last_seen": sc.last_seen, "buckets": sc.buckets,
-                "last": sc.last}
+        return {
+            "customer_id": target,
+            "event_type": sc.event_type,
+            "total": sc.total,
+            "first_seen": sc.first_seen,
+            "last_seen": sc.last_seen,
+            "buckets": sc.buckets,
+            "last": sc.last,
+        }
     buckets = orjson.loads(orjson.dumps(tc.buckets))
     counters.merge(buckets, sc.buckets, now)
     return {
-        "customer_id": target, "event_type": sc.event_type, "total": tc.total + sc.total,
-        "first_seen": min(tc.first_seen, sc.first_seen), "last_seen": max(tc.last_seen, sc.last_seen),
-        "buckets": buckets, "last": tc.last if tc.last_seen >= sc.last_seen else sc.last,
+        "customer_id": target,
+        "event_type": sc.event_type,
+        "total": tc.total + sc.total,
+        "first_seen": min(tc.first_seen, sc.first_seen),
+        "last_seen": max(tc.last_seen, sc.last_seen),
+        "buckets": buckets,
+        "last": tc.last if tc.last_seen >= sc.last_seen else sc.last,
     }
 
 
@@ -361,8 +412,12 @@ class EventData:
         if t.tzinfo is None:
             t = t.replace(tzinfo=UTC)
         return cls(
-            id=ev.id, type=str(d["type"]), customer_id=d.get("customer_id"),
-            anonymous_id=d.get("anonymous_id"), time=t, properties=dict(d.get("properties") or {}),
+            id=ev.id,
+            type=str(d["type"]),
+            customer_id=d.get("customer_id"),
+            anonymous_id=d.get("anonymous_id"),
+            time=t,
+            properties=dict(d.get("properties") or {}),
         )
 
 
@@ -416,16 +471,23 @@ async def apply_events(uow: UnitOfWork, events: list[EventData], now: datetime) 
         return out
     existing = await repo.counters_of(sorted(by_customer), for_update=True)
     for mine in existing.values():  # read, changed in memory, written by one upsert
-        for c in mine.values():
-            uow.session.expunge(c)
+        for loaded in mine.values():
+            uow.session.expunge(loaded)
     rows = []
     for cid in sorted(by_customer):
         mine = existing.get(cid, {})
         for e in sorted(by_customer[cid], key=lambda x: x.time):
             c = mine.get(e.type)
             if c is None:
-                c = Counter(customer_id=cid, event_type=e.type, total=0, first_seen=e.time,
-                            last_seen=e.time, buckets=counters.empty(), last={})
+                c = Counter(
+                    customer_id=cid,
+                    event_type=e.type,
+                    total=0,
+                    first_seen=e.time,
+                    last_seen=e.time,
+                    buckets=counters.empty(),
+                    last={},
+                )
                 mine[e.type] = c
             c.total += 1
             counters.add(c.buckets, e.time, now)
@@ -435,9 +497,17 @@ async def apply_events(uow: UnitOfWork, events: list[EventData], now: datetime) 
             c.first_seen = min(c.first_seen, e.time)
         for etype in {e.type for e in by_customer[cid]}:
             c = mine[etype]
-            rows.append({"customer_id": cid, "event_type": etype, "total": c.total,
-                         "first_seen": c.first_seen, "last_seen": c.last_seen,
-                         "buckets": c.buckets, "last": c.last})
+            rows.append(
+                {
+                    "customer_id": cid,
+                    "event_type": etype,
+                    "total": c.total,
+                    "first_seen": c.first_seen,
+                    "last_seen": c.last_seen,
+                    "buckets": c.buckets,
+                    "last": c.last,
+                }
+            )
     await repo.save_counters(rows)
     versions = await repo.bump(by_customer, now)
     for cid, v in versions.items():
@@ -451,7 +521,9 @@ def _scalars(props: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- import --------------------------------------------------------------------
-def parse_import_line(line: bytes, lineno: int) -> tuple[CustomerImportLine | None, dict[str, Any] | None]:
+def parse_import_line(
+    line: bytes, lineno: int
+) -> tuple[CustomerImportLine | None, dict[str, Any] | None]:
     """Validate one NDJSON line; returns the body or an error naming the line and field."""
     try:
         body = CustomerImportLine.model_validate_json(line)
@@ -465,7 +537,9 @@ def parse_import_line(line: bytes, lineno: int) -> tuple[CustomerImportLine | No
         return None, {"line": lineno, "detail": str(exc)}
 
 
-async def import_batch(uow: UnitOfWork, bodies: list[CustomerImportLine], now: datetime) -> list[str]:
+async def import_batch(
+    uow: UnitOfWork, bodies: list[CustomerImportLine], now: datetime
+) -> list[str]:
     """Upsert a batch of import lines in one statement; returns the customer ids written."""
     repo = CustomerRepository(uow.session)
     last: dict[str, CustomerImportLine] = {b.customer_id: b for b in bodies}  # last line wins

@@ -26,7 +26,9 @@ def upgrade() -> None:
         created_at TIMESTAMPTZ NOT NULL, updated_at TIMESTAMPTZ NOT NULL,
         version BIGINT NOT NULL DEFAULT 1,
         merged_into TEXT)""")
-    op.execute("CREATE INDEX ix_customer_merged_into ON profile.customer (merged_into) WHERE merged_into IS NOT NULL")
+    op.execute(
+        "CREATE INDEX ix_customer_merged_into ON profile.customer (merged_into) WHERE merged_into IS NOT NULL"
+    )
     op.execute("""
     CREATE TABLE profile.identity (
         kind TEXT NOT NULL, value TEXT NOT NULL, customer_id TEXT NOT NULL,
