@@ -68,5 +68,6 @@ def test_deployments_are_hardened() -> None:
             assert c["securityContext"]["readOnlyRootFilesystem"] is True
             assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
             assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
-            assert c["resources"]["limits"] and c["resources"]["requests"]
+            assert c["resources"]["limits"]
+            assert c["resources"]["requests"]
             assert c["image"].startswith("ghcr.io/kairos-oss/kairos:")
