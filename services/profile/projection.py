@@ -2,12 +2,15 @@
 
 ``profile:{id}`` is a hash ``{v: version, d: orjson document}``. A Lua step writes
 only if the version is newer, so a slow writer can never overwrite a newer view.
-Erasure leaves a short-lived tombstone with the erasing version for the same reason.
+Erasure leaves a short-lived tombstone (with the erasure time) so that an in-flight write
+of the erased profile cannot bring it back; a profile created after the erasure can.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -16,10 +19,23 @@ from redis.asyncio import Redis
 from shared.redis import Keys
 
 _WRITE_IF_NEWER = """
-local cur = redis.call('HGET', KEYS[1], 'v')
-if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
+local erased = redis.call('HGET', KEYS[1], 'e')
+if erased then
+  -- only a profile created after the erasure may replace the tombstone
+  if tonumber(ARGV[3]) <= tonumber(erased) then return 0 end
+  redis.call('HDEL', KEYS[1], 'e')
+else
+  local cur = redis.call('HGET', KEYS[1], 'v')
+  if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
+end
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2])
-if ARGV[3] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[3]) else redis.call('PERSIST', KEYS[1]) end
+redis.call('PERSIST', KEYS[1])
+return 1
+"""
+_ERASE = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'e', ARGV[1], 'd', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 TOMBSTONE_TTL_S = 3600
@@ -32,6 +48,7 @@ class Projection:
         self.redis = redis
         self.keys = keys
         self._script = redis.register_script(_WRITE_IF_NEWER)
+        self._erase = redis.register_script(_ERASE)
 
     async def write_many(self, docs: Iterable[dict[str, Any]]) -> None:
         """Write documents (each with ``customer_id`` and ``version``) in one pipeline."""
@@ -40,22 +57,20 @@ class Projection:
         for doc in docs:
             await self._script(
                 keys=[self.keys.profile(doc["customer_id"])],
-                args=[doc["version"], orjson.dumps(doc), 0],
+                args=[doc["version"], orjson.dumps(doc), _ms(doc.get("created_at"))],
                 client=pipe,
             )
             n += 1
         if n:
             await pipe.execute()
 
-    async def erase(self, customer_id: str, version: int) -> None:
-        """Replace the projection with a tombstone that older writes cannot overwrite."""
-        await self._script(
-            keys=[self.keys.profile(customer_id)],
-            args=[
-                version,
-                orjson.dumps({"customer_id": customer_id, "erased": True}),
-                TOMBSTONE_TTL_S,
-            ],
+    async def erase(self, customer_id: str) -> None:
+        """Replace the projection with a tombstone: writes of the erased profile are refused,
+        a profile created again afterwards is accepted."""
+        now_ms = int(time.time() * 1000)
+        tomb = orjson.dumps({"customer_id": customer_id, "erased": True})
+        await self._erase(
+            keys=[self.keys.profile(customer_id)], args=[now_ms, tomb, TOMBSTONE_TTL_S]
         )
 
     async def read(self, customer_id: str) -> dict[str, Any] | None:
@@ -64,3 +79,10 @@ class Projection:
             return None
         doc: dict[str, Any] = orjson.loads(raw)
         return None if doc.get("erased") else doc
+
+
+def _ms(created_at: str | None) -> int:
+    """Creation time in epoch milliseconds (what a tombstone is compared with)."""
+    if not created_at:
+        return 0
+    return int(datetime.fromisoformat(created_at.replace("Z", "+00:00")).timestamp() * 1000)

@@ -81,9 +81,9 @@ async def get_customer(customer_id: CustomerIdPath, rt: RuntimeDep) -> Profile:
 async def erase_customer(customer_id: CustomerIdPath, rt: RuntimeDep) -> dict[str, object]:
     assert rt.db is not None
     async with rt.db.transaction() as uow:
-        ids, version = await service.erase(uow, customer_id=customer_id)
+        ids = await service.erase(uow, customer_id=customer_id)
     for cid in ids:
-        await projection(rt).erase(cid, version)
+        await projection(rt).erase(cid)
     return {"customer_id": customer_id, "erased": ids}
 
 
@@ -108,9 +108,8 @@ async def merge_customer(
         m = await service.merge(
             uow, target=customer_id, source=body.from_, principal=principal, now=utcnow()
         )
-        version = (await CustomerRepository(uow.session).versions([body.from_]))[body.from_]
     await reproject(rt, [customer_id])
-    await projection(rt).erase(body.from_, version)
+    await projection(rt).erase(body.from_)
     assert m.merge_id is not None
     return MergeRecord(
         merge_id=m.merge_id,

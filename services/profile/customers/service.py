@@ -84,6 +84,7 @@ async def build_docs(repo: CustomerRepository, ids: list[str]) -> list[dict[str,
                     for t, k in ctrs.get(c.customer_id, {}).items()
                 },
                 "last": {t: k.last for t, k in ctrs.get(c.customer_id, {}).items() if k.last},
+                "created_at": iso(c.created_at),
                 "updated_at": iso(c.updated_at),
             }
         )
@@ -274,19 +275,18 @@ async def withdraw_consent(
     return cid
 
 
-async def erase(uow: UnitOfWork, *, customer_id: str) -> tuple[list[str], int]:
+async def erase(uow: UnitOfWork, *, customer_id: str) -> list[str]:
     """Right to erasure: delete everything and announce ``profile.erased``."""
     repo = CustomerRepository(uow.session)
     c = await repo.get(customer_id, for_update=True)
     if c is None or c.merged_into is not None:
         raise NotFound(f"Customer '{customer_id}' is not known.")
-    version = c.version + 1
     ids = await repo.erase(customer_id)
     uow.emit(
         "profile.erased",
         _event("profile.erased", customer_id, {"customer_id": customer_id, "ids": ids}),
     )
-    return ids, version
+    return ids
 
 
 # -- merges --------------------------------------------------------------------

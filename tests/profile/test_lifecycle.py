@@ -1,0 +1,323 @@
+"""Projection, events out (profile.changed/erased), erasure, provider feedback, import, partial view."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import nats
+import orjson
+import pytest
+from nats.js.api import DeliverPolicy
+from redis.asyncio import Redis
+
+from services.profile.projection import Projection
+from shared.events import CloudEvent
+from shared.redis import Keys
+from shared.stack import Stack
+from tests.conftest import KEYS
+from tests.helpers import eventually
+
+
+@pytest.fixture
+async def redis(stack: Stack) -> AsyncIterator[Redis]:
+    r = Redis.from_url(stack.env["KAIROS_REDIS_URL"])
+    yield r
+    await r.aclose()
+
+
+@pytest.fixture
+async def js(stack: Stack) -> AsyncIterator[nats.js.JetStreamContext]:
+    nc = await nats.connect(stack.env["KAIROS_NATS_URL"])
+    yield nc.jetstream()
+    await nc.close()
+
+
+def _keys(stack: Stack) -> Keys:
+    return Keys(stack.env["KAIROS_REDIS_PREFIX"])
+
+
+async def _projection(redis: Redis, stack: Stack, cid: str) -> dict | None:
+    raw = await redis.hget(_keys(stack).profile(cid), "d")
+    doc = orjson.loads(raw) if raw else None
+    return None if doc is None or doc.get("erased") else doc
+
+
+async def test_projection_follows_every_change(
+    gw: httpx.AsyncClient, stack: Stack, redis: Redis, cid: str
+) -> None:
+    await gw.put(
+        f"/v1/customers/{cid}",
+        json={
+            "attributes": {"age": 20},
+            "tags": ["value:gold"],
+            "consents": {"push": True},
+            "identities": {"email": f"{cid}@x.io"},
+        },
+    )
+    doc = await _projection(redis, stack, cid)
+    assert doc is not None
+    assert (
+        doc["version"] == 1
+    )
+    assert (
+        doc["attributes"] == {"age": 20}
+    )
+    assert (
+        doc["tags"] == ["value:gold"]
+    )
+    assert doc["identities"]["email"] == f"{cid}@x.io"
+    assert doc["consents"] == {"push": True}
+    await gw.post(
+        "/v1/events",
+        json={"type": "roaming.started", "customer_id": cid, "properties": {"country": "FR"}},
+    )
+    doc = await eventually(
+        lambda: _projection(redis, stack, cid), lambda d: "roaming.started" in d["counters"]
+    )
+    assert doc["version"] == 2
+    assert doc["last"]["roaming.started"] == {"country": "FR"}
+    assert doc["counters"]["roaming.started"]["total"] == 1
+
+
+async def test_projection_never_goes_back_a_version(stack: Stack, redis: Redis, cid: str) -> None:
+    proj = Projection(redis, _keys(stack))
+    await proj.write_many([{"customer_id": cid, "version": 5, "attributes": {"v": 5}}])
+    await proj.write_many([{"customer_id": cid, "version": 4, "attributes": {"v": 4}}])
+    assert (await proj.read(cid))["attributes"] == {"v": 5}
+    await proj.write_many([{"customer_id": cid, "version": 6, "attributes": {"v": 6}}])
+    assert (await proj.read(cid))["attributes"] == {"v": 6}
+    await proj.erase(cid)
+    old = "2020-01-01T00:00:00Z"
+    await proj.write_many(
+        [{"customer_id": cid, "version": 6, "created_at": old, "attributes": {"v": 6}}]
+    )
+    assert await proj.read(cid) is None  # a late write of the erased profile
+    new = "2999-01-01T00:00:00Z"
+    await proj.write_many(
+        [{"customer_id": cid, "version": 1, "created_at": new, "attributes": {"v": 1}}]
+    )
+    assert (await proj.read(cid))["attributes"] == {"v": 1}  # the id created afresh
+
+
+async def test_profile_changed_is_published(
+    gw: httpx.AsyncClient, stack: Stack, js, cid: str
+) -> None:
+    prefix = stack.env["KAIROS_BUS_PREFIX"]
+    sub = await js.subscribe(f"{prefix}.profile.changed", deliver_policy=DeliverPolicy.NEW)
+    await gw.put(f"/v1/customers/{cid}", json={"tags": ["a:b"]})
+    await gw.patch(f"/v1/customers/{cid}", json={"consents": {"sms": True}})
+    seen = []
+    while len(seen) < 2:
+        ev = CloudEvent.from_bytes((await sub.next_msg(timeout=10)).data)
+        if ev.subject == cid:
+            seen.append(ev.data)
+    assert [d["version"] for d in seen] == [1, 2]
+    assert seen[1]["changed"] == ["consents"]
+    await sub.unsubscribe()
+
+
+async def test_erasure(gw: httpx.AsyncClient, stack: Stack, redis: Redis, js, cid: str) -> None:
+    prefix = stack.env["KAIROS_BUS_PREFIX"]
+    sub = await js.subscribe(f"{prefix}.profile.erased", deliver_policy=DeliverPolicy.NEW)
+    await gw.put(
+        f"/v1/customers/{cid}",
+        json={"attributes": {"name": "Ana"}, "identities": {"email": f"{cid}@x.io"}},
+    )
+    await gw.post(
+        f"/v1/customers/{cid}/devices",
+        json={"platform": "ios", "token": "tok-" + cid, "app_id": "a"},
+    )
+    await gw.post("/v1/events", json={"type": "app.opened", "customer_id": cid})
+    await eventually(
+        lambda: _projection(redis, stack, cid), lambda d: d and "app.opened" in d["counters"]
+    )
+    r = await gw.delete(f"/v1/customers/{cid}")
+    assert r.status_code == 202
+    await eventually(
+        lambda: gw.get(f"/v1/customers/{cid}"), lambda r: r.status_code == 404, timeout=10
+    )
+    assert await _projection(redis, stack, cid) is None
+    r = await gw.get("/v1/customers:lookup", params={"kind": "email", "value": f"{cid}@x.io"})
+    assert r.status_code == 404
+    while True:
+        ev = CloudEvent.from_bytes((await sub.next_msg(timeout=10)).data)
+        if ev.subject == cid:
+            break
+    assert ev.data["customer_id"] == cid
+    await sub.unsubscribe()
+    # The id can start afresh, with nothing of the old profile.
+    await gw.put(f"/v1/customers/{cid}", json={})
+    v = (await gw.get(f"/v1/customers/{cid}")).json()
+    assert v["attributes"] == {}
+    assert v["devices"] == []
+    assert v["counters"] == {}
+    assert (await _projection(redis, stack, cid))["version"] == 1
+
+
+async def _publish(
+    js, stack: Stack, subject: str, data: dict, subject_id: str | None = None
+) -> None:
+    ev = CloudEvent(source="test", type=subject, subject=subject_id, data=data)
+    await js.publish(f"{stack.env['KAIROS_BUS_PREFIX']}.{subject}", ev.to_bytes())
+
+
+async def test_invalid_push_token_is_dropped(
+    gw: httpx.AsyncClient, stack: Stack, js, cid: str
+) -> None:
+    await gw.put(f"/v1/customers/{cid}", json={})
+    old, fresh = "dead-" + cid, "fresh-" + cid
+    for tok in (old, fresh):
+        await gw.post(
+            f"/v1/customers/{cid}/devices", json={"platform": "ios", "token": tok, "app_id": "a"}
+        )
+    unregistered_at = datetime.now(UTC) + timedelta(seconds=1)
+    await _publish(
+        js,
+        stack,
+        "delivery.failed",
+        {
+            "customer_id": cid,
+            "channel": "push",
+            "token": old,
+            "token_invalid": True,
+            "token_invalid_since": int(unregistered_at.timestamp() * 1000),
+        },
+    )
+    # APNs says Unregistered as of a time *before* the fresh token was registered again: kept.
+    await _publish(
+        js,
+        stack,
+        "delivery.failed",
+        {
+            "customer_id": cid,
+            "channel": "push",
+            "token": fresh,
+            "token_invalid": True,
+            "token_invalid_since": "2020-01-01T00:00:00Z",
+        },
+    )
+    v = await eventually(
+        lambda: gw.get(f"/v1/customers/{cid}"),
+        lambda r: [d["token"] for d in r.json()["devices"]] == [fresh],
+    )
+    assert v.status_code == 200
+
+
+async def test_unsubscribe_withdraws_consent(
+    gw: httpx.AsyncClient, stack: Stack, js, cid: str
+) -> None:
+    await gw.put(f"/v1/customers/{cid}", json={"consents": {"email": True, "push": True}})
+    await _publish(
+        js,
+        stack,
+        "response.recorded",
+        {"customer_id": cid, "channel": "email", "outcome": "unsubscribed", "tracking_id": "t"},
+    )
+    await eventually(
+        lambda: gw.get(f"/v1/customers/{cid}"),
+        lambda r: r.json()["consents"] == {"email": False, "push": True},
+    )
+
+
+def _ndjson(lines: list[object]) -> bytes:
+    return b"".join((orjson.dumps(x) if not isinstance(x, bytes) else x) + b"\n" for x in lines)
+
+
+async def test_import_keeps_good_lines_and_reports_bad_ones(gw: httpx.AsyncClient) -> None:
+    p = "imp-" + uuid.uuid4().hex[:8]
+    lines = [
+        {"customer_id": f"{p}-1", "attributes": {"age": 1}, "tags": ["t:1"]},
+        b"{not json",
+        {"customer_id": f"{p}-2", "consents": {"fax": True}},
+        {"customer_id": "bad id with spaces"},
+        {"customer_id": f"{p}-3", "identities": {"email": f"{p}@x.io"}},
+    ]
+    r = await gw.post(
+        "/v1/customers:import",
+        content=_ndjson(lines),
+        headers={"content-type": "application/x-ndjson"},
+    )
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["imported"] == 2
+    assert doc["failed"] == 3
+    assert [e["line"] for e in doc["errors"]] == [2, 3, 4]
+    assert "consents" in doc["errors"][1]["detail"]
+    assert (await gw.get(f"/v1/customers/{p}-1")).json()["tags"] == ["t:1"]
+    assert (await gw.get(f"/v1/customers/{p}-2")).status_code == 404
+    r = await gw.get("/v1/customers:lookup", params={"kind": "email", "value": f"{p}@x.io"})
+    assert r.json() == {"customer_id": f"{p}-3"}
+
+
+def test_kairos_import_command(stack: Stack, tmp_path: Path) -> None:
+    p = "cli-" + uuid.uuid4().hex[:8]
+    f = tmp_path / "c.ndjson"
+    f.write_bytes(
+        _ndjson(
+            [{"customer_id": f"{p}-{i}", "attributes": {"i": i}} for i in range(2500)]
+            + [b'{"customer_id": 5}']
+        )
+    )
+    env = {**os.environ, "KAIROS_API_KEY": KEYS["admin"], "COLUMNS": "120"}
+    out = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "import", str(f), "--gateway", stack.url("gateway")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "imported 2,500, failed 1" in out.stdout
+    assert "line 2501" in out.stdout
+    r = httpx.get(
+        f"{stack.url('gateway')}/v1/customers/{p}-2499",
+        headers={"authorization": f"Bearer {KEYS['admin']}"},
+    )
+    assert r.json()["attributes"] == {"i": 2499}
+
+
+async def test_view_is_partial_when_a_service_is_down(
+    gw: httpx.AsyncClient, stack: Stack, cid: str
+) -> None:
+    await gw.put(f"/v1/customers/{cid}", json={"attributes": {"a": 1}})
+    stack.stop("selection")
+    try:
+        r = await gw.get(f"/v1/customers/{cid}")
+        assert r.status_code == 200
+        v = r.json()
+        assert v["partial"] is True
+        assert v["missing"] == ["selection"]
+        assert v["attributes"] == {"a": 1}
+    finally:
+        stack.start("selection")
+        stack.wait_ready(["selection"])
+    v = (await gw.get(f"/v1/customers/{cid}")).json()
+    assert v["partial"] is False
+    assert v["missing"] == []
+
+
+async def test_view_is_503_when_profile_is_down(
+    gw: httpx.AsyncClient, stack: Stack, cid: str
+) -> None:
+    stack.stop("profile")
+    try:
+        r = await gw.get(f"/v1/customers/{cid}")
+        assert r.status_code == 503
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert "profile" in r.json()["detail"]
+    finally:
+        stack.start("profile")
+        stack.wait_ready(["profile"])
+
+
+def test_stack_json_shape(stack: Stack) -> None:
+    doc = json.loads(stack.write_stack_json().read_text())
+    assert set(doc) >= {"gateway", "services", "postgres", "redis", "nats"}
