@@ -64,15 +64,9 @@ async def test_projection_follows_every_change(
     )
     doc = await _projection(redis, stack, cid)
     assert doc is not None
-    assert (
-        doc["version"] == 1
-    )
-    assert (
-        doc["attributes"] == {"age": 20}
-    )
-    assert (
-        doc["tags"] == ["value:gold"]
-    )
+    assert doc["version"] == 1
+    assert doc["attributes"] == {"age": 20}
+    assert doc["tags"] == ["value:gold"]
     assert doc["identities"]["email"] == f"{cid}@x.io"
     assert doc["consents"] == {"push": True}
     await gw.post(
