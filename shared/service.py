@@ -23,6 +23,7 @@ from shared.telemetry import (
     MetricsMiddleware,
     configure_logging,
     configure_tracing,
+    fastapi_telemetry_kwargs,
     metrics_endpoint,
 )
 
@@ -155,6 +156,7 @@ def create_service_app(
         title=title or f"Kairos {name}",
         lifespan=lifespan,
         default_response_class=JSONResponse,
+        **fastapi_telemetry_kwargs(),
     )
     errors.install(app)
     app.add_middleware(BodyLimit, default=cfg.max_body_bytes, overrides=body_overrides or {})
@@ -190,7 +192,7 @@ def create_service_app(
     return app
 
 
-def runtime(request: Request) -> Runtime:
+async def runtime(request: Request) -> Runtime:
     """The process runtime from a request (FastAPI dependency)."""
     rt: Runtime = request.app.state.rt
     return rt

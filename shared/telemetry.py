@@ -65,27 +65,46 @@ def configure_logging(service: str, *, level: str = "INFO", as_json: bool = True
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+def tracing_enabled() -> bool:
+    """Traces are recorded only when they have somewhere to go (OTLP endpoint configured)."""
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+def fastapi_telemetry_kwargs() -> dict[str, Any]:
+    """FastAPI's native telemetry (0.16x+): on with an exporter, off otherwise (it costs
+    a span per request even when nothing records it)."""
+    import inspect
+
+    from fastapi import FastAPI
+
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    if tracing_enabled():
+        return {"telemetry": {"exclude": list(QUIET_PATHS)}}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+
+
 def configure_tracing(service: str, app: Any | None = None) -> None:
-    """OpenTelemetry traces, exported over OTLP/HTTP when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
+    """OpenTelemetry traces over OTLP/HTTP when OTEL_EXPORTER_OTLP_ENDPOINT is set: HTTP
+    server spans, httpx client spans, and W3C traceparent carried through NATS headers."""
+    if not tracing_enabled():
+        return
     from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     if not isinstance(trace.get_tracer_provider(), TracerProvider):
         provider = TracerProvider(resource=Resource.create({"service.name": f"kairos-{service}"}))
-        if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         trace.set_tracer_provider(provider)
-    if app is not None and os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        # Instrumentation costs a few hundred µs per request: only when traces go somewhere.
+    HTTPXClientInstrumentor().instrument()
+    if app is not None and not fastapi_telemetry_kwargs():
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 
         FastAPIInstrumentor.instrument_app(app, excluded_urls=",".join(QUIET_PATHS))
-        HTTPXClientInstrumentor().instrument()
 
 
 class MetricsMiddleware:

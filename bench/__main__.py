@@ -1,0 +1,113 @@
+"""``make bench``: measure the suite on this machine and write figures to bench/results/.
+
+Scenarios: ``ingest`` (issue: foundation) and ``profile`` (issue: profile). Each starts the
+whole suite as real processes (embedded servers unless KAIROS_*_URL are set), plus a bare
+FastAPI app as the floor, and repeats each measurement ``--runs`` times, reporting medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench import scenarios
+from shared.embedded import free_port, wait_port
+from shared.stack import PROCESSES, Stack
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def start_stack(run_dir: Path, key: str) -> Stack:
+    rid = uuid.uuid4().hex[:6]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAIROS_") or k.endswith("_URL")}
+    env.update(
+        KAIROS_ENV="test", KAIROS_BUS_PREFIX=f"b{rid}", KAIROS_REDIS_PREFIX=f"b{rid}",
+        KAIROS_API_KEYS=json.dumps([{"name": "bench", "key": key, "scopes": ["admin"]}]),
+        KAIROS_LOG_LEVEL="WARNING",
+    )
+    if env.get("KAIROS_DATABASE_URL"):
+        from sqlalchemy.engine import make_url
+
+        env["KAIROS_DATABASE_URL"] = make_url(env["KAIROS_DATABASE_URL"]).set(
+            database=f"kairos_bench_{rid}").render_as_string(hide_password=False)
+    for name in PROCESSES:
+        env[f"KAIROS_{name.upper()}_PORT"] = str(free_port())
+    st = Stack.prepare(run_dir, base_env=env, embedded_ports={
+        "pg_port": free_port(), "redis_port": free_port(), "nats_port": free_port()})
+    st.start_all()
+    st.wait_ready()
+    return st
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of every numeric figure over the runs (other values from the last run)."""
+    out: dict[str, Any] = {}
+    for k, v in runs[-1].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = round(statistics.median(float(r[k]) for r in runs), 2)
+        elif isinstance(v, dict) and all(isinstance(x, dict) for x in (r.get(k) for r in runs)):
+            out[k] = median_of([r[k] for r in runs])
+        else:
+            out[k] = v
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench")
+    ap.add_argument("scenario", nargs="?", default="all", choices=["all", "ingest", "profile"])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=8.0)
+    ap.add_argument("--customers", type=int, default=100_000, help="profile: population size")
+    ap.add_argument("--tags-max", type=int, default=200, help="profile: most tags per customer")
+    args = ap.parse_args()
+    key = "bench-" + uuid.uuid4().hex
+    with tempfile.TemporaryDirectory(prefix="kairos-bench-") as tmp:
+        stack = start_stack(Path(tmp), key)
+        floor_port = free_port()
+        floor = subprocess.Popen([sys.executable, "-m", "bench.floor", str(floor_port)])
+        wait_port(floor_port, floor, "floor app")
+        ctx = scenarios.Context(stack=stack, key=key, floor_port=floor_port, tmp=Path(tmp),
+                                duration=args.duration, customers=args.customers,
+                                tags_max=args.tags_max)
+        report: dict[str, Any] = {
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "servers": "external" if os.environ.get("KAIROS_DATABASE_URL") else "embedded"},
+            "runs": args.runs, "duration_s": args.duration,
+        }
+        try:
+            todo = ["ingest", "profile"] if args.scenario == "all" else [args.scenario]
+            for name in todo:
+                fn = getattr(scenarios, name)
+                runs = []
+                for i in range(args.runs):
+                    print(f"== {name} run {i + 1}/{args.runs}", flush=True)
+                    runs.append(asyncio.run(fn(ctx, i)))
+                    print(json.dumps(runs[-1], indent=1), flush=True)
+                report[name] = {"median": median_of(runs), "runs": runs}
+        finally:
+            floor.terminate()
+            stack.down()
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    out = RESULTS / f"{args.scenario}-{stamp}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    for name in ("ingest", "profile"):
+        if name in report:
+            print(f"\n== {name} (median of {args.runs})")
+            print(json.dumps(report[name]["median"], indent=2))
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The measured scenarios (each returns one run's figures)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import orjson
+import psutil
+from redis.asyncio import Redis
+
+from bench.loadgen import closed_loop, open_loop
+from shared import demo
+from shared.events import CloudEvent
+from shared.stack import Stack
+
+
+@dataclass
+class Context:
+    stack: Stack
+    key: str
+    floor_port: int
+    tmp: Path
+    duration: float
+    customers: int
+    tags_max: int
+    imported: bool = False
+
+    @property
+    def gw_port(self) -> int:
+        return self.stack.ports["gateway"]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.key}", "content-type": "application/json"}
+
+
+def _event(cid: str, etype: str = "app.opened") -> dict[str, Any]:
+    return {"type": etype, "customer_id": cid, "properties": {"screen": "home"}}
+
+
+async def _lag_at(ctx: Context, rate_events: int, per_request: int, run: int) -> dict[str, Any]:
+    """Events/s at a fixed rate; lag = 202 → profile.changed for that customer (an upper
+    bound of when the view shows it: the change is published after its commit)."""
+    prefix = ctx.stack.env["KAIROS_BUS_PREFIX"]
+    nc = await nats.connect(ctx.stack.env["KAIROS_NATS_URL"])
+    accepted_at: dict[str, float] = {}
+    lags: list[float] = []
+    tag = uuid.uuid4().hex[:6]
+
+    async def on_change(msg: Any) -> None:
+        cid = CloudEvent.from_bytes(msg.data).subject
+        t = accepted_at.pop(cid, None) if cid else None
+        if t is not None:
+            lags.append(time.perf_counter() - t)
+
+    sub = await nc.subscribe(f"{prefix}.profile.changed", cb=on_change)
+
+    def make(i: int) -> tuple[str, str, bytes]:
+        evs = [_event(f"lag-{tag}-{run}-{i}-{j}") for j in range(per_request)]
+        return "POST", "/v1/events", orjson.dumps({"events": evs})
+
+    def done(i: int, at: float, _: bytes) -> None:
+        for j in range(per_request):
+            accepted_at[f"lag-{tag}-{run}-{i}-{j}"] = at
+
+    req_rate = rate_events / per_request
+    res = await open_loop("127.0.0.1", ctx.gw_port, ctx.headers, make, rate=req_rate,
+                          duration=ctx.duration, connections=32, on_done=done)
+    deadline = time.perf_counter() + 30
+    while accepted_at and time.perf_counter() < deadline:
+        await asyncio.sleep(0.1)
+    await sub.unsubscribe()
+    await nc.close()
+    lags.sort()
+    n = len(lags)
+    return {
+        "offered_events_per_s": rate_events,
+        "achieved_events_per_s": round(res.rate * per_request, 1),
+        "http_p99_ms": round(res.pct(99) * 1000, 2),
+        "lag_p50_ms": round(lags[n // 2] * 1000, 1) if n else None,
+        "lag_p99_ms": round(lags[min(n - 1, int(0.99 * n))] * 1000, 1) if n else None,
+        "lag_max_ms": round(lags[-1] * 1000, 1) if n else None,
+        "events_not_seen": len(accepted_at),
+    }
+
+
+async def ingest(ctx: Context, run: int) -> dict[str, Any]:
+    """Event ingestion: single events, batches of 100, and lag at 5,000 events/s."""
+    body1 = orjson.dumps(_event("c-floor"))
+    floor = await closed_loop("127.0.0.1", ctx.floor_port, ctx.headers,
+                              lambda i: ("POST", "/floor", body1), concurrency=32, duration=ctx.duration)
+    n_cust = 10_000
+
+    def single(i: int) -> tuple[str, str, bytes]:
+        return "POST", "/v1/events", orjson.dumps(_event(f"c-{i % n_cust}"))
+
+    one = await closed_loop("127.0.0.1", ctx.gw_port, ctx.headers, single,
+                            concurrency=32, duration=ctx.duration)
+
+    def batch(i: int) -> tuple[str, str, bytes]:
+        evs = [_event(f"c-{(i * 100 + j) % n_cust}", random.choice(demo.BASE_EVENTS)) for j in range(100)]
+        return "POST", "/v1/events", orjson.dumps({"events": evs})
+
+    hundred = await closed_loop("127.0.0.1", ctx.gw_port, ctx.headers, batch,
+                                concurrency=8, duration=ctx.duration)
+    await _drain(ctx)
+    lag = await _lag_at(ctx, 5000, 50, run)
+    await _drain(ctx)
+    return {
+        "floor_bare_fastapi": floor.summary(),
+        "single_event_requests": one.summary(),
+        "single_vs_floor_ratio": round(one.rate / floor.rate, 3) if floor.rate else None,
+        "batch100_requests": hundred.summary(),
+        "batch100_events_per_s": round(hundred.rate * 100, 1),
+        "lag_at_5000_events_per_s": lag,
+    }
+
+
+async def _pending(ctx: Context) -> int:
+    nc = await nats.connect(ctx.stack.env["KAIROS_NATS_URL"])
+    try:
+        js = nc.jetstream()
+        prefix = ctx.stack.env["KAIROS_BUS_PREFIX"]
+        info = await js.consumer_info(f"{prefix.upper()}_EVENTS", f"{prefix}_profile-events")
+        return int(info.num_pending + info.num_ack_pending)
+    finally:
+        await nc.close()
+
+
+async def _drain(ctx: Context, timeout: float = 300) -> float:
+    """Wait until the profile consumer has nothing pending; returns the seconds it took."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if await _pending(ctx) == 0:
+            break
+        await asyncio.sleep(0.1)
+    return time.perf_counter() - t0
+
+
+async def _import(ctx: Context) -> dict[str, Any]:
+    path = ctx.tmp / "customers.ndjson"
+    demo.write_customers(path, ctx.customers, tags_min=20, tags_max=ctx.tags_max)
+    size = path.stat().st_size
+    redis = Redis.from_url(ctx.stack.env["KAIROS_REDIS_URL"])
+    before = int((await redis.info("memory"))["used_memory"])
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=None) as c:
+        async def chunks() -> Any:
+            with path.open("rb") as fh:
+                while block := fh.read(1 << 20):
+                    yield block
+
+        r = await c.post(f"{ctx.stack.url('gateway')}/v1/customers:import", content=chunks(),
+                         headers={**ctx.headers, "content-type": "application/x-ndjson"})
+    elapsed = time.perf_counter() - t0
+    doc = r.json()
+    after = int((await redis.info("memory"))["used_memory"])
+    await redis.aclose()
+    return {
+        "customers": doc["imported"], "failed": doc["failed"], "file_mb": round(size / 1e6, 1),
+        "seconds": round(elapsed, 2), "customers_per_s": round(doc["imported"] / elapsed, 1),
+        "redis_bytes_per_profile": round((after - before) / max(1, doc["imported"])),
+    }
+
+
+async def profile(ctx: Context, run: int) -> dict[str, Any]:
+    """Import rate, GET latency at 500 req/s, event application rate, memory."""
+    out: dict[str, Any] = {}
+    if not ctx.imported:
+        out["import"] = await _import(ctx)
+        ctx.imported = True
+    ids = [f"c-{random.randrange(ctx.customers):07d}" for _ in range(5000)]
+
+    def get(i: int) -> tuple[str, str, bytes]:
+        return "GET", f"/v1/customers/{ids[i % len(ids)]}", b""
+
+    def get_floor(i: int) -> tuple[str, str, bytes]:
+        return "GET", f"/floor/{ids[i % len(ids)]}", b""
+
+    floor = await open_loop("127.0.0.1", ctx.floor_port, ctx.headers, get_floor, rate=500,
+                            duration=ctx.duration, connections=32)
+    view = await open_loop("127.0.0.1", ctx.gw_port, ctx.headers, get, rate=500,
+                           duration=ctx.duration, connections=32)
+    out["get_view_at_500_rps"] = view.summary()
+    out["floor_get_at_500_rps"] = floor.summary()
+    out["get_p99_vs_floor_p99"] = round(view.pct(99) / floor.pct(99), 2)
+    # Event application: hold the consumer, queue events, release it and time the drain.
+    n_events = 50_000
+    ctx.stack.stop("profile")
+    async with httpx.AsyncClient(base_url=ctx.stack.url("gateway"), headers=ctx.headers, timeout=60) as c:
+        for start in range(0, n_events, 1000):
+            evs = [{"type": random.choice(demo.EVENT_TYPES),
+                    "customer_id": f"c-{random.randrange(ctx.customers):07d}",
+                    "properties": {"n": start}} for _ in range(1000)]
+            r = await c.post("/v1/events", content=orjson.dumps({"events": evs}))
+            assert r.status_code == 202, r.text
+    ctx.stack.start("profile")
+    t0 = time.perf_counter()
+    ctx.stack.wait_ready(["profile"])
+    drained = await _drain(ctx)
+    total = time.perf_counter() - t0
+    out["event_application"] = {"events": n_events, "seconds": round(total, 2),
+                                "events_per_s": round(n_events / total, 1),
+                                "drain_after_ready_s": round(drained, 2)}
+    rss = psutil.Process(ctx.stack.procs["profile"].pid).memory_info().rss
+    out["profile_rss_mb"] = round(rss / 1e6, 1)
+    return out
