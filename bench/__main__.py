@@ -32,19 +32,31 @@ def start_stack(run_dir: Path, key: str) -> Stack:
     rid = uuid.uuid4().hex[:6]
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAIROS_") or k.endswith("_URL")}
     env.update(
-        KAIROS_ENV="test", KAIROS_BUS_PREFIX=f"b{rid}", KAIROS_REDIS_PREFIX=f"b{rid}",
+        KAIROS_ENV="test",
+        KAIROS_BUS_PREFIX=f"b{rid}",
+        KAIROS_REDIS_PREFIX=f"b{rid}",
         KAIROS_API_KEYS=json.dumps([{"name": "bench", "key": key, "scopes": ["admin"]}]),
         KAIROS_LOG_LEVEL="WARNING",
     )
     if env.get("KAIROS_DATABASE_URL"):
         from sqlalchemy.engine import make_url
 
-        env["KAIROS_DATABASE_URL"] = make_url(env["KAIROS_DATABASE_URL"]).set(
-            database=f"kairos_bench_{rid}").render_as_string(hide_password=False)
+        env["KAIROS_DATABASE_URL"] = (
+            make_url(env["KAIROS_DATABASE_URL"])
+            .set(database=f"kairos_bench_{rid}")
+            .render_as_string(hide_password=False)
+        )
     for name in PROCESSES:
         env[f"KAIROS_{name.upper()}_PORT"] = str(free_port())
-    st = Stack.prepare(run_dir, base_env=env, embedded_ports={
-        "pg_port": free_port(), "redis_port": free_port(), "nats_port": free_port()})
+    st = Stack.prepare(
+        run_dir,
+        base_env=env,
+        embedded_ports={
+            "pg_port": free_port(),
+            "redis_port": free_port(),
+            "nats_port": free_port(),
+        },
+    )
     st.start_all()
     st.wait_ready()
     return st
@@ -77,13 +89,23 @@ def main() -> None:
         floor_port = free_port()
         floor = subprocess.Popen([sys.executable, "-m", "bench.floor", str(floor_port)])
         wait_port(floor_port, floor, "floor app")
-        ctx = scenarios.Context(stack=stack, key=key, floor_port=floor_port, tmp=Path(tmp),
-                                duration=args.duration, customers=args.customers,
-                                tags_max=args.tags_max)
+        ctx = scenarios.Context(
+            stack=stack,
+            key=key,
+            floor_port=floor_port,
+            tmp=Path(tmp),
+            duration=args.duration,
+            customers=args.customers,
+            tags_max=args.tags_max,
+        )
         report: dict[str, Any] = {
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                        "servers": "external" if os.environ.get("KAIROS_DATABASE_URL") else "embedded"},
-            "runs": args.runs, "duration_s": args.duration,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "servers": "external" if os.environ.get("KAIROS_DATABASE_URL") else "embedded",
+            },
+            "runs": args.runs,
+            "duration_s": args.duration,
         }
         try:
             todo = ["ingest", "profile"] if args.scenario == "all" else [args.scenario]

@@ -81,8 +81,13 @@ class Result:
 
 
 async def closed_loop(
-    host: str, port: int, headers: dict[str, str], make: Callable[[int], Request],
-    *, concurrency: int, duration: float,
+    host: str,
+    port: int,
+    headers: dict[str, str],
+    make: Callable[[int], Request],
+    *,
+    concurrency: int,
+    duration: float,
 ) -> Result:
     """As fast as possible with ``concurrency`` connections for ``duration`` seconds."""
     res = Result()
@@ -110,8 +115,14 @@ async def closed_loop(
 
 
 async def open_loop(
-    host: str, port: int, headers: dict[str, str], make: Callable[[int], Request],
-    *, rate: float, duration: float, connections: int = 64,
+    host: str,
+    port: int,
+    headers: dict[str, str],
+    make: Callable[[int], Request],
+    *,
+    rate: float,
+    duration: float,
+    connections: int = 64,
     on_done: Callable[[int, float, bytes], None] | None = None,
 ) -> Result:
     """``rate`` requests/s on a fixed schedule; latency counts from the scheduled time, so a

@@ -72,8 +72,16 @@ async def _lag_at(ctx: Context, rate_events: int, per_request: int, run: int) ->
             accepted_at[f"lag-{tag}-{run}-{i}-{j}"] = at
 
     req_rate = rate_events / per_request
-    res = await open_loop("127.0.0.1", ctx.gw_port, ctx.headers, make, rate=req_rate,
-                          duration=ctx.duration, connections=32, on_done=done)
+    res = await open_loop(
+        "127.0.0.1",
+        ctx.gw_port,
+        ctx.headers,
+        make,
+        rate=req_rate,
+        duration=ctx.duration,
+        connections=32,
+        on_done=done,
+    )
     deadline = time.perf_counter() + 30
     while accepted_at and time.perf_counter() < deadline:
         await asyncio.sleep(0.1)
@@ -95,22 +103,33 @@ async def _lag_at(ctx: Context, rate_events: int, per_request: int, run: int) ->
 async def ingest(ctx: Context, run: int) -> dict[str, Any]:
     """Event ingestion: single events, batches of 100, and lag at 5,000 events/s."""
     body1 = orjson.dumps(_event("c-floor"))
-    floor = await closed_loop("127.0.0.1", ctx.floor_port, ctx.headers,
-                              lambda i: ("POST", "/floor", body1), concurrency=32, duration=ctx.duration)
+    floor = await closed_loop(
+        "127.0.0.1",
+        ctx.floor_port,
+        ctx.headers,
+        lambda i: ("POST", "/floor", body1),
+        concurrency=32,
+        duration=ctx.duration,
+    )
     n_cust = 10_000
 
     def single(i: int) -> tuple[str, str, bytes]:
         return "POST", "/v1/events", orjson.dumps(_event(f"c-{i % n_cust}"))
 
-    one = await closed_loop("127.0.0.1", ctx.gw_port, ctx.headers, single,
-                            concurrency=32, duration=ctx.duration)
+    one = await closed_loop(
+        "127.0.0.1", ctx.gw_port, ctx.headers, single, concurrency=32, duration=ctx.duration
+    )
 
     def batch(i: int) -> tuple[str, str, bytes]:
-        evs = [_event(f"c-{(i * 100 + j) % n_cust}", random.choice(demo.BASE_EVENTS)) for j in range(100)]
+        evs = [
+            _event(f"c-{(i * 100 + j) % n_cust}", random.choice(demo.BASE_EVENTS))
+            for j in range(100)
+        ]
         return "POST", "/v1/events", orjson.dumps({"events": evs})
 
-    hundred = await closed_loop("127.0.0.1", ctx.gw_port, ctx.headers, batch,
-                                concurrency=8, duration=ctx.duration)
+    hundred = await closed_loop(
+        "127.0.0.1", ctx.gw_port, ctx.headers, batch, concurrency=8, duration=ctx.duration
+    )
     await _drain(ctx)
     lag = await _lag_at(ctx, 5000, 50, run)
     await _drain(ctx)
@@ -153,20 +172,27 @@ async def _import(ctx: Context) -> dict[str, Any]:
     before = int((await redis.info("memory"))["used_memory"])
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=None) as c:
+
         async def chunks() -> Any:
             with path.open("rb") as fh:
                 while block := fh.read(1 << 20):
                     yield block
 
-        r = await c.post(f"{ctx.stack.url('gateway')}/v1/customers:import", content=chunks(),
-                         headers={**ctx.headers, "content-type": "application/x-ndjson"})
+        r = await c.post(
+            f"{ctx.stack.url('gateway')}/v1/customers:import",
+            content=chunks(),
+            headers={**ctx.headers, "content-type": "application/x-ndjson"},
+        )
     elapsed = time.perf_counter() - t0
     doc = r.json()
     after = int((await redis.info("memory"))["used_memory"])
     await redis.aclose()
     return {
-        "customers": doc["imported"], "failed": doc["failed"], "file_mb": round(size / 1e6, 1),
-        "seconds": round(elapsed, 2), "customers_per_s": round(doc["imported"] / elapsed, 1),
+        "customers": doc["imported"],
+        "failed": doc["failed"],
+        "file_mb": round(size / 1e6, 1),
+        "seconds": round(elapsed, 2),
+        "customers_per_s": round(doc["imported"] / elapsed, 1),
         "redis_bytes_per_profile": round((after - before) / max(1, doc["imported"])),
     }
 
@@ -185,21 +211,36 @@ async def profile(ctx: Context, run: int) -> dict[str, Any]:
     def get_floor(i: int) -> tuple[str, str, bytes]:
         return "GET", f"/floor/{ids[i % len(ids)]}", b""
 
-    floor = await open_loop("127.0.0.1", ctx.floor_port, ctx.headers, get_floor, rate=500,
-                            duration=ctx.duration, connections=32)
-    view = await open_loop("127.0.0.1", ctx.gw_port, ctx.headers, get, rate=500,
-                           duration=ctx.duration, connections=32)
+    floor = await open_loop(
+        "127.0.0.1",
+        ctx.floor_port,
+        ctx.headers,
+        get_floor,
+        rate=500,
+        duration=ctx.duration,
+        connections=32,
+    )
+    view = await open_loop(
+        "127.0.0.1", ctx.gw_port, ctx.headers, get, rate=500, duration=ctx.duration, connections=32
+    )
     out["get_view_at_500_rps"] = view.summary()
     out["floor_get_at_500_rps"] = floor.summary()
     out["get_p99_vs_floor_p99"] = round(view.pct(99) / floor.pct(99), 2)
     # Event application: hold the consumer, queue events, release it and time the drain.
     n_events = 50_000
     ctx.stack.stop("profile")
-    async with httpx.AsyncClient(base_url=ctx.stack.url("gateway"), headers=ctx.headers, timeout=60) as c:
+    async with httpx.AsyncClient(
+        base_url=ctx.stack.url("gateway"), headers=ctx.headers, timeout=60
+    ) as c:
         for start in range(0, n_events, 1000):
-            evs = [{"type": random.choice(demo.EVENT_TYPES),
+            evs = [
+                {
+                    "type": random.choice(demo.EVENT_TYPES),
                     "customer_id": f"c-{random.randrange(ctx.customers):07d}",
-                    "properties": {"n": start}} for _ in range(1000)]
+                    "properties": {"n": start},
+                }
+                for _ in range(1000)
+            ]
             r = await c.post("/v1/events", content=orjson.dumps({"events": evs}))
             assert r.status_code == 202, r.text
     ctx.stack.start("profile")
@@ -207,9 +248,12 @@ async def profile(ctx: Context, run: int) -> dict[str, Any]:
     ctx.stack.wait_ready(["profile"])
     drained = await _drain(ctx)
     total = time.perf_counter() - t0
-    out["event_application"] = {"events": n_events, "seconds": round(total, 2),
-                                "events_per_s": round(n_events / total, 1),
-                                "drain_after_ready_s": round(drained, 2)}
+    out["event_application"] = {
+        "events": n_events,
+        "seconds": round(total, 2),
+        "events_per_s": round(n_events / total, 1),
+        "drain_after_ready_s": round(drained, 2),
+    }
     rss = psutil.Process(ctx.stack.procs["profile"].pid).memory_info().rss
     out["profile_rss_mb"] = round(rss / 1e6, 1)
     return out

@@ -20,6 +20,7 @@ from opentelemetry import propagate, trace
 from prometheus_client import Counter
 
 from shared.events import CloudEvent
+from shared.telemetry import tracing_enabled
 
 log = logging.getLogger("kairos.bus")
 tracer = trace.get_tracer("kairos.bus")
@@ -59,6 +60,7 @@ class Bus:
         self.source = source
         self.nc: NATS | None = None
         self._js: JetStreamContext | None = None
+        self.trace = tracing_enabled()
 
     # -- names -------------------------------------------------------------
     def subject(self, logical: str) -> str:
@@ -140,28 +142,38 @@ class Bus:
             ev.id = id_
         return ev
 
-    @staticmethod
-    def headers_for(ev: CloudEvent) -> dict[str, str]:
-        headers = {"Nats-Msg-Id": ev.id, "Content-Type": "application/cloudevents+json"}
-        propagate.inject(headers)  # W3C traceparent
+    def headers_for(self, event_id: str) -> dict[str, str]:
+        headers = {"Nats-Msg-Id": event_id, "Content-Type": "application/cloudevents+json"}
+        if self.trace:
+            propagate.inject(headers)  # W3C traceparent
         return headers
 
     async def publish(self, logical: str, ev: CloudEvent) -> None:
         """Publish one event and wait for the stream's ack."""
-        await self.js.publish(self.subject(logical), ev.to_bytes(), headers=self.headers_for(ev))
+        await self.js.publish(self.subject(logical), ev.to_bytes(), headers=self.headers_for(ev.id))
         PUBLISHED.labels(logical.split(".", 1)[0]).inc()
 
     async def publish_many(
         self, items: Iterable[tuple[str, CloudEvent]], *, timeout: float = 10.0
     ) -> None:
         """Pipeline many publishes and await every ack; raises if any was not stored."""
+        await self.publish_encoded(((s, ev.id, ev.to_bytes()) for s, ev in items), timeout=timeout)
+
+    async def publish_encoded(
+        self, items: Iterable[tuple[str, str, bytes]], *, timeout: float = 10.0
+    ) -> None:
+        """Like publish_many for envelopes already serialised: (subject, event id, bytes)."""
         futures = []
-        for logical, ev in items:
+        counts: dict[str, int] = {}
+        for logical, event_id, payload in items:
             fut = await self.js.publish_async(
-                self.subject(logical), ev.to_bytes(), headers=self.headers_for(ev)
+                self.subject(logical), payload, headers=self.headers_for(event_id)
             )
             futures.append(fut)
-            PUBLISHED.labels(logical.split(".", 1)[0]).inc()
+            head = logical.split(".", 1)[0]
+            counts[head] = counts.get(head, 0) + 1
+        for head, n in counts.items():
+            PUBLISHED.labels(head).inc(n)
         if futures:
             await asyncio.wait_for(asyncio.gather(*futures), timeout)
 

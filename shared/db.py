@@ -67,8 +67,11 @@ class UnitOfWork:
         if not self._events:
             return
         await self.session.execute(
-            sa.text(f'INSERT INTO "{self.schema}".outbox (subject, payload) VALUES (:s, :p)'),
-            [{"s": s, "p": ev.to_bytes()} for s, ev in self._events],
+            sa.text(
+                f'INSERT INTO "{self.schema}".outbox (subject, payload)'
+                " SELECT * FROM unnest(CAST(:s AS text[]), CAST(:p AS bytea[]))"
+            ),
+            {"s": [s for s, _ in self._events], "p": [ev.to_bytes() for _, ev in self._events]},
         )
 
     def committed(self) -> None:

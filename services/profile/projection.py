@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from datetime import datetime
 from typing import Any
 
 import orjson
@@ -50,15 +49,13 @@ class Projection:
         self._script = redis.register_script(_WRITE_IF_NEWER)
         self._erase = redis.register_script(_ERASE)
 
-    async def write_many(self, docs: Iterable[dict[str, Any]]) -> None:
-        """Write documents (each with ``customer_id`` and ``version``) in one pipeline."""
+    async def write_many(self, docs: Iterable[tuple[str, int, int, bytes]]) -> None:
+        """Write (customer id, version, created_at ms, JSON) documents in one pipeline."""
         pipe = self.redis.pipeline(transaction=False)
         n = 0
-        for doc in docs:
+        for cid, version, created_ms, raw in docs:
             await self._script(
-                keys=[self.keys.profile(doc["customer_id"])],
-                args=[doc["version"], orjson.dumps(doc), _ms(doc.get("created_at"))],
-                client=pipe,
+                keys=[self.keys.profile(cid)], args=[version, raw, created_ms], client=pipe
             )
             n += 1
         if n:
@@ -79,10 +76,3 @@ class Projection:
             return None
         doc: dict[str, Any] = orjson.loads(raw)
         return None if doc.get("erased") else doc
-
-
-def _ms(created_at: str | None) -> int:
-    """Creation time in epoch milliseconds (what a tombstone is compared with)."""
-    if not created_at:
-        return 0
-    return int(datetime.fromisoformat(created_at.replace("Z", "+00:00")).timestamp() * 1000)

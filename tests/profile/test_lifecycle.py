@@ -81,23 +81,26 @@ async def test_projection_follows_every_change(
     assert doc["counters"]["roaming.started"]["total"] == 1
 
 
+def _doc(cid: str, version: int, created_ms: int = 0) -> tuple[str, int, int, bytes]:
+    return (
+        cid,
+        version,
+        created_ms,
+        orjson.dumps({"customer_id": cid, "attributes": {"v": version}}),
+    )
+
+
 async def test_projection_never_goes_back_a_version(stack: Stack, redis: Redis, cid: str) -> None:
     proj = Projection(redis, _keys(stack))
-    await proj.write_many([{"customer_id": cid, "version": 5, "attributes": {"v": 5}}])
-    await proj.write_many([{"customer_id": cid, "version": 4, "attributes": {"v": 4}}])
+    await proj.write_many([_doc(cid, 5)])
+    await proj.write_many([_doc(cid, 4)])
     assert (await proj.read(cid))["attributes"] == {"v": 5}
-    await proj.write_many([{"customer_id": cid, "version": 6, "attributes": {"v": 6}}])
+    await proj.write_many([_doc(cid, 6)])
     assert (await proj.read(cid))["attributes"] == {"v": 6}
     await proj.erase(cid)
-    old = "2020-01-01T00:00:00Z"
-    await proj.write_many(
-        [{"customer_id": cid, "version": 6, "created_at": old, "attributes": {"v": 6}}]
-    )
+    await proj.write_many([_doc(cid, 7, created_ms=1)])
     assert await proj.read(cid) is None  # a late write of the erased profile
-    new = "2999-01-01T00:00:00Z"
-    await proj.write_many(
-        [{"customer_id": cid, "version": 1, "created_at": new, "attributes": {"v": 1}}]
-    )
+    await proj.write_many([_doc(cid, 1, created_ms=2**50)])
     assert (await proj.read(cid))["attributes"] == {"v": 1}  # the id created afresh
 
 

@@ -41,8 +41,10 @@ def projection(rt: Runtime) -> Projection:
 async def reproject(rt: Runtime, ids: list[str]) -> None:
     """Rewrite the Redis projection of profiles from what is committed."""
     assert rt.db is not None
+    if not ids:
+        return
     async with rt.db.sessions() as session:
-        docs = await service.build_docs(CustomerRepository(session), ids)
+        docs = await CustomerRepository(session).projection_docs(ids)
     await projection(rt).write_many(docs)
 
 

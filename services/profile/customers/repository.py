@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col
 
-from services.profile.models import Counter, Customer, Device, Identity, Merge, ProcessedEvent
+from services.profile.models import Counter, Customer, Device, Identity, Merge
 from shared.db import Repository
 
 
@@ -36,20 +36,17 @@ class CustomerRepository(Repository[Customer]):
 
     async def ensure(self, ids: Iterable[str], now: datetime) -> None:
         """Create empty profiles for ids seen for the first time."""
-        values = [
-            {
-                "customer_id": cid,
-                "attributes": {},
-                "tags": [],
-                "consents": {},
-                "created_at": now,
-                "updated_at": now,
-                "version": 0,
-            }
-            for cid in sorted(set(ids))
-        ]
-        if values:
-            await self.session.execute(insert(Customer).values(values).on_conflict_do_nothing())
+        ids = sorted(set(ids))
+        if ids:
+            await self.session.execute(
+                sa.text(
+                    "INSERT INTO profile.customer (customer_id, attributes, tags, consents,"
+                    " created_at, updated_at, version)"
+                    " SELECT unnest(CAST(:ids AS text[])), '{}', '{}', '{}', :now, :now, 0"
+                    " ON CONFLICT DO NOTHING"
+                ),
+                {"ids": ids, "now": now},
+            )
 
     async def bump(self, ids: Iterable[str], now: datetime) -> dict[str, int]:
         """Grow the version of each profile (one change each); returns the new versions."""
@@ -202,30 +199,77 @@ class CustomerRepository(Repository[Customer]):
             out.setdefault(c.customer_id, {})[c.event_type] = c
         return out
 
+    async def counters_for_update(
+        self, ids: Sequence[str]
+    ) -> dict[tuple[str, str], dict[str, Any]]:
+        """Counter rows of customers, locked, as plain dicts (the hot path builds no ORM objects)."""
+        rows = await self.session.execute(
+            sa.text(
+                "SELECT customer_id, event_type, total, first_seen, last_seen, buckets::text,"
+                " last::text FROM profile.counter WHERE customer_id = ANY(:ids)"
+                " ORDER BY customer_id, event_type FOR UPDATE"
+            ),
+            {"ids": list(ids)},
+        )
+        return {
+            (r[0], r[1]): {
+                "customer_id": r[0],
+                "event_type": r[1],
+                "total": r[2],
+                "first_seen": r[3],
+                "last_seen": r[4],
+                "buckets": orjson.loads(r[5]),
+                "last": orjson.loads(r[6]),
+            }
+            for r in rows.all()
+        }
+
     async def save_counters(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Upsert counter rows in one statement."""
         if not rows:
             return
-        stmt = insert(Counter).values(list(rows))
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[Counter.customer_id, Counter.event_type],
-            set_={
-                k: getattr(stmt.excluded, k)
-                for k in ("total", "first_seen", "last_seen", "buckets", "last")
+        await self.session.execute(
+            sa.text(
+                "INSERT INTO profile.counter AS c (customer_id, event_type, total, first_seen,"
+                " last_seen, buckets, last)"
+                " SELECT u.c, u.t, u.n, u.f, u.l, u.b::jsonb, u.v::jsonb FROM unnest("
+                " CAST(:c AS text[]), CAST(:t AS text[]), CAST(:n AS bigint[]),"
+                " CAST(:f AS timestamptz[]), CAST(:l AS timestamptz[]), CAST(:b AS text[]),"
+                " CAST(:v AS text[])) AS u(c, t, n, f, l, b, v)"
+                " ON CONFLICT (customer_id, event_type) DO UPDATE SET total = EXCLUDED.total,"
+                " first_seen = EXCLUDED.first_seen, last_seen = EXCLUDED.last_seen,"
+                " buckets = EXCLUDED.buckets, last = EXCLUDED.last"
+            ),
+            {
+                "c": [r["customer_id"] for r in rows],
+                "t": [r["event_type"] for r in rows],
+                "n": [r["total"] for r in rows],
+                "f": [r["first_seen"] for r in rows],
+                "l": [r["last_seen"] for r in rows],
+                "b": [_j(r["buckets"]) for r in rows],
+                "v": [_j(r["last"]) for r in rows],
             },
         )
-        await self.session.execute(stmt)
 
     async def claim_events(self, ids: Sequence[str], now: datetime) -> set[str]:
         """Record event ids; returns those not seen before."""
         if not ids:
             return set()
         rows = await self.session.execute(
-            insert(ProcessedEvent)
-            .values([{"event_id": i, "at": now} for i in ids])
-            .on_conflict_do_nothing()
-            .returning(col(ProcessedEvent.event_id))
+            sa.text(
+                "INSERT INTO profile.processed_event (event_id, at)"
+                " SELECT unnest(CAST(:ids AS text[])), :now ON CONFLICT DO NOTHING RETURNING event_id"
+            ),
+            {"ids": list(ids), "now": now},
         )
         return set(rows.scalars().all())
+
+    async def projection_docs(self, ids: Sequence[str]) -> list[tuple[str, int, int, bytes]]:
+        """Projection documents built by Postgres: (id, version, created_at ms, JSON bytes)."""
+        if not ids:
+            return []
+        rows = await self.session.execute(sa.text(PROJECTION_SQL), {"ids": list(ids)})
+        return [(r[0], r[1], int(r[2]), r[3].encode()) for r in rows.all()]
 
     # -- merges & erasure ------------------------------------------------------
     async def record_merge(self, m: Merge) -> Merge:
@@ -282,3 +326,26 @@ class CustomerRepository(Repository[Customer]):
 
 def to_json(v: Any) -> str:
     return _j(v)
+
+
+# The compact read model decisions use; built server-side so the hot path only moves bytes.
+PROJECTION_SQL = """
+SELECT c.customer_id, c.version, (extract(epoch FROM c.created_at) * 1000)::bigint,
+  jsonb_build_object(
+    'customer_id', c.customer_id, 'version', c.version,
+    'attributes', c.attributes, 'tags', to_jsonb(c.tags), 'consents', c.consents,
+    'identities', COALESCE((SELECT jsonb_object_agg(i.kind, i.value)
+                            FROM profile.identity i WHERE i.customer_id = c.customer_id), '{}'),
+    'devices', COALESCE((SELECT jsonb_agg(jsonb_build_object(
+                             'platform', d.platform, 'token', d.token, 'app_id', d.app_id))
+                         FROM profile.device d WHERE d.customer_id = c.customer_id), '[]'),
+    'counters', COALESCE((SELECT jsonb_object_agg(k.event_type, k.buckets || jsonb_build_object(
+                              'total', k.total, 'first', k.first_seen, 'last', k.last_seen))
+                          FROM profile.counter k WHERE k.customer_id = c.customer_id), '{}'),
+    'last', COALESCE((SELECT jsonb_object_agg(k.event_type, k.last) FROM profile.counter k
+                      WHERE k.customer_id = c.customer_id AND k.last <> '{}'), '{}'),
+    'timezone', c.timezone, 'locale', c.locale,
+    'created_at', c.created_at, 'updated_at', c.updated_at)::text
+FROM profile.customer c
+WHERE c.customer_id = ANY(:ids) AND c.merged_into IS NULL
+"""

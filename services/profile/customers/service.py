@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from services.profile import counters
 from services.profile.customers.repository import CustomerRepository
-from services.profile.models import Counter, Customer, Merge
+from services.profile.models import Counter, Merge
 from shared.contracts.customers import (
     CustomerImportLine,
     CustomerPatch,
@@ -49,48 +49,6 @@ def _changed(
 
 
 # -- reads ---------------------------------------------------------------------
-async def build_docs(repo: CustomerRepository, ids: list[str]) -> list[dict[str, Any]]:
-    """Projection documents (the compact read model) for profiles, as committed."""
-    if not ids:
-        return []
-    rows = await repo.list(Customer.customer_id.in_(ids), limit=len(ids))  # type: ignore[attr-defined]
-    live = [c for c in rows if c.merged_into is None]
-    idents = await repo.identities_of([c.customer_id for c in live])
-    devices = await repo.devices_of([c.customer_id for c in live])
-    ctrs = await repo.counters_of([c.customer_id for c in live])
-    docs = []
-    for c in live:
-        docs.append(
-            {
-                "customer_id": c.customer_id,
-                "version": c.version,
-                "attributes": c.attributes,
-                "tags": c.tags,
-                "consents": c.consents,
-                "identities": idents.get(c.customer_id, {}),
-                "devices": [
-                    {k: d[k] for k in ("platform", "token", "app_id")}
-                    for d in devices.get(c.customer_id, [])
-                ],
-                "timezone": c.timezone,
-                "locale": c.locale,
-                "counters": {
-                    t: {
-                        "total": k.total,
-                        "first": iso(k.first_seen),
-                        "last": iso(k.last_seen),
-                        **k.buckets,
-                    }
-                    for t, k in ctrs.get(c.customer_id, {}).items()
-                },
-                "last": {t: k.last for t, k in ctrs.get(c.customer_id, {}).items() if k.last},
-                "created_at": iso(c.created_at),
-                "updated_at": iso(c.updated_at),
-            }
-        )
-    return docs
-
-
 async def get_profile(uow: UnitOfWork, *, customer_id: str, now: datetime) -> Profile:
     """The stored profile with counters as rolling windows; 404 for unknown or merged-away ids."""
     repo = CustomerRepository(uow.session)
@@ -469,45 +427,29 @@ async def apply_events(uow: UnitOfWork, events: list[EventData], now: datetime) 
             by_customer.setdefault(cid, []).append(e)
     if not by_customer:
         return out
-    existing = await repo.counters_of(sorted(by_customer), for_update=True)
-    for mine in existing.values():  # read, changed in memory, written by one upsert
-        for loaded in mine.values():
-            uow.session.expunge(loaded)
-    rows = []
+    existing = await repo.counters_for_update(sorted(by_customer))
+    rows: list[dict[str, Any]] = []
     for cid in sorted(by_customer):
-        mine = existing.get(cid, {})
         for e in sorted(by_customer[cid], key=lambda x: x.time):
-            c = mine.get(e.type)
+            c = existing.get((cid, e.type))
             if c is None:
-                c = Counter(
-                    customer_id=cid,
-                    event_type=e.type,
-                    total=0,
-                    first_seen=e.time,
-                    last_seen=e.time,
-                    buckets=counters.empty(),
-                    last={},
-                )
-                mine[e.type] = c
-            c.total += 1
-            counters.add(c.buckets, e.time, now)
-            if e.time >= c.last_seen:
-                c.last = {**c.last, **_scalars(e.properties)}
-                c.last_seen = e.time
-            c.first_seen = min(c.first_seen, e.time)
-        for etype in {e.type for e in by_customer[cid]}:
-            c = mine[etype]
-            rows.append(
-                {
+                c = {
                     "customer_id": cid,
-                    "event_type": etype,
-                    "total": c.total,
-                    "first_seen": c.first_seen,
-                    "last_seen": c.last_seen,
-                    "buckets": c.buckets,
-                    "last": c.last,
+                    "event_type": e.type,
+                    "total": 0,
+                    "first_seen": e.time,
+                    "last_seen": e.time,
+                    "buckets": counters.empty(),
+                    "last": {},
                 }
-            )
+                existing[(cid, e.type)] = c
+            c["total"] += 1
+            counters.add(c["buckets"], e.time, now)
+            if e.time >= c["last_seen"]:
+                c["last"] = {**c["last"], **_scalars(e.properties)}
+                c["last_seen"] = e.time
+            c["first_seen"] = min(c["first_seen"], e.time)
+        rows.extend(existing[(cid, t)] for t in sorted({e.type for e in by_customer[cid]}))
     await repo.save_counters(rows)
     versions = await repo.bump(by_customer, now)
     for cid, v in versions.items():
