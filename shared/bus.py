@@ -244,7 +244,9 @@ class Consumer:
     async def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                msgs = await self._sub.fetch(self.batch, timeout=1.0)
+                # Wait for the first message only, then take whatever else is ready: asking for
+                # a full batch would make nats-py linger until it fills (up to the timeout).
+                msgs = await self._sub.fetch(1, timeout=1.0)
             except TimeoutError:
                 self.healthy = True  # an empty consumer answers with a timeout: normal
                 continue
@@ -255,6 +257,9 @@ class Consumer:
                 log.warning("consumer %s fetch failed: %s", self.name, exc)
                 await asyncio.sleep(0.5)
                 continue
+            if self.batch > 1:
+                with contextlib.suppress(Exception):
+                    msgs += await self._sub.fetch(self.batch - 1, timeout=0.01)
             self.healthy = True
             await self._handle(msgs)
 

@@ -207,5 +207,8 @@ class OutboxRelay:
             if not rows:
                 return 0
             rows = sorted(rows, key=lambda r: r[0])
-            await self.bus.publish_many((r[1], CloudEvent.from_bytes(bytes(r[2]))) for r in rows)
+            # Payloads are stored serialised: publish the bytes as they are.
+            await self.bus.publish_encoded(
+                (r[1], str(orjson.loads(r[2])["id"]), bytes(r[2])) for r in rows
+            )
         return len(rows)

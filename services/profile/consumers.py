@@ -10,7 +10,7 @@ from nats.aio.msg import Msg
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from services.profile.customers import service
-from services.profile.customers.endpoints import reproject
+from services.profile.customers.endpoints import projection, reproject
 from shared.bus import Consumer, PoisonMessage, TransientError
 from shared.events import CloudEvent, utcnow
 from shared.service import Runtime
@@ -45,7 +45,10 @@ async def handle_events(rt: Runtime, batch: Sequence[tuple[Msg, CloudEvent]]) ->
         if _transient(exc):
             raise TransientError(str(exc)) from exc
         raise
-    await reproject(rt, sorted(applied.customers))
+    proj = projection(rt)
+    await proj.write_many(applied.docs)
+    for source in applied.folded:
+        await proj.erase(source)
 
 
 def _when(value: object) -> datetime:

@@ -381,8 +381,12 @@ class EventData:
 
 @dataclass
 class Applied:
+    """What a batch of events changed: customers touched, their new projection documents,
+    and anonymous profiles folded away (their projections must go)."""
+
     customers: set[str] = field(default_factory=set)
-    erased: list[tuple[str, int]] = field(default_factory=list)
+    docs: list[tuple[str, int, int, bytes]] = field(default_factory=list)
+    folded: list[str] = field(default_factory=list)
 
 
 async def apply_events(uow: UnitOfWork, events: list[EventData], now: datetime) -> Applied:
@@ -421,11 +425,13 @@ async def apply_events(uow: UnitOfWork, events: list[EventData], now: datetime) 
     await repo.add_identities(new_links)
     for target, source in dict.fromkeys(folds):
         await merge(uow, target=target, source=source, principal="identity-resolution", now=now)
+        out.folded.append(source)
     by_customer: dict[str, list[EventData]] = {}
     for e, cid in targets:
         if e.id in fresh_ids:
             by_customer.setdefault(cid, []).append(e)
     if not by_customer:
+        out.docs = await repo.projection_docs(sorted(out.customers))
         return out
     existing = await repo.counters_for_update(sorted(by_customer))
     rows: list[dict[str, Any]] = []
@@ -454,6 +460,8 @@ async def apply_events(uow: UnitOfWork, events: list[EventData], now: datetime) 
     versions = await repo.bump(by_customer, now)
     for cid, v in versions.items():
         _changed(uow, cid, v, ["counters"], event_types=sorted({e.type for e in by_customer[cid]}))
+    # Read back in the same transaction: what is projected is exactly what commits.
+    out.docs = await repo.projection_docs(sorted(out.customers))
     return out
 
 
