@@ -241,12 +241,23 @@ class Consumer:
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
 
+    async def _fetch(self) -> list[Msg]:
+        """Wait for the first message only, then take whatever else is ready: asking nats-py
+        for a full batch would make it linger until the batch fills (up to the timeout)."""
+        msgs: list[Msg] = await self._sub.fetch(1, timeout=1.0)
+        if self.batch > 1:
+            with contextlib.suppress(Exception):
+                msgs += await self._sub.fetch(self.batch - 1, timeout=0.25)
+        return msgs
+
     async def _loop(self) -> None:
+        # The next batch is fetched while the current one is handled (one batch ahead).
+        ahead: asyncio.Task[list[Msg]] | None = None
         while not self._stopping.is_set():
+            task = ahead or asyncio.create_task(self._fetch())
+            ahead = None
             try:
-                # Wait for the first message only, then take whatever else is ready: asking for
-                # a full batch would make nats-py linger until it fills (up to the timeout).
-                msgs = await self._sub.fetch(1, timeout=1.0)
+                msgs = await task
             except TimeoutError:
                 self.healthy = True  # an empty consumer answers with a timeout: normal
                 continue
@@ -257,11 +268,14 @@ class Consumer:
                 log.warning("consumer %s fetch failed: %s", self.name, exc)
                 await asyncio.sleep(0.5)
                 continue
-            if self.batch > 1:
-                with contextlib.suppress(Exception):
-                    msgs += await self._sub.fetch(self.batch - 1, timeout=0.01)
             self.healthy = True
+            if len(msgs) >= self.batch and not self._stopping.is_set():
+                ahead = asyncio.create_task(self._fetch())  # a backlog: keep the pipe full
             await self._handle(msgs)
+        if ahead is not None:
+            with contextlib.suppress(Exception):
+                for m in await ahead:  # hand them back at once rather than at ack_wait
+                    await m.nak()
 
     async def _handle(self, msgs: list[Msg]) -> None:
         good: list[tuple[Msg, CloudEvent]] = []

@@ -41,6 +41,9 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
+        # Plan each statement for its actual arguments: a generic plan cached while a table
+        # was empty turns `= ANY(:ids)` lookups into sequential scans once it has grown.
+        connect_args={"server_settings": {"plan_cache_mode": "force_custom_plan"}},
         json_serializer=lambda v: orjson.dumps(v).decode(),
         json_deserializer=orjson.loads,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -33,8 +34,24 @@ class CloudEvent(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
-        """Serialise with orjson."""
-        return orjson.dumps(self.model_dump())
+        """Serialise with orjson (fields are plain JSON types, so no model_dump is needed)."""
+        return orjson.dumps(self.__dict__)
+
+    @classmethod
+    def new(
+        cls, *, source: str, type: str, subject: str | None, data: dict[str, Any]
+    ) -> CloudEvent:
+        """A new envelope without re-validating what the caller built (hot paths)."""
+        return cls.model_construct(
+            id=str(uuid.UUID(int=random.getrandbits(128), version=4)),
+            source=source,
+            type=type,
+            specversion="1.0",
+            time=iso(utcnow()),
+            subject=subject,
+            datacontenttype="application/json",
+            data=data,
+        )
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> CloudEvent:

@@ -9,7 +9,7 @@ of the erased profile cannot bring it back; a profile created after the erasure 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -18,18 +18,26 @@ from redis.asyncio import Redis
 from shared.redis import Keys
 
 _WRITE_IF_NEWER = """
-local erased = redis.call('HGET', KEYS[1], 'e')
-if erased then
-  -- only a profile created after the erasure may replace the tombstone
-  if tonumber(ARGV[3]) <= tonumber(erased) then return 0 end
-  redis.call('HDEL', KEYS[1], 'e')
-else
-  local cur = redis.call('HGET', KEYS[1], 'v')
-  if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
+-- KEYS: profile keys; ARGV: version, document, created_at ms for each key in turn
+local written = 0
+for i, key in ipairs(KEYS) do
+  local v, doc, created = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  local ok = true
+  local erased = redis.call('HGET', key, 'e')
+  if erased then
+    -- only a profile created after the erasure may replace the tombstone
+    if tonumber(created) <= tonumber(erased) then ok = false else redis.call('HDEL', key, 'e') end
+  else
+    local cur = redis.call('HGET', key, 'v')
+    if cur and tonumber(cur) >= tonumber(v) then ok = false end
+  end
+  if ok then
+    redis.call('HSET', key, 'v', v, 'd', doc)
+    redis.call('PERSIST', key)
+    written = written + 1
+  end
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2])
-redis.call('PERSIST', KEYS[1])
-return 1
+return written
 """
 _ERASE = """
 redis.call('DEL', KEYS[1])
@@ -49,17 +57,19 @@ class Projection:
         self._script = redis.register_script(_WRITE_IF_NEWER)
         self._erase = redis.register_script(_ERASE)
 
-    async def write_many(self, docs: Iterable[tuple[str, int, int, bytes]]) -> None:
-        """Write (customer id, version, created_at ms, JSON) documents in one pipeline."""
-        pipe = self.redis.pipeline(transaction=False)
-        n = 0
-        for cid, version, created_ms, raw in docs:
-            await self._script(
-                keys=[self.keys.profile(cid)], args=[version, raw, created_ms], client=pipe
+    async def write_many(self, docs: Sequence[tuple[str, int, int, bytes]]) -> int:
+        """Write (customer id, version, created_at ms, JSON) documents, 200 per script call;
+        returns how many were newer than what Redis held."""
+        written = 0
+        for start in range(0, len(docs), 200):
+            chunk = docs[start : start + 200]
+            args: list[Any] = []
+            for _, version, created_ms, raw in chunk:
+                args += [version, raw, created_ms]
+            written += int(
+                await self._script(keys=[self.keys.profile(d[0]) for d in chunk], args=args)
             )
-            n += 1
-        if n:
-            await pipe.execute()
+        return written
 
     async def erase(self, customer_id: str) -> None:
         """Replace the projection with a tombstone: writes of the erased profile are refused,

@@ -198,8 +198,8 @@ async def import_customers(request: Request, rt: RuntimeDep) -> ImportResult:
                 errors.append(err)
             elif body is not None:
                 pending.append(body)
-        if len(pending) >= IMPORT_BATCH:
-            await flush()
+                if len(pending) >= IMPORT_BATCH:
+                    await flush()
     if buf.strip():
         lineno += 1
         body, err = service.parse_import_line(buf, lineno)

@@ -22,17 +22,19 @@ def _j(v: Any) -> str:
 class CustomerRepository(Repository[Customer]):
     model = Customer
 
-    async def resolve(self, ids: Iterable[str]) -> dict[str, str | None]:
-        """Map ids to their surviving profile id (merged-away ids follow ``merged_into``)."""
+    async def resolve(self, ids: Iterable[str]) -> dict[str, str]:
+        """Map known ids to their surviving profile id (merged-away ids follow ``merged_into``)."""
         ids = list(set(ids))
         if not ids:
             return {}
         rows = await self.session.execute(
-            sa.select(col(Customer.customer_id), col(Customer.merged_into)).where(
-                col(Customer.customer_id).in_(ids)
-            )
+            sa.text(
+                "SELECT customer_id, COALESCE(merged_into, customer_id) FROM profile.customer"
+                " WHERE customer_id = ANY(:ids)"
+            ),
+            {"ids": ids},
         )
-        return {cid: (into or cid) for cid, into in rows.all()}
+        return {r[0]: r[1] for r in rows.all()}
 
     async def ensure(self, ids: Iterable[str], now: datetime) -> None:
         """Create empty profiles for ids seen for the first time."""
@@ -60,24 +62,33 @@ class CustomerRepository(Repository[Customer]):
         return {r[0]: r[1] for r in rows.all()}
 
     async def upsert_many(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Create or replace whole profiles (PUT, import); version grows by one each."""
+        """Create or replace whole profiles (PUT, import) in one statement; each replaced
+        profile's version grows by one. Merged-away ids are left alone."""
         if not rows:
             return
-        stmt = insert(Customer).values(list(rows))
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[Customer.customer_id],
-            set_={
-                "attributes": stmt.excluded.attributes,
-                "tags": stmt.excluded.tags,
-                "consents": stmt.excluded.consents,
-                "timezone": stmt.excluded.timezone,
-                "locale": stmt.excluded.locale,
-                "updated_at": stmt.excluded.updated_at,
-                "version": col(Customer.version) + 1,
+        await self.session.execute(
+            sa.text(
+                "INSERT INTO profile.customer AS c (customer_id, attributes, tags, consents,"
+                " timezone, locale, created_at, updated_at, version)"
+                " SELECT u.id, u.a::jsonb, ARRAY(SELECT jsonb_array_elements_text(u.t::jsonb)),"
+                " u.c::jsonb, u.tz, u.lc, u.ts, u.ts, 1 FROM unnest(CAST(:ids AS text[]),"
+                " CAST(:a AS text[]), CAST(:t AS text[]), CAST(:c AS text[]), CAST(:tz AS text[]),"
+                " CAST(:lc AS text[]), CAST(:ts AS timestamptz[])) AS u(id, a, t, c, tz, lc, ts)"
+                " ON CONFLICT (customer_id) DO UPDATE SET attributes = EXCLUDED.attributes,"
+                " tags = EXCLUDED.tags, consents = EXCLUDED.consents, timezone = EXCLUDED.timezone,"
+                " locale = EXCLUDED.locale, updated_at = EXCLUDED.updated_at, version = c.version + 1"
+                " WHERE c.merged_into IS NULL"
+            ),
+            {
+                "ids": [r["customer_id"] for r in rows],
+                "a": [_j(r["attributes"]) for r in rows],
+                "t": [_j(r["tags"]) for r in rows],
+                "c": [_j(r["consents"]) for r in rows],
+                "tz": [r["timezone"] for r in rows],
+                "lc": [r["locale"] for r in rows],
+                "ts": [r["updated_at"] for r in rows],
             },
-            where=Customer.merged_into.is_(None),  # type: ignore[union-attr]
         )
-        await self.session.execute(stmt)
 
     async def versions(self, ids: Sequence[str]) -> dict[str, int]:
         rows = await self.session.execute(
@@ -131,11 +142,19 @@ class CustomerRepository(Repository[Customer]):
         await self.add_identities([(k, v, customer_id) for k, v in identities.items()])
 
     async def add_identities(self, triples: Sequence[tuple[str, str, str]]) -> None:
+        """Link (kind, value) identities to customers; an identity already owned stays put."""
         if triples:
             await self.session.execute(
-                insert(Identity)
-                .values([{"kind": k, "value": v, "customer_id": c} for k, v, c in triples])
-                .on_conflict_do_nothing()
+                sa.text(
+                    "INSERT INTO profile.identity (kind, value, customer_id)"
+                    " SELECT * FROM unnest(CAST(:k AS text[]), CAST(:v AS text[]),"
+                    " CAST(:c AS text[])) ON CONFLICT DO NOTHING"
+                ),
+                {
+                    "k": [t[0] for t in triples],
+                    "v": [t[1] for t in triples],
+                    "c": [t[2] for t in triples],
+                },
             )
 
     async def find_by_identity(self, kind: str, value: str) -> str | None:

@@ -32,7 +32,7 @@ ANON_PREFIX = "anon:"
 
 
 def _event(type_: str, customer_id: str, data: dict[str, Any]) -> CloudEvent:
-    return CloudEvent(source=SOURCE, type=type_, subject=customer_id, data=data)
+    return CloudEvent.new(source=SOURCE, type=type_, subject=customer_id, data=data)
 
 
 def _changed(
