@@ -77,12 +77,21 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
-    ap.add_argument("scenario", nargs="?", default="all", choices=["all", "ingest", "profile"])
+    ap.add_argument(
+        "scenario", nargs="?", default="all", choices=["all", "ingest", "profile", "rules"]
+    )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--customers", type=int, default=100_000, help="profile: population size")
     ap.add_argument("--tags-max", type=int, default=200, help="profile: most tags per customer")
     args = ap.parse_args()
+    if args.scenario == "rules":
+        from bench import rules_eval
+
+        runs = [rules_eval.measure() for _ in range(args.runs)]
+        report = {"rules": {"median": median_of(runs), "runs": runs}}
+        _write("rules", report, args.runs)
+        return
     key = "bench-" + uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="kairos-bench-") as tmp:
         stack = start_stack(Path(tmp), key)
@@ -120,13 +129,17 @@ def main() -> None:
         finally:
             floor.terminate()
             stack.down()
+    _write(args.scenario, report, args.runs)
+
+
+def _write(scenario: str, report: dict[str, Any], runs: int) -> None:
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    out = RESULTS / f"{args.scenario}-{stamp}.json"
+    out = RESULTS / f"{scenario}-{stamp}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    for name in ("ingest", "profile"):
+    for name in ("ingest", "profile", "rules"):
         if name in report:
-            print(f"\n== {name} (median of {args.runs})")
+            print(f"\n== {name} (median of {runs})")
             print(json.dumps(report[name]["median"], indent=2))
     print(f"\nwritten to {out}")
 

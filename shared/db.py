@@ -40,7 +40,9 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # No pre-ping round trip per checkout: a connection that broke is invalidated on its
+        # first error, which answers 503 (shared.errors) and is retried by the caller.
+        pool_recycle=1800,
         # Plan each statement for its actual arguments: a generic plan cached while a table
         # was empty turns `= ANY(:ids)` lookups into sequential scans once it has grown.
         connect_args={"server_settings": {"plan_cache_mode": "force_custom_plan"}},

@@ -24,6 +24,7 @@ LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 QUIET_PATHS = ("/healthz", "/readyz", "/metrics")
+access_log = logging.getLogger("kairos.access")
 
 
 class JsonFormatter(logging.Formatter):
@@ -131,8 +132,24 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             name = getattr(route, "path", "unmatched")
+            elapsed = time.perf_counter() - start
             REQUESTS.labels(self.service, scope["method"], name, str(status[0])).inc()
-            LATENCY.labels(self.service, name).observe(time.perf_counter() - start)
+            LATENCY.labels(self.service, name).observe(elapsed)
+            if access_log.isEnabledFor(logging.INFO) and scope["path"] not in QUIET_PATHS:
+                state = scope.get("state") or {}
+                access_log.info(
+                    "%s %s %d",
+                    scope["method"],
+                    scope["path"],
+                    status[0],
+                    extra={
+                        "principal": state.get("principal"),
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": status[0],
+                        "ms": round(elapsed * 1000, 2),
+                    },
+                )
 
 
 async def metrics_endpoint(_: Request) -> Response:

@@ -46,7 +46,9 @@ async def handle_events(rt: Runtime, batch: Sequence[tuple[Msg, CloudEvent]]) ->
             raise TransientError(str(exc)) from exc
         raise
     proj = projection(rt)
-    await proj.write_many(applied.docs)
+    stale = await proj.write_many(applied.docs)
+    if stale:  # Redis missed an earlier version (a restart, a flush): write them whole
+        await reproject(rt, stale)
     for source in applied.folded:
         await proj.erase(source)
 

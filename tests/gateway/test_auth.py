@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from shared.stack import Stack
-from tests.conftest import auth
+from tests.conftest import KEYS, auth
 
 ROUTES = [
     ("POST", "/v1/events", {"type": "app.opened", "customer_id": "c-1"}, "events"),
@@ -71,3 +71,14 @@ async def test_open_paths_need_no_key(stack: Stack) -> None:
     async with httpx.AsyncClient(base_url=stack.url("gateway")) as c:
         for p in ("/healthz", "/readyz", "/metrics"):
             assert (await c.get(p)).status_code == 200
+
+
+async def test_principal_is_logged_never_the_key(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url("gateway")) as c:
+        r = await c.get("/v1/customers/c-logged-0", headers=auth("reader"))
+        assert r.status_code == 404
+    log = (stack.run_dir / "logs" / "gateway.log").read_text()
+    lines = [ln for ln in log.splitlines() if "/v1/customers/c-logged-0" in ln]
+    assert lines, "the request was not logged"
+    assert '"principal":"test-reader"' in lines[-1]
+    assert KEYS["reader"] not in log

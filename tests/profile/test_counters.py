@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.profile import counters
+from shared import counters
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 

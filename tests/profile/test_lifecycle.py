@@ -18,7 +18,7 @@ import pytest
 from nats.js.api import DeliverPolicy
 from redis.asyncio import Redis
 
-from services.profile.projection import Projection
+from services.profile.projection import Doc, Projection, merge_parts
 from shared.events import CloudEvent
 from shared.redis import Keys
 from shared.stack import Stack
@@ -45,9 +45,7 @@ def _keys(stack: Stack) -> Keys:
 
 
 async def _projection(redis: Redis, stack: Stack, cid: str) -> dict | None:
-    raw = await redis.hget(_keys(stack).profile(cid), "d")
-    doc = orjson.loads(raw) if raw else None
-    return None if doc is None or doc.get("erased") else doc
+    return merge_parts(await redis.hmget(_keys(stack).profile(cid), ["v", "p", "c"]))
 
 
 async def test_projection_follows_every_change(
@@ -81,13 +79,10 @@ async def test_projection_follows_every_change(
     assert doc["counters"]["roaming.started"]["total"] == 1
 
 
-def _doc(cid: str, version: int, created_ms: int = 0) -> tuple[str, int, int, bytes]:
-    return (
-        cid,
-        version,
-        created_ms,
-        orjson.dumps({"customer_id": cid, "attributes": {"v": version}}),
-    )
+def _doc(cid: str, version: int, created_ms: int = 0, *, whole: bool = True) -> Doc:
+    profile = orjson.dumps({"customer_id": cid, "attributes": {"v": version}})
+    counters = orjson.dumps({"counters": {"x": {"total": version}}})
+    return Doc(cid, version, created_ms, counters, profile if whole else None)
 
 
 async def test_projection_never_goes_back_a_version(stack: Stack, redis: Redis, cid: str) -> None:
@@ -102,6 +97,13 @@ async def test_projection_never_goes_back_a_version(stack: Stack, redis: Redis, 
     assert await proj.read(cid) is None  # a late write of the erased profile
     await proj.write_many([_doc(cid, 1, created_ms=2**50)])
     assert (await proj.read(cid))["attributes"] == {"v": 1}  # the id created afresh
+    # Counters-only writes apply on top of the previous version only.
+    assert await proj.write_many([_doc(cid, 2, whole=False)]) == []
+    doc = await proj.read(cid)
+    assert doc["counters"]["x"]["total"] == 2
+    assert doc["attributes"] == {"v": 1}
+    assert await proj.write_many([_doc(cid, 4, whole=False)]) == [cid]  # 3 is missing
+    assert (await proj.read(cid))["version"] == 2
 
 
 async def test_profile_changed_is_published(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from starlette.responses import Response
 
 from services.profile.customers import service
 from services.profile.customers.repository import CustomerRepository
@@ -22,6 +23,7 @@ from shared.contracts.customers import (
     Profile,
     WriteAccepted,
 )
+from shared.errors import JSONResponse
 from shared.events import iso, utcnow
 from shared.service import Runtime, runtime
 
@@ -73,10 +75,15 @@ async def patch_customer(
 
 
 @router.get("/{customer_id}", response_model=Profile)
-async def get_customer(customer_id: CustomerIdPath, rt: RuntimeDep) -> Profile:
+async def get_customer(customer_id: CustomerIdPath, rt: RuntimeDep) -> Response:
+    """The profile: from the Redis projection (one round trip), else from Postgres."""
+    doc = await projection(rt).read(customer_id)
+    if doc is not None:
+        return JSONResponse(service.view_from_projection(doc, utcnow()))
     assert rt.db is not None
     async with rt.db.transaction() as uow:
-        return await service.get_profile(uow, customer_id=customer_id, now=utcnow())
+        prof = await service.get_profile(uow, customer_id=customer_id, now=utcnow())
+    return JSONResponse(prof.model_dump(mode="json"))
 
 
 @router.delete("/{customer_id}", status_code=202)
@@ -93,9 +100,11 @@ async def erase_customer(customer_id: CustomerIdPath, rt: RuntimeDep) -> dict[st
 async def add_device(customer_id: CustomerIdPath, body: Device, rt: RuntimeDep) -> WriteAccepted:
     assert rt.db is not None
     async with rt.db.transaction() as uow:
-        version = await service.add_device(uow, customer_id=customer_id, device=body, now=utcnow())
-    await reproject(rt, [customer_id])
-    return WriteAccepted(customer_id=customer_id, version=version)
+        owner, version, touched = await service.add_device(
+            uow, customer_id=customer_id, device=body, now=utcnow()
+        )
+    await reproject(rt, touched)
+    return WriteAccepted(customer_id=owner, version=version)
 
 
 @router.post("/{customer_id}/merge", response_model=MergeRecord)

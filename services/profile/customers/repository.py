@@ -12,6 +12,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col
 
 from services.profile.models import Counter, Customer, Device, Identity, Merge
+from services.profile.projection import Doc
 from shared.db import Repository
 
 
@@ -36,19 +37,21 @@ class CustomerRepository(Repository[Customer]):
         )
         return {r[0]: r[1] for r in rows.all()}
 
-    async def ensure(self, ids: Iterable[str], now: datetime) -> None:
-        """Create empty profiles for ids seen for the first time."""
+    async def ensure(self, ids: Iterable[str], now: datetime) -> set[str]:
+        """Create empty profiles for ids seen for the first time; returns those created."""
         ids = sorted(set(ids))
-        if ids:
-            await self.session.execute(
-                sa.text(
-                    "INSERT INTO profile.customer (customer_id, attributes, tags, consents,"
-                    " created_at, updated_at, version)"
-                    " SELECT unnest(CAST(:ids AS text[])), '{}', '{}', '{}', :now, :now, 0"
-                    " ON CONFLICT DO NOTHING"
-                ),
-                {"ids": ids, "now": now},
-            )
+        if not ids:
+            return set()
+        rows = await self.session.execute(
+            sa.text(
+                "INSERT INTO profile.customer (customer_id, attributes, tags, consents,"
+                " created_at, updated_at, version)"
+                " SELECT unnest(CAST(:ids AS text[])), '{}', '{}', '{}', :now, :now, 0"
+                " ON CONFLICT DO NOTHING RETURNING customer_id"
+            ),
+            {"ids": ids, "now": now},
+        )
+        return set(rows.scalars().all())
 
     async def bump(self, ids: Iterable[str], now: datetime) -> dict[str, int]:
         """Grow the version of each profile (one change each); returns the new versions."""
@@ -182,7 +185,14 @@ class CustomerRepository(Repository[Customer]):
             )
         return out
 
-    async def add_device(self, customer_id: str, dev: dict[str, Any], now: datetime) -> None:
+    async def add_device(self, customer_id: str, dev: dict[str, Any], now: datetime) -> str | None:
+        """Register (or move) a token; returns the customer that held it before, if another."""
+        before = (
+            await self.session.execute(
+                sa.text("SELECT customer_id FROM profile.device WHERE token = :t FOR UPDATE"),
+                {"t": dev["token"]},
+            )
+        ).scalar_one_or_none()
         stmt = insert(Device).values(customer_id=customer_id, registered_at=now, **dev)
         stmt = stmt.on_conflict_do_update(
             index_elements=[Device.token],
@@ -194,6 +204,7 @@ class CustomerRepository(Repository[Customer]):
             },
         )
         await self.session.execute(stmt)
+        return before if before not in (None, customer_id) else None
 
     async def drop_token(self, token: str, reported_at: datetime) -> str | None:
         """Remove a token a provider called invalid, unless registered again after that."""
@@ -283,12 +294,18 @@ class CustomerRepository(Repository[Customer]):
         )
         return set(rows.scalars().all())
 
-    async def projection_docs(self, ids: Sequence[str]) -> list[tuple[str, int, int, bytes]]:
-        """Projection documents built by Postgres: (id, version, created_at ms, JSON bytes)."""
+    async def projection_docs(
+        self, ids: Sequence[str], *, counters_only: bool = False
+    ) -> list[Doc]:
+        """Projection documents built by Postgres (the whole profile, or only its counters)."""
         if not ids:
             return []
-        rows = await self.session.execute(sa.text(PROJECTION_SQL), {"ids": list(ids)})
-        return [(r[0], r[1], int(r[2]), r[3].encode()) for r in rows.all()]
+        sql = COUNTERS_SQL if counters_only else PROJECTION_SQL
+        rows = await self.session.execute(sa.text(sql), {"ids": list(ids)})
+        return [
+            Doc(r[0], r[1], int(r[2]), r[4].encode(), None if counters_only else r[3].encode())
+            for r in rows.all()
+        ]
 
     # -- merges & erasure ------------------------------------------------------
     async def record_merge(self, m: Merge) -> Merge:
@@ -348,23 +365,39 @@ def to_json(v: Any) -> str:
 
 
 # The compact read model decisions use; built server-side so the hot path only moves bytes.
-PROJECTION_SQL = """
+_COUNTERS_PART = """
+  jsonb_build_object(
+    'counters', COALESCE((SELECT jsonb_object_agg(k.event_type, k.buckets || jsonb_build_object(
+                              'total', k.total, 'first', k.first_seen, 'last', k.last_seen))
+                          FROM profile.counter k WHERE k.customer_id = c.customer_id), '{}'),
+    'last', COALESCE((SELECT jsonb_object_agg(k.event_type, k.last) FROM profile.counter k
+                      WHERE k.customer_id = c.customer_id AND k.last <> '{}'), '{}'))::text
+"""
+PROJECTION_SQL = (
+    """
 SELECT c.customer_id, c.version, (extract(epoch FROM c.created_at) * 1000)::bigint,
   jsonb_build_object(
-    'customer_id', c.customer_id, 'version', c.version,
+    'customer_id', c.customer_id,
     'attributes', c.attributes, 'tags', to_jsonb(c.tags), 'consents', c.consents,
     'identities', COALESCE((SELECT jsonb_object_agg(i.kind, i.value)
                             FROM profile.identity i WHERE i.customer_id = c.customer_id), '{}'),
     'devices', COALESCE((SELECT jsonb_agg(jsonb_build_object(
                              'platform', d.platform, 'token', d.token, 'app_id', d.app_id))
                          FROM profile.device d WHERE d.customer_id = c.customer_id), '[]'),
-    'counters', COALESCE((SELECT jsonb_object_agg(k.event_type, k.buckets || jsonb_build_object(
-                              'total', k.total, 'first', k.first_seen, 'last', k.last_seen))
-                          FROM profile.counter k WHERE k.customer_id = c.customer_id), '{}'),
-    'last', COALESCE((SELECT jsonb_object_agg(k.event_type, k.last) FROM profile.counter k
-                      WHERE k.customer_id = c.customer_id AND k.last <> '{}'), '{}'),
     'timezone', c.timezone, 'locale', c.locale,
-    'created_at', c.created_at, 'updated_at', c.updated_at)::text
+    'created_at', c.created_at, 'updated_at', c.updated_at)::text,"""
+    + _COUNTERS_PART
+    + """
 FROM profile.customer c
 WHERE c.customer_id = ANY(:ids) AND c.merged_into IS NULL
 """
+)
+COUNTERS_SQL = (
+    """
+SELECT c.customer_id, c.version, (extract(epoch FROM c.created_at) * 1000)::bigint, NULL,"""
+    + _COUNTERS_PART
+    + """
+FROM profile.customer c
+WHERE c.customer_id = ANY(:ids) AND c.merged_into IS NULL
+"""
+)

@@ -13,9 +13,10 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from services.profile import counters
 from services.profile.customers.repository import CustomerRepository
 from services.profile.models import Counter, Merge
+from services.profile.projection import Doc
+from shared import counters
 from shared.contracts.customers import (
     CustomerImportLine,
     CustomerPatch,
@@ -49,6 +50,35 @@ def _changed(
 
 
 # -- reads ---------------------------------------------------------------------
+def _z(ts: str | None) -> str | None:
+    return ts.replace("+00:00", "Z") if ts else ts
+
+
+def view_from_projection(doc: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """The profile as API.md shows it, from a projection document (no database read)."""
+    ctrs: dict[str, Any] = doc.get("counters") or {}
+    return {
+        "customer_id": doc["customer_id"],
+        "attributes": doc.get("attributes") or {},
+        "tags": doc.get("tags") or [],
+        "consents": doc.get("consents") or {},
+        "identities": doc.get("identities") or {},
+        "devices": doc.get("devices") or [],
+        "counters": {
+            t: {**counters.windows(c, now), "total": int(c.get("total", 0))}
+            for t, c in ctrs.items()
+        },
+        "last": doc.get("last") or {},
+        "first_seen": {t: _z(c.get("first")) for t, c in ctrs.items()},
+        "last_seen": {t: _z(c.get("last")) for t, c in ctrs.items()},
+        "timezone": doc.get("timezone"),
+        "locale": doc.get("locale"),
+        "created_at": _z(doc.get("created_at")),
+        "updated_at": _z(doc.get("updated_at")),
+        "version": doc["version"],
+    }
+
+
 async def get_profile(uow: UnitOfWork, *, customer_id: str, now: datetime) -> Profile:
     """The stored profile with counters as rolling windows; 404 for unknown or merged-away ids."""
     repo = CustomerRepository(uow.session)
@@ -191,16 +221,21 @@ async def patch_customer(
     return c.version
 
 
-async def add_device(uow: UnitOfWork, *, customer_id: str, device: Device, now: datetime) -> int:
-    """Register a push token (moves it if another profile had it)."""
+async def add_device(
+    uow: UnitOfWork, *, customer_id: str, device: Device, now: datetime
+) -> tuple[str, int, list[str]]:
+    """Register a push token (moved from another profile if one had it); returns the owner,
+    its new version and every profile whose devices changed."""
     repo = CustomerRepository(uow.session)
     resolved = (await repo.resolve([customer_id])).get(customer_id)
     if resolved is None:
         raise NotFound(f"Customer '{customer_id}' is not known.")
-    await repo.add_device(resolved, device.model_dump(), now)
-    version = (await repo.bump([resolved], now))[resolved]
-    _changed(uow, resolved, version, ["devices"])
-    return version
+    previous = await repo.add_device(resolved, device.model_dump(), now)
+    touched = [resolved] + ([previous] if previous else [])
+    versions = await repo.bump(touched, now)
+    for cid in touched:
+        _changed(uow, cid, versions[cid], ["devices"])
+    return resolved, versions[resolved], touched
 
 
 async def drop_invalid_token(
@@ -385,7 +420,7 @@ class Applied:
     and anonymous profiles folded away (their projections must go)."""
 
     customers: set[str] = field(default_factory=set)
-    docs: list[tuple[str, int, int, bytes]] = field(default_factory=list)
+    docs: list[Doc] = field(default_factory=list)
     folded: list[str] = field(default_factory=list)
 
 
@@ -421,16 +456,17 @@ async def apply_events(uow: UnitOfWork, events: list[EventData], now: datetime) 
                 anon_owner[e.anonymous_id] = cid
         targets.append((e, cid))
         out.customers.add(cid)
-    await repo.ensure({cid for e, cid in targets if e.id in fresh_ids}, now)
+    created = await repo.ensure({cid for e, cid in targets if e.id in fresh_ids}, now)
     await repo.add_identities(new_links)
     for target, source in dict.fromkeys(folds):
         await merge(uow, target=target, source=source, principal="identity-resolution", now=now)
         out.folded.append(source)
+        created.add(target)  # its profile part changed: project it whole
     by_customer: dict[str, list[EventData]] = {}
     for e, cid in targets:
         if e.id in fresh_ids:
             by_customer.setdefault(cid, []).append(e)
-    if not by_customer:
+    if not by_customer:  # only redeliveries: re-project them whole
         out.docs = await repo.projection_docs(sorted(out.customers))
         return out
     existing = await repo.counters_for_update(sorted(by_customer))
@@ -460,8 +496,12 @@ async def apply_events(uow: UnitOfWork, events: list[EventData], now: datetime) 
     versions = await repo.bump(by_customer, now)
     for cid, v in versions.items():
         _changed(uow, cid, v, ["counters"], event_types=sorted({e.type for e in by_customer[cid]}))
-    # Read back in the same transaction: what is projected is exactly what commits.
-    out.docs = await repo.projection_docs(sorted(out.customers))
+    # Read back in the same transaction: what is projected is exactly what commits. Known
+    # customers whose events only moved counters get a counters-only write.
+    whole = sorted(c for c in out.customers if c in created or c not in by_customer)
+    partial = sorted(c for c in by_customer if c not in created)
+    out.docs = await repo.projection_docs(whole)
+    out.docs += await repo.projection_docs(partial, counters_only=True)
     return out
 
 
