@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-import httpx
 import orjson
 from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response
@@ -161,15 +160,12 @@ NDJSON_BODY = {
 @router.post("/v1/customers:import", response_model=ImportResult, openapi_extra=NDJSON_BODY)
 async def import_customers(request: Request, principal: Writer, rt: RuntimeDep) -> Response:
     """Stream NDJSON through to the profile service (no buffering at the gateway)."""
-    client = upstreams(rt).clients["profile"]
-    req = client.build_request(
-        "POST",
+    resp = await upstreams(rt).stream(
+        "profile",
         "/v1/customers:import",
-        content=request.stream(),
-        headers={"content-type": "application/x-ndjson", "x-kairos-principal": principal.name},
-        timeout=httpx.Timeout(None, connect=1.0),
+        request.stream(),
+        {"content-type": "application/x-ndjson", "x-kairos-principal": principal.name},
     )
-    resp = await client.send(req)
     return relay(resp)
 
 
