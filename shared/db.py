@@ -185,9 +185,9 @@ class OutboxRelay:
             try:
                 moved = await self.relay_once()
             except Exception as exc:
-                log.warning("outbox relay %s failed: %s", self.db.schema, exc)
+                log.warning("outbox relay %s failed: %r", self.db.schema, exc)
                 moved = 0
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(0.2)
             if moved >= self.batch:
                 continue
             self.db.outbox_signal.clear()
@@ -213,7 +213,9 @@ class OutboxRelay:
                 return 0
             rows = sorted(rows, key=lambda r: r[0])
             # Payloads are stored serialised: publish the bytes as they are.
+            # A short ack timeout: if acks go missing (an overloaded connection), roll back and
+            # publish again at once; Nats-Msg-Id de-duplicates what did arrive.
             await self.bus.publish_encoded(
-                (r[1], str(orjson.loads(r[2])["id"]), bytes(r[2])) for r in rows
+                ((r[1], str(orjson.loads(r[2])["id"]), bytes(r[2])) for r in rows), timeout=3.0
             )
         return len(rows)

@@ -7,6 +7,7 @@ Redis key prefix, and its own ports for the six processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import uuid
@@ -85,10 +86,44 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         st.down()
         if external_db:
             asyncio.run(drop_database(st.env["KAIROS_DATABASE_URL"]))
+        asyncio.run(_forget_namespaces(st.env))  # only touches servers named by KAIROS_*_URL
         for name in PROCESSES:  # leave the logs where CI prints them on failure
             log = run_dir / "logs" / f"{name}.log"
             if log.exists() and os.environ.get("KAIROS_TEST_SHOW_LOGS"):
                 print(log.read_text()[-4000:])  # noqa: T201
+
+
+async def _forget_namespaces(env: dict[str, str]) -> None:
+    """Leave shared servers as they were: drop this run's streams and Redis keys."""
+    from redis.asyncio import Redis
+
+    from shared.bus import Bus
+
+    bus = Bus(env["KAIROS_NATS_URL"], prefix=env["KAIROS_BUS_PREFIX"])
+    if os.environ.get("KAIROS_NATS_URL"):
+        await _drop_streams(bus)
+    if os.environ.get("KAIROS_REDIS_URL"):
+        r = Redis.from_url(env["KAIROS_REDIS_URL"])
+        async for key in r.scan_iter(match=f"{env['KAIROS_REDIS_PREFIX']}:*", count=1000):
+            await r.delete(key)
+        await r.aclose()
+
+
+async def _drop_streams(bus: object) -> None:
+    import nats
+
+    from shared.bus import STREAMS, Bus
+
+    assert isinstance(bus, Bus)
+    try:
+        nc = await nats.connect(bus.url)
+        js = nc.jetstream()
+        for name in STREAMS:
+            with contextlib.suppress(Exception):
+                await js.delete_stream(bus.stream(name))
+        await nc.close()
+    except Exception:  # cleanup is best effort
+        pass
 
 
 def auth(name: str = "admin") -> dict[str, str]:
