@@ -62,11 +62,15 @@ class UnitOfWork:
         self.session = session
         self.schema = schema
         self._notify = notify
-        self._events: list[tuple[str, CloudEvent]] = []
+        self._events: list[tuple[str, bytes]] = []
 
     def emit(self, subject: str, ev: CloudEvent) -> None:
         """Publish ``ev`` on ``subject`` after (and only if) this unit of work commits."""
-        self._events.append((subject, ev))
+        self._events.append((subject, ev.to_bytes()))
+
+    def emit_envelope(self, subject: str, envelope: dict[str, Any]) -> None:
+        """Like emit, for a CloudEvents envelope already built as a dict (hot paths)."""
+        self._events.append((subject, orjson.dumps(envelope)))
 
     async def flush_outbox(self) -> None:
         if not self._events:
@@ -76,7 +80,7 @@ class UnitOfWork:
                 f'INSERT INTO "{self.schema}".outbox (subject, payload)'
                 " SELECT * FROM unnest(CAST(:s AS text[]), CAST(:p AS bytea[]))"
             ),
-            {"s": [s for s, _ in self._events], "p": [ev.to_bytes() for _, ev in self._events]},
+            {"s": [s for s, _ in self._events], "p": [p for _, p in self._events]},
         )
 
     def committed(self) -> None:

@@ -29,7 +29,16 @@ class Consents(BaseModel):
     inapp: bool | None = None
 
     def given(self) -> dict[str, bool]:
-        return {k: v for k, v in self.model_dump().items() if v is not None}
+        return {
+            k: v
+            for k, v in (
+                ("push", self.push),
+                ("email", self.email),
+                ("sms", self.sms),
+                ("inapp", self.inapp),
+            )
+            if v is not None
+        }
 
 
 class Identities(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
@@ -184,16 +185,24 @@ async def import_customers(request: Request, rt: RuntimeDep) -> ImportResult:
     lineno = 0
     buf = b""
 
-    async def flush() -> None:
-        nonlocal imported, pending
-        if not pending:
-            return
+    in_flight: asyncio.Task[int] | None = None
+
+    async def write(batch: list[CustomerImportLine]) -> int:
         assert rt.db is not None
         async with rt.db.transaction() as uow:
-            ids = await service.import_batch(uow, pending, utcnow())
+            ids = await service.import_batch(uow, batch, utcnow())
         await reproject(rt, ids)
-        imported += len(pending)
-        pending = []
+        return len(batch)
+
+    async def flush() -> None:
+        # One batch is written while the next is parsed; at most one in flight.
+        nonlocal imported, pending, in_flight
+        if in_flight is not None:
+            imported += await in_flight
+            in_flight = None
+        if pending:
+            in_flight = asyncio.create_task(write(pending))
+            pending = []
 
     async for chunk in request.stream():
         buf += chunk
@@ -217,4 +226,5 @@ async def import_customers(request: Request, rt: RuntimeDep) -> ImportResult:
         elif body is not None:
             pending.append(body)
     await flush()
+    await flush()  # wait for the last batch
     return ImportResult(imported=imported, failed=len(errors), errors=errors[:1000])

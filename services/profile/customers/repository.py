@@ -371,7 +371,8 @@ _COUNTERS_PART = """
                               'total', k.total, 'first', k.first_seen, 'last', k.last_seen))
                           FROM profile.counter k WHERE k.customer_id = c.customer_id), '{}'),
     'last', COALESCE((SELECT jsonb_object_agg(k.event_type, k.last) FROM profile.counter k
-                      WHERE k.customer_id = c.customer_id AND k.last <> '{}'), '{}'))::text
+                      WHERE k.customer_id = c.customer_id AND k.last <> '{}'), '{}'),
+    'updated_at', c.updated_at)::text
 """
 PROJECTION_SQL = (
     """

@@ -39,13 +39,10 @@ def _event(type_: str, customer_id: str, data: dict[str, Any]) -> CloudEvent:
 def _changed(
     uow: UnitOfWork, customer_id: str, version: int, changed: list[str], **extra: Any
 ) -> None:
-    uow.emit(
+    data = {"customer_id": customer_id, "version": version, "changed": changed, **extra}
+    uow.emit_envelope(
         "profile.changed",
-        _event(
-            "profile.changed",
-            customer_id,
-            {"customer_id": customer_id, "version": version, "changed": changed, **extra},
-        ),
+        CloudEvent.envelope(source=SOURCE, type="profile.changed", subject=customer_id, data=data),
     )
 
 
