@@ -67,7 +67,8 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in runs[-1].items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[k] = round(statistics.median(float(r[k]) for r in runs), 2)
+            xs = [float(r[k]) for r in runs if r.get(k) is not None]
+            out[k] = round(statistics.median(xs), 2) if xs else None
         elif isinstance(v, dict) and all(isinstance(x, dict) for x in (r.get(k) for r in runs)):
             out[k] = median_of([r[k] for r in runs])
         else:

@@ -117,6 +117,7 @@ async def _lag_at(
         "lag_p99_ms": round(lags[min(n - 1, int(0.99 * n))] * 1000, 1) if n else None,
         "lag_max_ms": round(lags[-1] * 1000, 1) if n else None,
         "events_not_seen": len(accepted_at),
+        "outbox_backlog_after": await _outbox(ctx),
     }
 
 
@@ -178,11 +179,23 @@ async def _pending(ctx: Context) -> int:
         await nc.close()
 
 
+async def _outbox(ctx: Context) -> int:
+    import asyncpg
+
+    url = ctx.stack.env["KAIROS_DATABASE_URL"].replace("+asyncpg", "")
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM profile.outbox"))
+    finally:
+        await conn.close()
+
+
 async def _drain(ctx: Context, timeout: float = 300) -> float:
-    """Wait until the profile consumer has nothing pending; returns the seconds it took."""
+    """Wait until the profile consumer has nothing pending and its outbox is empty (so one
+    phase's backlog does not leak into the next); returns the seconds it took."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
-        if await _pending(ctx) == 0:
+        if await _pending(ctx) == 0 and await _outbox(ctx) == 0:
             break
         await asyncio.sleep(0.1)
     return time.perf_counter() - t0

@@ -163,38 +163,49 @@ def outbox_table_ddl(schema: str) -> list[str]:
 
 
 class OutboxRelay:
-    """Publishes committed outbox rows, in order, and deletes them once JetStream has them."""
+    """Publishes committed outbox rows and deletes them once JetStream has them.
 
-    def __init__(self, db: Database, bus: Bus, *, batch: int = 500) -> None:
+    Two workers share the table (``SKIP LOCKED``), so one waiting for acks does not hold
+    the other back. Within a worker's batch rows go out in order; across batches order is
+    not guaranteed, which is why every event carries what a consumer needs to keep the
+    newest (``profile.changed`` carries the profile version).
+    """
+
+    def __init__(self, db: Database, bus: Bus, *, batch: int = 1000, workers: int = 2) -> None:
         self.db = db
         self.bus = bus
         self.batch = batch
-        self._task: asyncio.Task[None] | None = None
+        self.workers = workers
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name=f"outbox:{self.db.schema}")
+        self._tasks = [
+            asyncio.create_task(self._loop(), name=f"outbox:{self.db.schema}:{i}")
+            for i in range(self.workers)
+        ]
 
     async def stop(self) -> None:
         self._stopping = True
         self.db.outbox_signal.set()
-        if self._task is not None:
+        for task in self._tasks:
             try:
-                await asyncio.wait_for(self._task, 10)
+                await asyncio.wait_for(task, 10)
             except (TimeoutError, asyncio.CancelledError):
-                self._task.cancel()
+                task.cancel()
 
     async def _loop(self) -> None:
         while not self._stopping:
+            # Clear before looking: a commit that signals from here on is not missed.
+            self.db.outbox_signal.clear()
             try:
                 moved = await self.relay_once()
             except Exception as exc:
                 log.warning("outbox relay %s failed: %r", self.db.schema, exc)
                 moved = 0
                 await asyncio.sleep(0.2)
-            if moved >= self.batch:
+            if moved > 0:
                 continue
-            self.db.outbox_signal.clear()
             try:
                 await asyncio.wait_for(self.db.outbox_signal.wait(), 0.5)
             except TimeoutError:
@@ -217,9 +228,9 @@ class OutboxRelay:
                 return 0
             rows = sorted(rows, key=lambda r: r[0])
             # Payloads are stored serialised: publish the bytes as they are.
-            # A short ack timeout: if acks go missing (an overloaded connection), roll back and
-            # publish again at once; Nats-Msg-Id de-duplicates what did arrive.
+            # If acks go missing (an overloaded connection), roll back and publish again soon;
+            # Nats-Msg-Id de-duplicates what did arrive.
             await self.bus.publish_encoded(
-                ((r[1], str(orjson.loads(r[2])["id"]), bytes(r[2])) for r in rows), timeout=3.0
+                ((r[1], str(orjson.loads(r[2])["id"]), bytes(r[2])) for r in rows), timeout=5.0
             )
         return len(rows)
