@@ -91,7 +91,7 @@ async def _lag_at(
                 headers={**ctx.headers, "content-type": "application/x-ndjson"},
             )
             assert r.status_code == 200, r.text
-        await asyncio.sleep(1)  # let the import's own profile.changed events pass
+        await _drain(ctx)  # the import's own profile.changed must not queue ahead of the phase
     res = await open_loop(
         "127.0.0.1",
         ctx.gw_port,
