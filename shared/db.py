@@ -206,10 +206,8 @@ class OutboxRelay:
                 await asyncio.sleep(0.2)
             if moved > 0:
                 continue
-            try:
+            with contextlib.suppress(TimeoutError):  # wake up at least twice a second
                 await asyncio.wait_for(self.db.outbox_signal.wait(), 0.5)
-            except TimeoutError:
-                pass
 
     async def relay_once(self) -> int:
         """Move one batch; rows are deleted only if every publish was acknowledged."""

@@ -134,9 +134,7 @@ class Embedded:
                 capture_output=True,
                 user=user,
             )
-        pidfile = data / "postmaster.pid"
-        if pidfile.exists():  # a crash left it behind; postgres checks the pid itself
-            pass
+        # A postmaster.pid left by a crash is fine: postgres checks whether that pid lives.
         self.procs["postgres"] = subprocess.Popen(
             [
                 str(bin_dir / "postgres"),

@@ -115,15 +115,13 @@ async def _drop_streams(bus: object) -> None:
     from shared.bus import STREAMS, Bus
 
     assert isinstance(bus, Bus)
-    try:
+    with contextlib.suppress(Exception):  # cleanup is best effort
         nc = await nats.connect(bus.url)
         js = nc.jetstream()
         for name in STREAMS:
             with contextlib.suppress(Exception):
                 await js.delete_stream(bus.stream(name))
         await nc.close()
-    except Exception:  # cleanup is best effort
-        pass
 
 
 def auth(name: str = "admin") -> dict[str, str]:
