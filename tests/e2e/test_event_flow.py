@@ -146,3 +146,26 @@ async def test_profile_restart_loses_no_accepted_event(
         stack.start("profile")
         stack.wait_ready(["profile"])
     await eventually(lambda: _counter(gw, cid, "topup"), lambda n: n == 100, timeout=30)
+
+
+async def test_sigterm_drains_without_losing_events(
+    gw: httpx.AsyncClient, stack: Stack, cid: str
+) -> None:
+    """A rolling restart (SIGTERM) while events arrive loses and double-counts nothing."""
+    sent = 0
+    for i in range(10):
+        r = await gw.post(
+            "/v1/events",
+            json={
+                "events": [
+                    {"type": "topup", "customer_id": cid, "properties": {"i": i}} for _ in range(30)
+                ]
+            },
+        )
+        assert r.status_code == 202
+        sent += 30
+        if i == 3:
+            stack.stop("profile")  # SIGTERM: finish the batch in hand, then exit
+            stack.start("profile")
+    stack.wait_ready(["profile"])
+    await eventually(lambda: _counter(gw, cid, "topup"), lambda n: n == sent, timeout=30)
