@@ -37,6 +37,7 @@ def start_stack(run_dir: Path, key: str) -> Stack:
         KAIROS_REDIS_PREFIX=f"b{rid}",
         KAIROS_API_KEYS=json.dumps([{"name": "bench", "key": key, "scopes": ["admin"]}]),
         KAIROS_LOG_LEVEL="WARNING",
+        KAIROS_IMPORT_MAX_BYTES=str(16 << 30),  # a 1M-customer file is ~1.7 GB
     )
     if env.get("KAIROS_DATABASE_URL"):
         from sqlalchemy.engine import make_url

@@ -221,6 +221,7 @@ async def _import(ctx: Context) -> dict[str, Any]:
             headers={**ctx.headers, "content-type": "application/x-ndjson"},
         )
     elapsed = time.perf_counter() - t0
+    assert r.status_code == 200, r.text
     doc = r.json()
     after = int((await redis.info("memory"))["used_memory"])
     await redis.aclose()
