@@ -46,11 +46,9 @@ async def _forward(
     request: Request, rt: Runtime, principal: Principal, method: str, path: str, body: Any = None
 ) -> Response:
     async def call() -> Response:
-        content = (
-            orjson.dumps(body.model_dump(mode="json", by_alias=True, exclude_unset=True))
-            if body is not None
-            else None
-        )
+        # The body was validated into ``body`` already; forward the bytes as received rather
+        # than serialising the model again (the owning service validates them itself).
+        content = await request.body() if body is not None else None
         resp = await upstreams(rt).request(
             "profile", method, path, principal=principal.name, content=content, headers=JSON
         )
