@@ -153,14 +153,9 @@ class Column:
                 if not _is_number(value):
                     return None
                 v = float(value)
-                mask = {
-                    "eq": lambda: x == v,
-                    "ne": lambda: (x != v) & ~np.isnan(x),
-                    "lt": lambda: x < v,
-                    "lte": lambda: x <= v,
-                    "gt": lambda: x > v,
-                    "gte": lambda: x >= v,
-                }[op]()
+                mask = _compare_array(x, op, v)
+                if op == "ne":
+                    mask &= ~np.isnan(x)
             elif op == "between":
                 lo, hi = value
                 if not (_is_number(lo) and _is_number(hi)):
@@ -367,10 +362,10 @@ class Population:
             self.alive.add(slot)
             if fresh or hint is None or "tags" in hint:
                 for t in doc.get("tags") or ():
-                    bm = self.tags.get(t)
-                    if bm is None:
-                        bm = self.tags[t] = BitMap()
-                    bm.add(slot)
+                    tag_bm = self.tags.get(t)
+                    if tag_bm is None:
+                        tag_bm = self.tags[t] = BitMap()
+                    tag_bm.add(slot)
             if fresh or hint is None or "consents" in hint:
                 if not fresh:
                     for bm in self.consents.values():
@@ -395,9 +390,10 @@ class Population:
                 if name not in values:
                     col.clear(slot)
         for name, value in values.items():
-            col = cols.get(name)
-            if col is None:
-                col = cols[name] = Column()
+            target = cols.get(name)
+            if target is None:
+                target = cols[name] = Column()
+            col = target
             col.ensure(n)
             col.clear(slot)
             col.set(slot, value)
@@ -508,21 +504,19 @@ class Population:
             if ev is None:
                 return self.alive.copy() if compare(0, node.op, node.count) else BitMap()
             counts = ev.counts(node.within, now, self.capacity)
-            mask = _count_mask(counts, node.op, node.count)
+            mask = _compare_array(counts, node.op, node.count)
             return to_bitmap(np.flatnonzero(mask)) & self.alive
         if isinstance(node, rules.Contacted):
-            col = self.contacts.get(node.campaign)
-            if col is None:
+            history = self.contacts.get(node.campaign)
+            if history is None:
                 return BitMap()
             cutoff = now.timestamp() - rules.parse_duration(node.within)
-            return col.since(cutoff) & self.alive
+            return history.since(cutoff) & self.alive
         if isinstance(node, rules.SegmentRef):
             if node.segment_id not in memo:
                 if resolve is None:
                     raise LookupError(node.segment_id)
-                memo[node.segment_id] = self._select(
-                    resolve(node.segment_id), now, resolve, memo
-                )
+                memo[node.segment_id] = self._select(resolve(node.segment_id), now, resolve, memo)
             return memo[node.segment_id]
         raise ValueError(f"{type(node).__name__} cannot select a population")
 
@@ -532,7 +526,7 @@ class Population:
         slots = to_slots(bm)
         if start or limit is not None:
             slots = slots[start : None if limit is None else start + limit]
-        return [ids[s] for s in slots.tolist()]  # type: ignore[misc]
+        return [ids[s] or "" for s in slots.tolist()]
 
     def sample(self, bm: BitMap, k: int) -> list[str]:
         """Up to ``k`` members spread evenly over the set (stable for the same set)."""
@@ -595,12 +589,15 @@ class Population:
         return out
 
 
-def _count_mask(counts: np.ndarray, op: str, n: int) -> np.ndarray:
-    return {
-        "eq": lambda: counts == n,
-        "ne": lambda: counts != n,
-        "lt": lambda: counts < n,
-        "lte": lambda: counts <= n,
-        "gt": lambda: counts > n,
-        "gte": lambda: counts >= n,
-    }[op]()
+def _compare_array(x: np.ndarray, op: str, v: float) -> np.ndarray:
+    if op == "eq":
+        return x == v
+    if op == "ne":
+        return x != v
+    if op == "lt":
+        return x < v
+    if op == "lte":
+        return x <= v
+    if op == "gt":
+        return x > v
+    return x >= v

@@ -293,7 +293,9 @@ def test_every_op_and_value_exhaustively() -> None:
         elif op == "between":
             candidates = [[a, b] for a in SCALARS for b in SCALARS]
         elif op in ("in", "not_in"):
-            candidates = [[a] for a in SCALARS] + [[a, b] for a, b in zip(SCALARS, SCALARS[3:])]
+            candidates = [[a] for a in SCALARS] + [
+                [a, b] for a, b in zip(SCALARS, SCALARS[3:], strict=False)
+            ]
         elif op == "starts_with":
             candidates = STRINGS
         else:
