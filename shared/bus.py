@@ -204,6 +204,10 @@ class Consumer:
     max_deliver: int = 5
     ack_wait_s: float = 30.0
     nak_delay_s: float = 1.0
+    # A read model that knows its stream position (a persisted index) starts there; the
+    # consumer is then recreated at that sequence, and removed by the server when idle.
+    start_seq: int | None = None
+    inactive_threshold_s: float | None = None
     _task: asyncio.Task[None] | None = field(default=None, init=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     healthy: bool = field(default=False, init=False)
@@ -222,11 +226,19 @@ class Consumer:
             max_ack_pending=max(self.batch * 4, 1000),
             filter_subjects=wire if len(wire) > 1 else None,
             filter_subject=wire[0] if len(wire) == 1 else None,
+            inactive_threshold=self.inactive_threshold_s,
         )
-        try:
-            await self.bus.js.consumer_info(stream, durable)
-        except NotFoundError:
+        if self.start_seq is not None:
+            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = max(1, self.start_seq)
+            with contextlib.suppress(NotFoundError):
+                await self.bus.js.delete_consumer(stream, durable)
             await self.bus.js.add_consumer(stream, config)
+        else:
+            try:
+                await self.bus.js.consumer_info(stream, durable)
+            except NotFoundError:
+                await self.bus.js.add_consumer(stream, config)
         self._sub = await self.bus.js.pull_subscribe_bind(durable, stream=stream)
         self._task = asyncio.create_task(self._loop(), name=f"consumer:{self.name}")
 

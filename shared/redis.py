@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
 from redis.asyncio import Redis
 
 
@@ -21,3 +25,28 @@ class Keys:
 
     def __call__(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
+
+
+PROJECTION_FIELDS = ("v", "p", "c")
+
+
+def merge_parts(raw: Sequence[Any]) -> dict[str, Any] | None:
+    """Join the ``v``/``p``/``c`` fields of a profile projection hash into one document
+    (None when absent or erased). The profile service writes it; anyone may read it."""
+    v, p, c = raw
+    if v is None or p is None:
+        return None
+    doc: dict[str, Any] = orjson.loads(p)
+    if c:
+        doc.update(orjson.loads(c))
+    doc["version"] = int(v)
+    return doc
+
+
+async def read_projections(redis: Redis, keys: Keys, ids: Sequence[str]) -> list[Any]:
+    """Projected profiles of many customers in one round trip (None where absent)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for cid in ids:
+            pipe.hmget(keys.profile(cid), PROJECTION_FIELDS)
+        raw = await pipe.execute()
+    return [merge_parts(r) for r in raw]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SECRET = "change-me-dev-only"
@@ -52,6 +53,12 @@ class Settings(BaseSettings):
     upstream_timeout_s: float = 5.0
     max_body_bytes: int = 1_048_576
     import_max_bytes: int = 1_073_741_824
+
+    # Selection's audience index: where it is saved for fast restarts (default
+    # <run_dir>/selection), how often, and this process's name for its own consumers.
+    selection_index_dir: Path | None = None
+    selection_save_interval_s: float = 300.0
+    instance_id: str = Field(default_factory=socket.gethostname)
 
     consumer_batch: int = 500
     consumer_max_deliver: int = 5

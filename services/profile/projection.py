@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from redis.asyncio import Redis
 
-from shared.redis import Keys
+from shared.redis import Keys, merge_parts
 
 _WRITE = """
 -- KEYS: profile keys; ARGV: mode, then version, created_at ms, p, c for each key
@@ -112,15 +111,3 @@ class Projection:
         """The projected profile (both parts merged), or None if absent or erased."""
         raw = await self.redis.hmget(self.keys.profile(customer_id), ["v", "p", "c"])
         return merge_parts(raw)
-
-
-def merge_parts(raw: Sequence[Any]) -> dict[str, Any] | None:
-    """Join the ``v``/``p``/``c`` fields of a projection hash into one document."""
-    v, p, c = raw
-    if v is None or p is None:
-        return None
-    doc: dict[str, Any] = orjson.loads(p)
-    if c:
-        doc.update(orjson.loads(c))
-    doc["version"] = int(v)
-    return doc

@@ -330,13 +330,16 @@ class Population:
 
     # -- writes -------------------------------------------------------------------------
     def upsert_many(
-        self, docs: Iterable[Mapping[str, Any]], parts: Mapping[str, set[str]] | None = None
+        self,
+        docs: Iterable[Mapping[str, Any]],
+        parts: Mapping[str, tuple[int, set[str]]] | None = None,
     ) -> int:
         """Apply projection documents (newer versions only); returns how many applied.
 
-        ``parts`` may name, per customer, the parts that changed (``tags``, ``attributes``,
-        ``consents``, ``counters`` and the event types); a document exactly one version ahead
-        of the index then touches only those parts. Otherwise the whole document is applied.
+        ``parts`` may name, per customer, a version and the parts its change touched
+        (``tags``, ``attributes``, ``consents``, ``counters``, ``event:<type>``). When the
+        document is exactly that version and the index holds the one before, only those
+        parts are applied; otherwise the whole document is.
         """
         todo: list[tuple[int, Mapping[str, Any], set[str] | None, bool]] = []
         for doc in docs:
@@ -345,9 +348,15 @@ class Population:
             slot, new = self._slot(cid)
             if not new and slot in self.alive and v <= self.version[slot]:
                 continue
-            hint = (parts or {}).get(cid)
-            if new or slot not in self.alive or v != self.version[slot] + 1:
-                hint = None
+            hinted = (parts or {}).get(cid)
+            hint: set[str] | None = None
+            if (
+                hinted
+                and not new
+                and slot in self.alive
+                and v == hinted[0] == self.version[slot] + 1
+            ):
+                hint = hinted[1]
             self.version[slot] = v
             todo.append((slot, doc, hint, new or slot not in self.alive))
         if not todo:

@@ -261,7 +261,7 @@ def test_partial_updates_with_hints_match_full_documents() -> None:
     counters.add(b, NOW - timedelta(days=1), NOW)
     pop.upsert_many(
         [{**doc, "version": 2, "counters": {"topup": {**b, "total": 1}}}],
-        parts={"c-1": {"counters", "event:topup"}},
+        parts={"c-1": (2, {"counters", "event:topup"})},
     )
     rule = rules.parse(
         {"all": [{"tag": "value:gold"}, {"event": "topup", "count": {"gte": 1}, "within": "7d"}]}

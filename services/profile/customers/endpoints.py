@@ -168,6 +168,25 @@ async def lookup_customer(
         return {"customer_id": await service.lookup(uow, kind=kind, value=value)}
 
 
+@lookup_router.get(
+    "/v1/customers:export",
+    response_class=Response,
+    responses={200: {"content": {"application/x-ndjson": {}}}},
+)
+async def export_customers(
+    rt: RuntimeDep,
+    after: Annotated[str, Query(max_length=128)] = "",
+    limit: Annotated[int, Query(ge=1, le=20_000)] = 5000,
+) -> Response:
+    """One page of projection documents in id order (NDJSON); a page shorter than ``limit``
+    is the last. Read models elsewhere (selection's audience index) rebuild from it."""
+    assert rt.db is not None
+    async with rt.db.sessions() as session:
+        lines = await CustomerRepository(session).export_page(after, limit)
+    body = b"\n".join(lines) + (b"\n" if lines else b"")
+    return Response(body, media_type="application/x-ndjson")
+
+
 NDJSON_BODY = {
     "requestBody": {
         "required": True,

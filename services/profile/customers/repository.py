@@ -307,6 +307,16 @@ class CustomerRepository(Repository[Customer]):
             for r in rows.all()
         ]
 
+    async def export_page(self, after: str, limit: int) -> list[bytes]:
+        """Projection documents (both parts and the version, one JSON object each) of the
+        customers after ``after`` in id order: how other services rebuild their read models."""
+        rows = await self.session.execute(sa.text(EXPORT_SQL), {"after": after, "limit": limit})
+        out = []
+        for cid, version, _, p, c in rows.all():
+            del cid
+            out.append(f'{p[:-1]}, {c[1:-1]}, "version": {int(version)}}}'.encode())
+        return out
+
     # -- merges & erasure ------------------------------------------------------
     async def record_merge(self, m: Merge) -> Merge:
         self.session.add(m)
@@ -392,6 +402,10 @@ SELECT c.customer_id, c.version, (extract(epoch FROM c.created_at) * 1000)::bigi
 FROM profile.customer c
 WHERE c.customer_id = ANY(:ids) AND c.merged_into IS NULL
 """
+)
+EXPORT_SQL = PROJECTION_SQL.replace(
+    "WHERE c.customer_id = ANY(:ids) AND c.merged_into IS NULL",
+    "WHERE c.customer_id > :after AND c.merged_into IS NULL ORDER BY c.customer_id LIMIT :limit",
 )
 COUNTERS_SQL = (
     """

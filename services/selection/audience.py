@@ -1,0 +1,339 @@
+"""Keeping the audience index fresh, saved, and rebuilt when it has to be.
+
+- **Fresh**: this process's own consumers of ``profile.>`` (changed, erased, merged) and
+  ``contact.recorded`` apply each change by reading the customer's projection from Redis
+  (the profile service's read model), in batches, version-guarded.
+- **Saved**: the index and the stream positions it reflects are written to
+  ``<selection_index_dir>/index.pickle`` periodically and at shutdown; a restart loads it
+  and resumes both streams from the saved positions.
+- **Rebuilt** when there is no saved index, or when the PROFILE stream no longer holds the
+  changes since it was saved: a page-wise export from the profile service, while the
+  consumers already apply changes made during the rebuild.
+
+Every replica of the selection service holds the whole index, so each consumes the
+streams on its own consumer (named after the process), not a shared durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import re
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+from prometheus_client import Gauge, Histogram
+
+from services.selection.index import Population
+from shared.bus import Consumer
+from shared.events import CloudEvent
+from shared.redis import read_projections
+from shared.rules import parse_duration
+from shared.service import Runtime
+
+log = logging.getLogger("kairos.selection.audience")
+Batch = Sequence[tuple[Msg, CloudEvent]]
+
+FORMAT = 1
+EXPORT_PAGE = 5000
+INDEX_CUSTOMERS = Gauge("kairos_selection_index_customers", "Customers in the audience index")
+INDEX_LAG = Histogram(
+    "kairos_selection_index_lag_seconds",
+    "Time from a profile change event to the index applying it",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+
+
+class Audience:
+    """The process's population index and its lifecycle."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.pop = Population()
+        self.state = "loading"
+        self.loaded_from: str | None = None
+        self.load_seconds: float | None = None
+        self.last_change_at: datetime | None = None
+        self.contact_seq = 0
+        self.changes = 0
+        self._saved_changes = 0
+        self._erased_while_loading: set[str] = set()
+        self._tasks: list[asyncio.Task[Any]] = []
+        cfg = rt.settings
+        self.path = (cfg.selection_index_dir or cfg.run_dir / "selection") / "index.pickle"
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", f"{cfg.instance_id}-{os.getpid()}")
+        self._consumer_name = f"selection-index-{name}"[:200]
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    # -- start and stop -------------------------------------------------------------
+    async def start(self) -> None:
+        t0 = time.perf_counter()
+        loaded = await asyncio.to_thread(self._load)
+        profile_first, profile_last = await self._stream_bounds("PROFILE")
+        contact_first, contact_last = await self._stream_bounds("CONTACT")
+        rebuild = loaded is None
+        if loaded is not None:
+            pop, contact_seq = loaded
+            if pop.seq + 1 < profile_first or pop.seq > profile_last:
+                log.warning(
+                    "saved audience index is at PROFILE %d; the stream holds %d..%d: rebuilding",
+                    pop.seq,
+                    profile_first,
+                    profile_last,
+                )
+                rebuild = True
+            else:
+                self.pop, self.contact_seq = pop, contact_seq
+                self.state, self.loaded_from = "ready", str(self.path)
+                self.load_seconds = time.perf_counter() - t0
+                log.info("audience index loaded: %d customers", self.pop.total)
+        if rebuild:
+            self.pop = Population()
+            self.pop.seq = profile_last
+            self.contact_seq = 0
+            if contact_last and contact_first > 1:
+                log.warning("contact history before CONTACT seq %d has aged out", contact_first)
+        cfg = self.rt.settings
+        profile = Consumer(
+            self.rt.bus,
+            f"{self._consumer_name}-profile",
+            ["profile.>"],
+            "PROFILE",
+            self._on_profile,
+            batch=cfg.consumer_batch,
+            max_deliver=cfg.consumer_max_deliver,
+            start_seq=self.pop.seq + 1,
+            inactive_threshold_s=600.0,
+        )
+        contact = Consumer(
+            self.rt.bus,
+            f"{self._consumer_name}-contact",
+            ["contact.recorded"],
+            "CONTACT",
+            self._on_contact,
+            batch=cfg.consumer_batch,
+            max_deliver=cfg.consumer_max_deliver,
+            start_seq=self.contact_seq + 1,
+            inactive_threshold_s=600.0,
+        )
+        self.rt.consumers += [profile, contact]
+        for c in (profile, contact):
+            await c.start()
+        if rebuild:
+            self._tasks.append(asyncio.create_task(self._rebuild(t0), name="audience-rebuild"))
+        self._tasks.append(asyncio.create_task(self._save_loop(), name="audience-save"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.ready:
+            await self.save()
+
+    async def _stream_bounds(self, stream: str) -> tuple[int, int]:
+        try:
+            info = await self.rt.bus.js.stream_info(self.rt.bus.stream(stream))
+        except NotFoundError:
+            return 1, 0
+        return int(info.state.first_seq), int(info.state.last_seq)
+
+    # -- rebuild ------------------------------------------------------------------------
+    async def _rebuild(self, t0: float) -> None:
+        """Load every profile from the profile service, page by page."""
+        base = self.rt.settings.url_of("profile")
+        after, n = "", 0
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while True:
+                try:
+                    async with http.get(
+                        f"{base}/v1/customers:export",
+                        params={"after": after, "limit": str(EXPORT_PAGE)},
+                    ) as resp:
+                        resp.raise_for_status()
+                        body = await resp.read()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    log.warning("profile export unavailable (%s); retrying", exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                lines = body.splitlines()
+                docs = [orjson.loads(line) for line in lines if line]
+                if docs:
+                    after = docs[-1]["customer_id"]
+                    gone = self._erased_while_loading
+                    self.pop.upsert_many(d for d in docs if d["customer_id"] not in gone)
+                    n += len(docs)
+                    INDEX_CUSTOMERS.set(self.pop.total)
+                if len(docs) < EXPORT_PAGE:
+                    break
+                await asyncio.sleep(0)  # let the consumers and requests run between pages
+        self._erased_while_loading.clear()
+        self.state, self.loaded_from = "ready", "profile export"
+        self.load_seconds = time.perf_counter() - t0
+        log.info("audience index rebuilt: %d customers in %.1f s", n, self.load_seconds)
+        self.changes += 1
+        await self.save()
+
+    # -- applying changes ------------------------------------------------------------------
+    async def _on_profile(self, batch: Batch) -> None:
+        changed: dict[str, tuple[int, set[str]]] = {}
+        removed: list[str] = []
+        newest: datetime | None = None
+        for _, ev in batch:
+            d = ev.data if isinstance(ev.data, dict) else {}
+            if ev.type == "profile.changed":
+                cid = str(d.get("customer_id") or ev.subject)
+                v = int(d.get("version", 0))
+                parts = set(d.get("changed") or ()) | {
+                    f"event:{t}" for t in d.get("event_types") or ()
+                }
+                prev = changed.get(cid)
+                if prev is not None:
+                    v, parts = max(v, prev[0]), parts | prev[1]
+                changed[cid] = (v, parts)
+            elif ev.type == "profile.erased":
+                for cid in d.get("ids") or [d.get("customer_id") or ev.subject]:
+                    removed.append(str(cid))
+                    changed.pop(str(cid), None)
+            elif ev.type == "profile.merged":
+                removed.append(str(d["source"]))
+                changed.pop(str(d["source"]), None)
+            at = _when(ev.time)
+            if at is not None and (newest is None or at > newest):
+                newest = at
+        for cid in removed:
+            self.pop.remove(cid)
+            if not self.ready:
+                self._erased_while_loading.add(cid)
+        if changed:
+            docs = await self._read(changed)
+            self.pop.upsert_many(docs, changed)
+        last = batch[-1][0].metadata.sequence.stream if batch[-1][0].metadata else 0
+        self.pop.seq = max(self.pop.seq, int(last))
+        self.changes += 1
+        if newest is not None:
+            self.last_change_at = newest
+            INDEX_LAG.observe(max(0.0, (datetime.now(UTC) - newest).total_seconds()))
+        INDEX_CUSTOMERS.set(self.pop.total)
+
+    async def _read(self, wanted: dict[str, tuple[int, set[str]]]) -> list[dict[str, Any]]:
+        """The projections of changed customers; the profile writes Redis right after its
+        commit, so a projection older than the event is read again a few times."""
+        ids = list(wanted)
+        docs: dict[str, dict[str, Any]] = {}
+        for delay in (0.0, 0.02, 0.05, 0.1, 0.25):
+            if delay:
+                await asyncio.sleep(delay)
+            got = await read_projections(self.rt.redis, self.rt.keys, ids)
+            behind = []
+            for cid, doc in zip(ids, got, strict=True):
+                if doc is not None:
+                    docs[cid] = doc
+                if doc is None or doc["version"] < wanted[cid][0]:
+                    behind.append(cid)
+            if not behind:
+                break
+            ids = behind
+        return list(docs.values())
+
+    async def _on_contact(self, batch: Batch) -> None:
+        for msg, ev in batch:
+            d = ev.data if isinstance(ev.data, dict) else {}
+            if ev.type != "contact.recorded" or d.get("control"):
+                continue
+            cid = d.get("customer_id") or ev.subject
+            campaign = d.get("campaign_id") or d.get("campaign")
+            if not cid or not campaign:
+                continue
+            at = _when(d.get("time")) or _when(ev.time) or datetime.now(UTC)
+            self.pop.contacted(str(cid), str(campaign), at.timestamp())
+            if msg.metadata:
+                self.contact_seq = max(self.contact_seq, int(msg.metadata.sequence.stream))
+        self.changes += 1
+
+    def contacted_check(self, customer_id: str, now: datetime) -> Callable[[str, str], bool]:
+        """``contacted`` for the evaluator, answered from this index's contact history."""
+        slot = self.pop.pos.get(customer_id)
+
+        def check(campaign: str, within: str) -> bool:
+            col = self.pop.contacts.get(campaign)
+            if slot is None or col is None:
+                return False
+            cutoff = now.timestamp() - parse_duration(within)
+            return any(s == slot and t >= cutoff for s, t in zip(col.slot, col.at, strict=True))
+
+        return check
+
+    # -- saving -------------------------------------------------------------------------
+    async def _save_loop(self) -> None:
+        interval = self.rt.settings.selection_save_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            if self.ready:
+                try:
+                    await self.save()
+                except OSError as exc:
+                    log.warning("could not save the audience index: %s", exc)
+
+    async def save(self) -> None:
+        """Write the index and its stream positions (serialised here, written off-loop)."""
+        if self.changes == self._saved_changes:
+            return
+        marker = self.changes
+        self.pop.prepare()
+        blob = pickle.dumps(
+            {"format": FORMAT, "pop": self.pop, "contact_seq": self.contact_seq},
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
+        await asyncio.to_thread(_write_atomically, self.path, blob)
+        self._saved_changes = marker
+        log.info("audience index saved: %d customers, %d bytes", self.pop.total, len(blob))
+
+    def _load(self) -> tuple[Population, int] | None:
+        try:
+            with self.path.open("rb") as fh:
+                data = pickle.load(fh)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # a torn or foreign file: rebuild instead
+            log.warning("ignoring unreadable audience index %s: %s", self.path, exc)
+            return None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            return None
+        pop = data["pop"]
+        return (pop, int(data["contact_seq"])) if isinstance(pop, Population) else None
+
+
+def _write_atomically(path: Path, blob: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as fh:
+        fh.write(blob)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _when(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
