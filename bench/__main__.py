@@ -1,6 +1,7 @@
 """``make bench``: measure the suite on this machine and write figures to bench/results/.
 
-Scenarios: ``ingest`` (issue: foundation) and ``profile`` (issue: profile). Each starts the
+Scenarios: ``ingest`` (issue: foundation), ``profile`` (issue: profile), ``rules`` and
+``selection`` (issue: rules and selection). Each starts the
 whole suite as real processes (embedded servers unless KAIROS_*_URL are set), plus a bare
 FastAPI app as the floor, and repeats each measurement ``--runs`` times, reporting medians.
 """
@@ -80,7 +81,10 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument(
-        "scenario", nargs="?", default="all", choices=["all", "ingest", "profile", "rules"]
+        "scenario",
+        nargs="?",
+        default="all",
+        choices=["all", "ingest", "profile", "rules", "selection"],
     )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--duration", type=float, default=8.0)
@@ -121,7 +125,10 @@ def main() -> None:
         try:
             todo = ["ingest", "profile"] if args.scenario == "all" else [args.scenario]
             for name in todo:
-                fn = getattr(scenarios, name)
+                if name == "selection":
+                    from bench.selection import selection as fn
+                else:
+                    fn = getattr(scenarios, name)
                 runs = []
                 for i in range(args.runs):
                     print(f"== {name} run {i + 1}/{args.runs}", flush=True)
@@ -139,7 +146,7 @@ def _write(scenario: str, report: dict[str, Any], runs: int) -> None:
     stamp = time.strftime("%Y%m%dT%H%M%S")
     out = RESULTS / f"{scenario}-{stamp}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    for name in ("ingest", "profile", "rules"):
+    for name in ("ingest", "profile", "rules", "selection"):
         if name in report:
             print(f"\n== {name} (median of {runs})")
             print(json.dumps(report[name]["median"], indent=2))

@@ -6,7 +6,7 @@ import asyncio
 import random
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ class Context:
     customers: int
     tags_max: int
     imported: bool = False
+    prepared: set[str] = field(default_factory=set)
 
     @property
     def gw_port(self) -> int:

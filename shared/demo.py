@@ -121,20 +121,22 @@ EVENT_TYPES = BASE_EVENTS + [
 ]
 
 
-def _tags(rng: random.Random, n: int, tier: str, plan: str, region: str) -> list[str]:
+def _tags(
+    rng: random.Random, n: int, tier: str, plan: str, region: str, vocab: int = 40_000
+) -> list[str]:
     tags = {f"value:{tier}", f"plan:{plan}", f"region:{region}"}
     tags.add(f"device:{rng.choice(['ios', 'android', 'feature'])}")
     for i in rng.sample(INTERESTS, k=rng.randint(1, 4)):
         tags.add(f"interest:{i}")
     if rng.random() < 0.1:
         tags.add("churn:risk")
-    while len(tags) < n:  # a vocabulary of ~40,000 behavioural segment tags
-        tags.add(f"seg:{rng.randrange(40_000):05d}")
+    while len(tags) < n:  # a vocabulary of behavioural segment tags (40,000 by default)
+        tags.add(f"seg:{rng.randrange(vocab):05d}")
     return sorted(tags)
 
 
 def customer(
-    i: int, rng: random.Random, *, tags_min: int = 50, tags_max: int = 1500
+    i: int, rng: random.Random, *, tags_min: int = 50, tags_max: int = 1500, vocab: int = 40_000
 ) -> dict[str, Any]:
     """One generated customer as an import line."""
     plan = rng.choices([p for p, _ in PLANS], weights=[w for _, w in PLANS])[0]
@@ -159,7 +161,9 @@ def customer(
             .date()
             .isoformat(),
         },
-        "tags": _tags(rng, rng.randint(tags_min, max(tags_min, tags_max)), tier, plan, region),
+        "tags": _tags(
+            rng, rng.randint(tags_min, max(tags_min, tags_max)), tier, plan, region, vocab
+        ),
         "consents": {
             "push": rng.random() < 0.7,
             "email": rng.random() < 0.5,
@@ -173,12 +177,19 @@ def customer(
 
 
 def write_customers(
-    path: Path, n: int, *, seed: int = 7, tags_min: int = 50, tags_max: int = 1500
+    path: Path,
+    n: int,
+    *,
+    seed: int = 7,
+    tags_min: int = 50,
+    tags_max: int = 1500,
+    vocab: int = 40_000,
 ) -> int:
     rng = random.Random(seed)
     with path.open("wb") as fh:
         for i in range(n):
-            fh.write(orjson.dumps(customer(i, rng, tags_min=tags_min, tags_max=tags_max)) + b"\n")
+            doc = customer(i, rng, tags_min=tags_min, tags_max=tags_max, vocab=vocab)
+            fh.write(orjson.dumps(doc) + b"\n")
     return n
 
 
