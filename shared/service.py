@@ -45,6 +45,7 @@ class Runtime:
     extras: dict[str, Any] = field(default_factory=dict)
     background: list[asyncio.Task[Any]] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    readiness: dict[str, Callable[[], str]] = field(default_factory=dict)
 
 
 Setup = Callable[[Runtime], Awaitable[None]]
@@ -181,6 +182,8 @@ def create_service_app(
             except Exception as exc:
                 checks[what] = f"down: {type(exc).__name__}"
         checks["nats"] = "ok" if rt.bus.is_connected() else "down"
+        for what, check in rt.readiness.items():  # a process's own state (an index loading)
+            checks[what] = check()
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse(
             {"status": "ok" if ok else "down", "checks": checks}, 200 if ok else 503

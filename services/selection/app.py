@@ -16,6 +16,9 @@ async def _setup(rt: Runtime) -> None:
     rt.extras["audience"] = aud
     await aud.start()
     rt.closers.append(aud.stop)
+    rt.readiness["audience_index"] = lambda: (
+        "ok" if aud.ready else f"loading ({aud.pop.total} customers so far)"
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
