@@ -29,6 +29,8 @@ KEYS = {
     "writer": "test-writer-key-" + RUN_ID * 2,
     "events": "test-events-key-" + RUN_ID * 2,
     "nothing": "test-nothing-key-" + RUN_ID * 2,
+    "marketer": "test-marketer-key-" + RUN_ID * 2,
+    "approver": "test-approver-key-" + RUN_ID * 2,
 }
 SCOPES = {
     "admin": ["admin"],
@@ -36,6 +38,8 @@ SCOPES = {
     "writer": ["customers:write", "customers:read"],
     "events": ["events:write"],
     "nothing": ["reports:read"],
+    "marketer": ["catalog:write"],
+    "approver": ["catalog:write", "campaigns:approve"],
 }
 
 

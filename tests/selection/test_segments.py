@@ -179,7 +179,7 @@ async def test_segments_refer_to_segments_and_cycles_are_refused(gw: httpx.Async
     assert r.status_code == 422
     problem = r.json()
     assert r.headers["content-type"].startswith("application/problem+json")
-    assert problem["errors"][0]["loc"] == ["body", "rule", "any", 1, "segment"]
+    assert problem["errors"][0]["loc"] == ["rule", "any", 1, "segment"]
     assert f"{young} → {pushable} → {young}" in problem["detail"]
     assert (await gw.get(f"/v1/segments/{young}")).json()["version"] == 1  # nothing applied
 
@@ -199,28 +199,28 @@ async def test_segments_refer_to_segments_and_cycles_are_refused(gw: httpx.Async
                     "all": [{"tag": "a"}, {"any": [{"attr": "age", "op": "equals", "value": 1}]}]
                 }
             },
-            ["body", "rule", "all", 1, "any", 0, "op"],
+            ["rule", "all", 1, "any", 0, "op"],
             "unknown op 'equals'",
         ),
-        ({"rule": {"segment": "seg-nope"}}, ["body", "rule", "segment"], "unknown segment"),
+        ({"rule": {"segment": "seg-nope"}}, ["rule", "segment"], "unknown segment"),
         (
             {"rule": {"not": {"prop": "country", "op": "eq", "value": "DE"}}},
-            ["body", "rule", "not", "prop"],
+            ["rule", "not", "prop"],
             "only in campaign triggers",
         ),
         (
             {"rule": {"tag": "a"}, "breakdown": ["attributes.nope"]},
-            ["body", "breakdown", 0],
+            ["breakdown", 0],
             "nope",
         ),
         (
             {"rule": {"tag": "a"}, "breakdown": ["colour"]},
-            ["body", "breakdown", 0],
+            ["breakdown", 0],
             "tag namespace",
         ),
         (
             {"rule": {"event": "topup", "count": {"gte": 1}, "within": "2w"}},
-            ["body", "rule", "within"],
+            ["rule", "within"],
             "unknown window",
         ),
     ],
@@ -323,3 +323,22 @@ async def test_restart_loads_the_saved_index(gw: httpx.AsyncClient, stack: Stack
     await _people(gw, u, 4)
     await eventually(lambda: _count(gw, mine), lambda n: n == 4)
     await asyncio.sleep(0)
+
+
+async def test_cold_start_rebuilds_from_the_profile_service(
+    gw: httpx.AsyncClient, stack: Stack
+) -> None:
+    u = _u()
+    await _people(gw, u, 5)
+    mine = {"tag": f"run:{u}"}
+    await eventually(lambda: _count(gw, mine), lambda n: n == 5)
+    before = (await _preview(gw, {"attr": "age", "op": "gte", "value": 0}))["count"]
+    stack.stop("selection", kill=True)  # no chance to save on the way out
+    (stack.run_dir / "selection" / "index.pickle").unlink(missing_ok=True)
+    stack.start("selection")
+    stack.wait_ready(["selection"])
+    status = (await gw.get("/v1/segments:status")).json()
+    assert status["state"] == "ready"
+    assert status["loaded_from"] == "profile export"
+    assert await _count(gw, mine) == 5
+    assert (await _preview(gw, {"attr": "age", "op": "gte", "value": 0}))["count"] == before

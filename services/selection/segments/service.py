@@ -38,8 +38,8 @@ _STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 # -- rules, with the place of every error ------------------------------------------------
 def _loc(path: str) -> list[str | int]:
-    """``rule.all[2].op`` → ``["body", "rule", "all", 2, "op"]``."""
-    out: list[str | int] = ["body"]
+    """``rule.all[2].op`` → ``["rule", "all", 2, "op"]`` (body fields, as in validation errors)."""
+    out: list[str | int] = []
     for name, idx in _STEP.findall(path):
         out.append(int(idx) if idx else name)
     return out
@@ -248,7 +248,7 @@ async def preview(uow: UnitOfWork, audience: Audience, body: PreviewRequest) -> 
         except UnknownField as exc:
             raise Unprocessable(
                 f"breakdown[{i}]: {exc}",
-                errors=[{"loc": ["body", "breakdown", i], "msg": str(exc)}],
+                errors=[{"loc": ["breakdown", i], "msg": str(exc)}],
             ) from exc
     return PreviewResult(
         count=len(members),

@@ -1,0 +1,137 @@
+"""Catalog routes of the public API (offers, campaigns, lifecycle): forwarded to decision."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from starlette.responses import Response
+
+from gateway.idempotency import idempotent
+from gateway.upstream import Upstreams, relay
+from shared.auth import Principal, require
+from shared.contracts import catalog as api
+from shared.service import Runtime, runtime
+
+router = APIRouter(tags=["catalog"])
+
+Id = Annotated[str, Path(pattern=api.ID_PATTERN)]
+RuntimeDep = Annotated[Runtime, Depends(runtime)]
+Writer = Annotated[Principal, Depends(require("catalog:write"))]
+Reader = Annotated[Principal, Depends(require("catalog:write", "reports:read"))]
+Approver = Annotated[Principal, Depends(require("campaigns:approve"))]
+Cursor = Annotated[str | None, Query(max_length=400)]
+Limit = Annotated[int, Query(ge=1, le=500)]
+JSON = {"content-type": "application/json"}
+
+
+async def _forward(
+    request: Request,
+    rt: Runtime,
+    principal: Principal,
+    method: str,
+    path: str,
+    *,
+    params: dict[str, str] | None = None,
+) -> Response:
+    async def call() -> Response:
+        up: Upstreams = rt.extras["upstreams"]
+        content = await request.body() if method == "PUT" else None
+        resp = await up.request(
+            "decision",
+            method,
+            path,
+            principal=principal.name,
+            content=content,
+            headers=JSON,
+            params=params,
+        )
+        return relay(resp)
+
+    if method == "GET":
+        return await call()
+    return await idempotent(request, rt.redis, rt.keys, principal.name, call)
+
+
+def _page(cursor: str | None, limit: int) -> dict[str, str]:
+    return {"limit": str(limit), **({"cursor": cursor} if cursor else {})}
+
+
+@router.put("/v1/offers/{offer_id}", response_model=api.Offer)
+async def put_offer(
+    request: Request, offer_id: Id, body: api.OfferPut, principal: Writer, rt: RuntimeDep
+) -> Response:
+    """Create or replace an offer; its content templates are checked now."""
+    return await _forward(request, rt, principal, "PUT", f"/v1/offers/{offer_id}")
+
+
+@router.get("/v1/offers/{offer_id}", response_model=api.Offer)
+async def get_offer(request: Request, offer_id: Id, principal: Reader, rt: RuntimeDep) -> Response:
+    return await _forward(request, rt, principal, "GET", f"/v1/offers/{offer_id}")
+
+
+@router.get("/v1/offers", response_model=api.OfferList)
+async def list_offers(
+    request: Request, principal: Reader, rt: RuntimeDep, cursor: Cursor = None, limit: Limit = 100
+) -> Response:
+    return await _forward(request, rt, principal, "GET", "/v1/offers", params=_page(cursor, limit))
+
+
+@router.put("/v1/campaigns/{campaign_id}", response_model=api.Campaign)
+async def put_campaign(
+    request: Request, campaign_id: Id, body: api.CampaignPut, principal: Writer, rt: RuntimeDep
+) -> Response:
+    """Create a draft, or replace a draft or paused campaign."""
+    return await _forward(request, rt, principal, "PUT", f"/v1/campaigns/{campaign_id}")
+
+
+@router.get("/v1/campaigns/{campaign_id}", response_model=api.Campaign)
+async def get_campaign(
+    request: Request, campaign_id: Id, principal: Reader, rt: RuntimeDep
+) -> Response:
+    return await _forward(request, rt, principal, "GET", f"/v1/campaigns/{campaign_id}")
+
+
+@router.get("/v1/campaigns", response_model=api.CampaignList)
+async def list_campaigns(
+    request: Request, principal: Reader, rt: RuntimeDep, cursor: Cursor = None, limit: Limit = 100
+) -> Response:
+    return await _forward(
+        request, rt, principal, "GET", "/v1/campaigns", params=_page(cursor, limit)
+    )
+
+
+@router.get("/v1/campaigns/{campaign_id}/transitions", response_model=api.TransitionList)
+async def transitions(
+    request: Request, campaign_id: Id, principal: Reader, rt: RuntimeDep
+) -> Response:
+    """Every lifecycle step of the campaign: who, when, from and to."""
+    return await _forward(request, rt, principal, "GET", f"/v1/campaigns/{campaign_id}/transitions")
+
+
+def _lifecycle(action: str, doc: str) -> None:
+    async def step(
+        request: Request, campaign_id: Id, principal: Writer, rt: RuntimeDep
+    ) -> Response:
+        return await _forward(
+            request, rt, principal, "POST", f"/v1/campaigns/{campaign_id}/{action}"
+        )
+
+    step.__doc__ = doc
+    router.post(
+        f"/v1/campaigns/{{campaign_id}}/{action}", response_model=api.Campaign, name=action
+    )(step)
+
+
+_lifecycle("submit", "draft → submitted: ask for approval.")
+_lifecycle("activate", "approved or paused → active (draft → active when no approval is required).")
+_lifecycle("pause", "active → paused: stops deciding and sending; it can be edited then.")
+_lifecycle("complete", "active or paused → completed, for good.")
+
+
+@router.post("/v1/campaigns/{campaign_id}/approve", response_model=api.Campaign)
+async def approve(
+    request: Request, campaign_id: Id, principal: Approver, rt: RuntimeDep
+) -> Response:
+    """submitted → approved; needs `campaigns:approve` and someone other than the submitter."""
+    return await _forward(request, rt, principal, "POST", f"/v1/campaigns/{campaign_id}/approve")

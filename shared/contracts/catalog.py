@@ -1,0 +1,182 @@
+"""Catalog (offers, campaigns, lifecycle) request and response schemas of API.md."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from shared.rules import parse_duration
+
+ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,128}$"
+CatalogId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+Channel = Literal["push", "email", "sms", "inapp"]
+Touchpoint = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,39}$")]
+Rule = dict[str, Any]
+CampaignType = Literal["realtime", "triggered", "batch"]
+CampaignState = Literal["draft", "submitted", "approved", "active", "paused", "completed"]
+
+
+def _duration(v: str) -> str:
+    parse_duration(v)  # raises ValueError with a message a person can act on
+    return v
+
+
+Duration = Annotated[str, StringConstraints(max_length=16)]
+
+
+class Content(BaseModel):
+    """One channel's content; every text is a Jinja2 template over the profile (+ event)."""
+
+    model_config = ConfigDict(extra="forbid")
+    title: str | None = Field(default=None, max_length=500)
+    body: str | None = Field(default=None, max_length=5000)
+    subject: str | None = Field(default=None, max_length=500)
+    html: str | None = Field(default=None, max_length=100_000)
+    text: str | None = Field(default=None, max_length=5000)
+    deeplink: str | None = Field(default=None, max_length=2000)
+
+
+class OfferContent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    default: Content
+    push: Content | None = None
+    email: Content | None = None
+    sms: Content | None = None
+    inapp: Content | None = None
+
+
+class Reward(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str = Field(min_length=1, max_length=100)
+    amount: float = Field(gt=0)
+
+
+class OfferPut(BaseModel):
+    """``PUT /v1/offers/{offer_id}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    value: float = Field(default=1.0, ge=0, description="Worth of an acceptance, for ranking")
+    link: str | None = Field(default=None, max_length=2000)
+    valid_from: datetime | None = None
+    valid_to: datetime | None = None
+    content: OfferContent
+    reward: Reward | None = None
+
+    @field_validator("valid_to")
+    @classmethod
+    def _after_from(cls, v: datetime | None, info: Any) -> datetime | None:
+        start = info.data.get("valid_from")
+        if v is not None and start is not None and v <= start:
+            raise ValueError("valid_to must be after valid_from")
+        return v
+
+
+class Offer(OfferPut):
+    offer_id: str
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class OfferList(BaseModel):
+    offers: list[Offer]
+    next_cursor: str | None = None
+
+
+class Unless(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    event: str = Field(min_length=1, max_length=200)
+    within: Duration
+
+    _check = field_validator("within")(_duration)
+
+
+class Trigger(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    event: str = Field(min_length=1, max_length=200)
+    where: Rule | None = None
+    delay: Duration = "0s"
+    unless: Unless | None = None
+
+    _check = field_validator("delay")(_duration)
+
+
+class Schedule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    start: datetime | None = None
+    end: datetime | None = None
+    cron: str | None = Field(default=None, max_length=100)
+    timezone: str = "UTC"
+
+
+class Treatment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=64)
+    offer: CatalogId
+    weight: float = Field(default=1.0, gt=0)
+    tier: Rule | None = None
+
+
+class Reentry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max: int = Field(ge=1, le=1000)
+    per: Duration
+
+    _check = field_validator("per")(_duration)
+
+
+class Conversion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    event: str = Field(min_length=1, max_length=200)
+    within: Duration
+
+    _check = field_validator("within")(_duration)
+
+
+class CampaignPut(BaseModel):
+    """``PUT /v1/campaigns/{campaign_id}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    type: CampaignType
+    priority: int = Field(default=50, ge=0, le=100)
+    audience: Rule | None = None
+    trigger: Trigger | None = None
+    schedule: Schedule = Field(default_factory=Schedule)
+    touchpoints: list[Touchpoint] = Field(default_factory=list, max_length=50)
+    channels: list[Channel] = Field(default_factory=list, max_length=4)
+    treatments: list[Treatment] = Field(min_length=1, max_length=20)
+    control_group: float = Field(default=0.0, ge=0.0, le=0.5)
+    reentry: Reentry | None = None
+    conversion: Conversion | None = None
+    approval_required: bool = True
+
+
+class Campaign(CampaignPut):
+    campaign_id: str
+    state: CampaignState
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    updated_by: str | None = None
+
+
+class CampaignList(BaseModel):
+    campaigns: list[Campaign]
+    next_cursor: str | None = None
+
+
+class Transition(BaseModel):
+    from_state: CampaignState | None
+    to_state: CampaignState
+    principal: str | None
+    at: datetime
+
+
+class TransitionList(BaseModel):
+    campaign_id: str
+    state: CampaignState
+    transitions: list[Transition]
