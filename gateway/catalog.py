@@ -135,3 +135,43 @@ async def approve(
 ) -> Response:
     """submitted → approved; needs `campaigns:approve` and someone other than the submitter."""
     return await _forward(request, rt, principal, "POST", f"/v1/campaigns/{campaign_id}/approve")
+
+
+Decider = Annotated[Principal, Depends(require("decisions:write"))]
+
+
+@router.post("/v1/decisions", response_model=api.DecisionResponse, response_model_exclude_none=True)
+async def decide(
+    request: Request,
+    body: api.DecisionRequest,
+    principal: Decider,
+    rt: RuntimeDep,
+    explain: bool = False,
+    dry_run: bool = False,
+) -> Response:
+    """The next best offers for a customer at a touchpoint (``explain``, ``dry_run``)."""
+    up: Upstreams = rt.extras["upstreams"]
+    params = {"explain": str(explain).lower(), "dry_run": str(dry_run).lower()}
+    resp = await up.request(
+        "decision",
+        "POST",
+        "/v1/decisions",
+        principal=principal.name,
+        content=await request.body(),
+        headers=JSON,
+        params=params,
+    )
+    return relay(resp)
+
+
+@router.put("/v1/contact-policy", response_model=api.ContactPolicy)
+async def put_policy(
+    request: Request, body: api.ContactPolicy, principal: Writer, rt: RuntimeDep
+) -> Response:
+    """Contact pressure rules for every campaign and touchpoint."""
+    return await _forward(request, rt, principal, "PUT", "/v1/contact-policy")
+
+
+@router.get("/v1/contact-policy", response_model=api.ContactPolicy)
+async def get_policy(request: Request, principal: Reader, rt: RuntimeDep) -> Response:
+    return await _forward(request, rt, principal, "GET", "/v1/contact-policy")

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     selection_save_interval_s: float = 300.0
     instance_id: str = Field(default_factory=socket.gethostname)
 
+    # Share of decisions ranked at random (unbiased learning data for propensities).
+    decision_explore: float = Field(default=0.05, ge=0.0, le=1.0)
+
     consumer_batch: int = 500
     consumer_max_deliver: int = 5
     run_consumers: bool = True

@@ -31,6 +31,7 @@ KEYS = {
     "nothing": "test-nothing-key-" + RUN_ID * 2,
     "marketer": "test-marketer-key-" + RUN_ID * 2,
     "approver": "test-approver-key-" + RUN_ID * 2,
+    "pos": "test-pos-key-" + RUN_ID * 2,
 }
 SCOPES = {
     "admin": ["admin"],
@@ -40,6 +41,7 @@ SCOPES = {
     "nothing": ["reports:read"],
     "marketer": ["catalog:write"],
     "approver": ["catalog:write", "campaigns:approve"],
+    "pos": ["decisions:write"],
 }
 
 

@@ -54,3 +54,15 @@ class CampaignTransition(SQLModel, table=True):
     to_state: str
     principal: str | None = None
     at: datetime = Field(sa_column=_ts())
+
+
+class ContactPolicyRow(SQLModel, table=True):
+    """The one contact policy document (id = 1)."""
+
+    __tablename__ = "contact_policy"
+    __table_args__ = {"schema": SCHEMA}
+    id: int = Field(default=1, primary_key=True)
+    body: dict[str, Any] = Field(sa_column=sa.Column(JSONB, nullable=False))
+    version: int = 1
+    updated_at: datetime = Field(sa_column=_ts())
+    updated_by: str | None = None

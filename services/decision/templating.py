@@ -10,10 +10,10 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import TemplateSyntaxError
+from jinja2 import ChainableUndefined, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
 
-_ENV = SandboxedEnvironment(autoescape=False, trim_blocks=True)
+_ENV = SandboxedEnvironment(autoescape=False, trim_blocks=True, undefined=ChainableUndefined)
 FIELDS = ("title", "body", "subject", "html", "text", "deeplink")
 
 

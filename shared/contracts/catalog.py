@@ -180,3 +180,66 @@ class TransitionList(BaseModel):
     campaign_id: str
     state: CampaignState
     transitions: list[Transition]
+
+
+class PolicyRule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    channel: Annotated[str, StringConstraints(pattern=r"^(\*|[a-z][a-z0-9_]{0,39})$")] = Field(
+        description="'*' for every contact, a channel, or a touchpoint name"
+    )
+    max: int = Field(ge=0, le=10_000)
+    per: Duration
+    on_cap: Literal["defer", "drop"] = "drop"
+
+    _check = field_validator("per")(_duration)
+
+
+class QuietHours(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    start: Annotated[str, StringConstraints(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")]
+    end: Annotated[str, StringConstraints(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")]
+
+
+class ContactPolicy(BaseModel):
+    """``PUT /v1/contact-policy``: contact pressure rules for every campaign and touchpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+    rules: list[PolicyRule] = Field(default_factory=list, max_length=50)
+    quiet_hours: QuietHours | None = None
+    global_control: float = Field(default=0.0, ge=0.0, le=0.5)
+
+
+class DecisionRequest(BaseModel):
+    """``POST /v1/decisions``."""
+
+    model_config = ConfigDict(extra="forbid")
+    customer_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:@-]{1,128}$")]
+    touchpoint: Touchpoint
+    placement: str | None = Field(default=None, max_length=100)
+    context: dict[str, Any] = Field(default_factory=dict)
+    limit: int = Field(default=1, ge=1, le=10)
+
+
+class DecidedOffer(BaseModel):
+    tracking_id: str
+    offer_id: str
+    campaign_id: str
+    treatment: str
+    score: float
+    content: dict[str, str]
+    link: str | None = None
+
+
+class Considered(BaseModel):
+    campaign_id: str
+    outcome: Literal["offered", "control", "ineligible", "suppressed", "outranked"]
+    reason: str
+    score: float | None = None
+
+
+class DecisionResponse(BaseModel):
+    decision_id: str
+    customer_id: str
+    touchpoint: str
+    offers: list[DecidedOffer]
+    explain: list[Considered] | None = None
