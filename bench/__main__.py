@@ -1,7 +1,7 @@
 """``make bench``: measure the suite on this machine and write figures to bench/results/.
 
 Scenarios: ``ingest`` (issue: foundation), ``profile`` (issue: profile), ``rules`` and
-``selection`` (issue: rules and selection). Each starts the
+``selection`` (issue: rules and selection), ``decision`` (issue: decision). Each starts the
 whole suite as real processes (embedded servers unless KAIROS_*_URL are set), plus a bare
 FastAPI app as the floor, and repeats each measurement ``--runs`` times, reporting medians.
 """
@@ -84,7 +84,7 @@ def main() -> None:
         "scenario",
         nargs="?",
         default="all",
-        choices=["all", "ingest", "profile", "rules", "selection"],
+        choices=["all", "ingest", "profile", "rules", "selection", "decision"],
     )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--duration", type=float, default=8.0)
@@ -127,6 +127,8 @@ def main() -> None:
             for name in todo:
                 if name == "selection":
                     from bench.selection import selection as fn
+                elif name == "decision":
+                    from bench.decision import decision as fn
                 else:
                     fn = getattr(scenarios, name)
                 runs = []
@@ -146,7 +148,7 @@ def _write(scenario: str, report: dict[str, Any], runs: int) -> None:
     stamp = time.strftime("%Y%m%dT%H%M%S")
     out = RESULTS / f"{scenario}-{stamp}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    for name in ("ingest", "profile", "rules", "selection"):
+    for name in ("ingest", "profile", "rules", "selection", "decision"):
         if name in report:
             print(f"\n== {name} (median of {runs})")
             print(json.dumps(report[name]["median"], indent=2))
