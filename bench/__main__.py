@@ -82,16 +82,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument(
         "scenario",
-        nargs="?",
-        default="all",
+        nargs="*",
+        default=["all"],
         choices=["all", "ingest", "profile", "rules", "selection", "decision"],
+        help="one or more scenarios; they share one stack (and one imported population)",
     )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--customers", type=int, default=100_000, help="profile: population size")
     ap.add_argument("--tags-max", type=int, default=200, help="profile: most tags per customer")
     args = ap.parse_args()
-    if args.scenario == "rules":
+    if args.scenario == ["rules"]:
         from bench import rules_eval
 
         runs = [rules_eval.measure() for _ in range(args.runs)]
@@ -123,7 +124,11 @@ def main() -> None:
             "duration_s": args.duration,
         }
         try:
-            todo = ["ingest", "profile"] if args.scenario == "all" else [args.scenario]
+            todo = (
+                ["ingest", "profile", "selection", "decision"]
+                if args.scenario == ["all"]
+                else [s for s in args.scenario if s != "rules"]
+            )
             for name in todo:
                 if name == "selection":
                     from bench.selection import selection as fn
@@ -140,7 +145,7 @@ def main() -> None:
         finally:
             floor.terminate()
             stack.down()
-    _write(args.scenario, report, args.runs)
+    _write("-".join(args.scenario), report, args.runs)
 
 
 def _write(scenario: str, report: dict[str, Any], runs: int) -> None:

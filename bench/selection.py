@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 import httpx
+import nats
 import orjson
 import psutil
 
@@ -70,8 +71,24 @@ async def _setup(ctx: Context) -> dict[str, Any]:
             r = await c.post("/v1/events", content=orjson.dumps({"events": evs}))
             assert r.status_code == 202, r.text
         await _drain(ctx, timeout=900)
+        await _index_caught_up(ctx, c)
         out["topup_events"] = n_events
     return out
+
+
+async def _index_caught_up(ctx: Context, c: httpx.AsyncClient, timeout: float = 900) -> None:
+    """Wait until the index has applied everything on the PROFILE stream (so that measured
+    previews do not compete with a backlog being applied)."""
+    prefix = ctx.stack.env["KAIROS_BUS_PREFIX"]
+    nc = await nats.connect(ctx.stack.env["KAIROS_NATS_URL"])
+    try:
+        info = await nc.jetstream().stream_info(f"{prefix.upper()}_PROFILE")
+        last = int(info.state.last_seq)
+    finally:
+        await nc.close()
+    t0 = time.perf_counter()
+    while (await _status(c)).get("profile_seq", 0) < last and time.perf_counter() - t0 < timeout:
+        await asyncio.sleep(0.5)
 
 
 def _preview(rule: dict[str, Any], **kw: Any) -> Any:

@@ -36,6 +36,9 @@ from shared.rules import compare
 
 _NUMERIC_OPS = ("eq", "ne", "lt", "lte", "gt", "gte")
 _GROW = 1.5
+# Inside ``all``, a column scan looks only at the candidates left when they are fewer than
+# 1/RESTRICT_FACTOR of the population (tests set it to 0 and to a huge value: both paths).
+RESTRICT_FACTOR = 8
 OTHER = "(other)"
 NONE = "(none)"
 
@@ -115,12 +118,13 @@ class Column:
         else:
             self.other[slot] = value
 
-    def match(self, op: str, value: Any) -> BitMap:
-        """Slots whose value satisfies ``op value`` exactly as ``shared.rules.compare``."""
+    def match(self, op: str, value: Any, within: BitMap | None = None) -> BitMap:
+        """Slots whose value satisfies ``op value`` exactly as ``shared.rules.compare``
+        (numbers are only scanned inside ``within`` when it is small)."""
         if op == "exists":
             return self.present.copy()
         out = BitMap()
-        nums = self._numeric(op, value)
+        nums = self._numeric(op, value, within)
         if nums is not None:
             out |= nums
         if not self._numeric_only(op, value):
@@ -144,10 +148,15 @@ class Column:
             return all(_is_number(v) for v in value)
         return False
 
-    def _numeric(self, op: str, value: Any) -> BitMap | None:
+    def _numeric(self, op: str, value: Any, within: BitMap | None = None) -> BitMap | None:
         if not self.numbers:
             return None
-        x = self.num
+        slots: np.ndarray | None = None
+        if within is not None and len(within) * RESTRICT_FACTOR < len(self.num):
+            slots = to_slots(within & self.numbers)
+            x = self.num[slots]
+        else:
+            x = self.num
         with np.errstate(invalid="ignore"):
             if op in _NUMERIC_OPS:
                 if not _is_number(value):
@@ -170,7 +179,8 @@ class Column:
                     mask = ~hit & ~np.isnan(x)
             else:  # contains / starts_with never hold for a number
                 return None
-        return to_bitmap(np.flatnonzero(mask))
+        hits = np.flatnonzero(mask)
+        return to_bitmap(hits if slots is None else slots[hits])
 
     def breakdown(self, members: BitMap) -> dict[Any, int]:
         """Members per distinct value (values as they are; numbers as numbers)."""
@@ -474,59 +484,77 @@ class Population:
         memo: dict[str, BitMap] = {}
         return self._select(node, now, resolve, memo)
 
+    def _cost(self, node: rules.Node) -> int:
+        """Evaluation order inside ``all``: bitmap lookups first, scans of columns last."""
+        if isinstance(node, (rules.Tag, rules.Consent, rules.SegmentRef)):
+            return 0
+        if isinstance(node, rules.Attr):
+            col = self.attrs.get(node.name)
+            return 1 if col is None or not col.numbers else 3
+        if isinstance(node, (rules.All, rules.AnyOf, rules.Not)):
+            return 2
+        return 4
+
     def _select(
         self,
         node: rules.Node,
         now: datetime,
         resolve: SegmentResolver | None,
         memo: dict[str, BitMap],
+        within: BitMap | None = None,
     ) -> BitMap:
+        """Members matching ``node``; when ``within`` is given, only those inside it (column
+        scans then look at the candidates left instead of the whole population)."""
+        scope = self.alive if within is None else within
         if isinstance(node, rules.All):
-            acc: BitMap | None = None
-            for child in node.children:
-                part = self._select(child, now, resolve, memo)
-                acc = part if acc is None else acc & part
+            acc: BitMap | None = within
+            for child in sorted(node.children, key=self._cost):
+                acc = self._select(child, now, resolve, memo, acc)
                 if not acc:
                     break
             return acc if acc is not None else self.alive.copy()
         if isinstance(node, rules.AnyOf):
             out = BitMap()
             for child in node.children:
-                out |= self._select(child, now, resolve, memo)
+                rest = scope - out if out else within
+                out |= self._select(child, now, resolve, memo, rest)
             return out
         if isinstance(node, rules.Not):
-            return self.alive - self._select(node.child, now, resolve, memo)
+            return scope - self._select(node.child, now, resolve, memo, within)
         if isinstance(node, rules.Tag):
             bm = self.tags.get(node.name)
-            return (bm & self.alive) if bm is not None else BitMap()
+            return (bm & scope) if bm is not None else BitMap()
         if isinstance(node, rules.Consent):
             bm = self.consents.get(node.channel)
-            return (bm & self.alive) if bm is not None else BitMap()
+            return (bm & scope) if bm is not None else BitMap()
         if isinstance(node, rules.Attr):
             col = self.attrs.get(node.name)
-            return col.match(node.op, node.value) & self.alive if col else BitMap()
+            return col.match(node.op, node.value, within) & scope if col else BitMap()
         if isinstance(node, rules.EventLast):
             col = self.lasts.get((node.event, node.prop))
-            return col.match(node.op, node.value) & self.alive if col else BitMap()
+            return col.match(node.op, node.value, within) & scope if col else BitMap()
         if isinstance(node, rules.EventCount):
             ev = self.events.get(node.event)
             if ev is None:
-                return self.alive.copy() if compare(0, node.op, node.count) else BitMap()
+                return scope.copy() if compare(0, node.op, node.count) else BitMap()
             counts = ev.counts(node.within, now, self.capacity)
+            if within is not None and len(within) * RESTRICT_FACTOR < self.capacity:
+                slots = to_slots(within)
+                return to_bitmap(slots[_compare_array(counts[slots], node.op, node.count)])
             mask = _compare_array(counts, node.op, node.count)
-            return to_bitmap(np.flatnonzero(mask)) & self.alive
+            return to_bitmap(np.flatnonzero(mask)) & scope
         if isinstance(node, rules.Contacted):
             history = self.contacts.get(node.campaign)
             if history is None:
                 return BitMap()
             cutoff = now.timestamp() - rules.parse_duration(node.within)
-            return history.since(cutoff) & self.alive
+            return history.since(cutoff) & scope
         if isinstance(node, rules.SegmentRef):
             if node.segment_id not in memo:
                 if resolve is None:
                     raise LookupError(node.segment_id)
                 memo[node.segment_id] = self._select(resolve(node.segment_id), now, resolve, memo)
-            return memo[node.segment_id]
+            return memo[node.segment_id] & scope
         raise ValueError(f"{type(node).__name__} cannot select a population")
 
     def members(self, bm: BitMap, *, start: int = 0, limit: int | None = None) -> list[str]:

@@ -10,6 +10,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from services.selection import index
 from services.selection.index import Population
 from shared import counters, rules
 
@@ -170,6 +171,16 @@ def _engines_agree(docs: list[dict[str, Any]], erased: list[str], contacts: Any,
 
     node = rules.parse(rule)
     got = set(pop.members(pop.select(node, NOW, SEGMENTS.__getitem__)))
+    # Column scans restricted to the candidates left, and never restricted: same answer.
+    for factor in (0, 10**9):
+        index.RESTRICT_FACTOR = factor
+        try:
+            other = set(pop.members(pop.select(node, NOW, SEGMENTS.__getitem__)))
+        finally:
+            index.RESTRICT_FACTOR = 8
+        assert other == got, (
+            f"rule {rule}: restricted={factor == 0} {sorted(other)} vs {sorted(got)}"
+        )
 
     compiled: dict[str, rules.Predicate] = {}
 
