@@ -62,6 +62,8 @@ class Settings(BaseSettings):
 
     # Share of decisions ranked at random (unbiased learning data for propensities).
     decision_explore: float = Field(default=0.05, ge=0.0, le=1.0)
+    # An offer nobody answered within this many seconds counts as a failure (propensity).
+    decision_unanswered_s: float = 3 * 86_400.0
 
     consumer_batch: int = 500
     consumer_max_deliver: int = 5

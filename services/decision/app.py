@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 from services.decision.catalog.endpoints import router as catalog_router
 from services.decision.decisions.endpoints import router as decisions_router
 from services.decision.engine import Engine, load_catalog, refresh_forever
+from services.decision.learning import Learning
 from services.decision.models import SCHEMA
 from services.decision.policy.ledger import Ledger
 from shared.bus import Consumer
@@ -22,8 +23,6 @@ from shared.service import Runtime, create_service_app
 from shared.settings import Settings
 
 log = logging.getLogger("kairos.decision")
-SUCCESS = {"accepted", "clicked", "converted"}
-FAILURE = {"declined", "dismissed"}
 
 
 async def _setup(rt: Runtime) -> None:
@@ -36,19 +35,6 @@ async def _setup(rt: Runtime) -> None:
 
     async def changed(batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
         wake.set()
-
-    async def responses(batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
-        """Beta posteriors per (offer, treatment): successes and failures from responses."""
-        async with rt.redis.pipeline(transaction=False) as pipe:
-            for _, ev in batch:
-                d = ev.data if isinstance(ev.data, dict) else {}
-                outcome, offer, treatment = d.get("outcome"), d.get("offer_id"), d.get("treatment")
-                if not offer or not treatment or d.get("control"):
-                    continue
-                field = "s" if outcome in SUCCESS else "f" if outcome in FAILURE else None
-                if field:
-                    pipe.hincrby(rt.keys("propensity", str(offer), str(treatment)), field, 1)
-            await pipe.execute()
 
     # Every replica reloads on every change: its own consumers, starting at "now".
     name = re.sub(r"[^A-Za-z0-9_-]", "_", f"decision-{cfg.instance_id}-{os.getpid()}")
@@ -69,9 +55,14 @@ async def _setup(rt: Runtime) -> None:
             )
         )
     if cfg.run_consumers:
-        rt.consumers.append(
-            Consumer(rt.bus, "decision-propensity", ["response.recorded"], "RESPONSE", responses)
-        )
+        learning = Learning(rt.redis, rt.keys, unanswered_s=cfg.decision_unanswered_s)
+        rt.consumers += [
+            Consumer(
+                rt.bus, "decision-propensity", ["response.recorded"], "RESPONSE", learning.handle
+            ),
+            Consumer(rt.bus, "decision-offered", ["contact.recorded"], "CONTACT", learning.handle),
+        ]
+        rt.background.append(asyncio.create_task(learning.sweep_forever()))
     try:
         eng.catalog = await load_catalog(rt.db, selection)
     except Exception as exc:  # selection not up yet: serve an empty catalog, retry at once

@@ -14,6 +14,7 @@ import httpx
 import nats
 import pytest
 
+from shared.bus import Bus
 from shared.embedded import free_port
 from shared.events import CloudEvent
 from shared.migrate import ROOT
@@ -222,3 +223,65 @@ async def test_bad_decision_requests_name_the_field(pos: httpx.AsyncClient) -> N
     assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["limit"]
     r = await pos.post("/v1/decisions", json={"customer_id": "c-1", "touchpoint": "pos", "till": 1})
     assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["till"]
+
+
+async def test_responses_teach_the_ranking(
+    gw: httpx.AsyncClient, pos: httpx.AsyncClient, stack: Stack
+) -> None:
+    """Equal priority and value: the offer customers accept comes first once responses say so."""
+    u = _u()
+    tp = f"pos_{u}"
+    good, bad = await _offer(gw, f"{u}g"), await _offer(gw, f"{u}b")
+    await _campaign(gw, f"cmp-{u}-good", tp, good)
+    await _campaign(gw, f"cmp-{u}-bad", tp, bad)
+    bus = Bus(stack.env["KAIROS_NATS_URL"], prefix=stack.env["KAIROS_BUS_PREFIX"])
+    await bus.connect()
+    try:
+        items = []
+        for offer, outcome in ((good, "accepted"), (bad, "declined")):
+            for _ in range(60):
+                data = {"offer_id": offer, "treatment": "A", "outcome": outcome}
+                items.append(
+                    (
+                        "response.recorded",
+                        CloudEvent(source="test", type="response.recorded", data=data),
+                    )
+                )
+        await bus.publish_many(items)
+    finally:
+        await bus.close()
+
+    async def firsts() -> int:
+        n = 0
+        for i in range(20):
+            d = await _decide(pos, f"rank-{u}-{i}", tp, dry_run=True)
+            n += d["offers"][0]["offer_id"] == good if d["offers"] else 0
+        return n
+
+    assert await eventually(firsts, lambda n: n >= 17)  # 5 % of rankings explore at random
+
+
+async def test_tier_rules_choose_the_treatment(
+    gw: httpx.AsyncClient, pos: httpx.AsyncClient
+) -> None:
+    u = _u()
+    tp = f"pos_{u}"
+    std, gold = await _offer(gw, f"{u}s"), await _offer(gw, f"{u}g")
+    await _campaign(
+        gw,
+        f"cmp-{u}",
+        tp,
+        std,
+        treatments=[
+            {"id": "STD", "offer": std, "weight": 1},
+            {"id": "GOLD", "offer": gold, "weight": 1, "tier": {"tag": "value:gold"}},
+        ],
+    )
+    await _customer(gw, f"g-{u}", ["value:gold"])
+    await _customer(gw, f"s-{u}", [])
+    d = await eventually(
+        lambda: _decide(pos, f"g-{u}", tp, dry_run=True), lambda d: bool(d["offers"])
+    )
+    assert d["offers"][0]["treatment"] == "GOLD" and d["offers"][0]["offer_id"] == gold
+    d = await _decide(pos, f"s-{u}", tp, dry_run=True)
+    assert d["offers"][0]["treatment"] == "STD"

@@ -1,0 +1,97 @@
+"""Propensity learning: Beta posteriors per (offer, treatment) in Redis.
+
+- ``response.recorded``: accepted / clicked / converted count as successes, declined /
+  dismissed as failures (by the response's ``offer_id`` and ``treatment``); any response
+  answers the offer, so it leaves the pending set.
+- ``contact.recorded`` (offered, not control): the offer joins the pending set of its
+  (offer, treatment) with its time. An offer still pending after
+  ``KAIROS_DECISION_UNANSWERED_S`` (default 3 days) decays into a failure: one Lua step per
+  key moves the expired entries into the failure count, so several replicas sweeping at
+  once count each offer once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+from nats.aio.msg import Msg
+from redis.asyncio import Redis
+
+from shared.events import CloudEvent
+from shared.redis import Keys
+
+log = logging.getLogger("kairos.decision.learning")
+SUCCESS = frozenset({"accepted", "clicked", "converted"})
+FAILURE = frozenset({"declined", "dismissed"})
+_DECAY = """
+local n = redis.call('ZCOUNT', KEYS[1], '-inf', ARGV[1])
+if n > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+  redis.call('HINCRBY', KEYS[2], 'f', n)
+end
+return n
+"""
+
+
+class Learning:
+    def __init__(self, redis: Redis, keys: Keys, *, unanswered_s: float) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.unanswered_s = unanswered_s
+        self._decay = redis.register_script(_DECAY)
+
+    def stats_key(self, offer: str, treatment: str) -> str:
+        return self.keys("propensity", offer, treatment)
+
+    def pending_key(self, offer: str, treatment: str) -> str:
+        return self.keys("propensity-pending", offer, treatment)
+
+    async def handle(self, batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, ev in batch:
+                d = ev.data if isinstance(ev.data, dict) else {}
+                offer, treatment = d.get("offer_id"), d.get("treatment")
+                if not offer or not treatment or d.get("control"):
+                    continue
+                offer, treatment = str(offer), str(treatment)
+                tracking = str(d.get("tracking_id") or "")
+                if ev.type == "contact.recorded" and d.get("status", "offered") == "offered":
+                    if tracking:
+                        pipe.zadd(self.pending_key(offer, treatment), {tracking: time.time()})
+                        pipe.sadd(self.keys("propensity-pending-keys"), f"{offer}\x00{treatment}")
+                elif ev.type == "response.recorded":
+                    if tracking:
+                        pipe.zrem(self.pending_key(offer, treatment), tracking)
+                    outcome = d.get("outcome")
+                    field = "s" if outcome in SUCCESS else "f" if outcome in FAILURE else None
+                    if field:
+                        pipe.hincrby(self.stats_key(offer, treatment), field, 1)
+            await pipe.execute()
+
+    async def sweep(self) -> int:
+        """Unanswered offers older than the window become failures; returns how many."""
+        cutoff = time.time() - self.unanswered_s
+        moved = 0
+        for member in await self.redis.smembers(self.keys("propensity-pending-keys")):
+            text = member.decode() if isinstance(member, bytes) else str(member)
+            offer, treatment = text.split("\x00", 1)
+            moved += int(
+                await self._decay(
+                    keys=[self.pending_key(offer, treatment), self.stats_key(offer, treatment)],
+                    args=[cutoff],
+                )
+            )
+        return moved
+
+    async def sweep_forever(self, every_s: float = 60.0) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                n = await self.sweep()
+                if n:
+                    log.info("%d unanswered offers counted as failures", n)
+            except Exception as exc:  # Redis blips: the next sweep catches up
+                log.warning("propensity sweep failed: %s", exc)
