@@ -35,6 +35,7 @@ from shared.redis import Keys, read_projections
 
 log = logging.getLogger("kairos.decision.engine")
 SOURCE = "kairos/decision"
+HISTORY_S = 90 * 86_400
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Live:
     plain: list[dict[str, Any]]
     start: datetime | None
     end: datetime | None
+    contacted: frozenset[tuple[str, str]] = frozenset()  # (campaign, within) its rules read
 
 
 @dataclass
@@ -125,6 +127,13 @@ async def load_catalog(db: Database, selection_url: str) -> Catalog:
             plain=[t for t in body["treatments"] if t.get("tier") is None],
             start=_dt(sched.get("start")),
             end=_dt(sched.get("end")),
+            contacted=frozenset(
+                (n.campaign, n.within)
+                for root in [aud, *(n for _, n in tiers), *seg_nodes.values()]
+                if root is not None
+                for n in rules.walk(root)
+                if isinstance(n, rules.Contacted)
+            ),
         )
         for tp in body.get("touchpoints") or ():
             cat.by_touchpoint.setdefault(tp, []).append(live)
@@ -189,6 +198,11 @@ class Engine:
                         f"policy: {r['channel']} {r['max']}/{r['per']} reached",
                     )
                 )
+        # Every contact also goes into the campaign's 90-day history, which ``contacted``
+        # clauses read (a cap that never binds).
+        caps.append(
+            Cap(self.ledger.history_key(customer_id, live.campaign_id), 10**9, HISTORY_S, "")
+        )
         re = live.body.get("reentry")
         if re:
             caps.append(
@@ -206,7 +220,9 @@ class Engine:
     ) -> api.DecisionResponse:
         now = datetime.now(UTC)
         (doc,) = await read_projections(self.redis, self.keys, [req.customer_id])
-        subject = rules.Subject(doc or {}, now=now)
+        lives = self.catalog.by_touchpoint.get(req.touchpoint, ())
+        seen = await self._contacted(req.customer_id, lives, now)
+        subject = rules.Subject(doc or {}, now=now, contacted=lambda c, w: seen.get((c, w), False))
         considered: list[api.Considered] = []
         candidates: list[Candidate] = []
         controls: list[Candidate] = []
@@ -214,7 +230,7 @@ class Engine:
         global_ctl = doc is not None and arbitration.in_global_control(
             req.customer_id, float(policy.get("global_control") or 0)
         )
-        for live in self.catalog.by_touchpoint.get(req.touchpoint, ()):
+        for live in lives:
             cid = live.campaign_id
 
             def out(outcome: str, reason: str, cid: str = cid) -> None:
@@ -337,6 +353,21 @@ class Engine:
             offers=offers,
             explain=considered if explain else None,
         )
+
+    async def _contacted(
+        self, customer_id: str, lives: Sequence[Live], now: datetime
+    ) -> dict[tuple[str, str], bool]:
+        """Answers for every ``contacted`` clause of these campaigns, in one round trip."""
+        wanted = sorted({ref for live in lives for ref in live.contacted})
+        if not wanted:
+            return {}
+        now_ms = int(now.timestamp() * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for camp, within in wanted:
+                since = now_ms - rules.parse_duration(within) * 1000
+                pipe.zcount(self.ledger.history_key(customer_id, camp), since, "+inf")
+            counts = await pipe.execute()
+        return {ref: int(n) > 0 for ref, n in zip(wanted, counts, strict=True)}
 
     async def _rank(self, cands: list[Candidate]) -> None:
         if not cands:

@@ -285,3 +285,27 @@ async def test_tier_rules_choose_the_treatment(
     assert d["offers"][0]["treatment"] == "GOLD" and d["offers"][0]["offer_id"] == gold
     d = await _decide(pos, f"s-{u}", tp, dry_run=True)
     assert d["offers"][0]["treatment"] == "STD"
+
+
+async def test_audiences_use_segments_and_contact_history(
+    gw: httpx.AsyncClient, pos: httpx.AsyncClient
+) -> None:
+    u = _u()
+    tp = f"pos_{u}"
+    seg = f"seg-{u}"
+    r = await gw.put(f"/v1/segments/{seg}", json={"name": "S", "rule": {"tag": f"run:{u}"}})
+    assert r.status_code == 200, r.text
+    offer = await _offer(gw, u)
+    cmp = f"cmp-{u}"
+    audience = {
+        "all": [{"segment": seg}, {"not": {"contacted": {"campaign": cmp, "within": "1d"}}}]
+    }
+    await _campaign(gw, cmp, tp, offer, audience=audience)
+    await _customer(gw, f"in-{u}", [f"run:{u}"])
+    await _customer(gw, f"out-{u}", [])
+    first = await eventually(lambda: _decide(pos, f"in-{u}", tp), lambda d: bool(d["offers"]))
+    assert first["offers"][0]["campaign_id"] == cmp
+    again = await _decide(pos, f"in-{u}", tp, explain=True)  # contacted now: not again today
+    assert again["offers"] == [] and "not" in again["explain"][0]["reason"]
+    other = await _decide(pos, f"out-{u}", tp, explain=True)
+    assert other["explain"][0]["reason"] == f"audience: not in segment {seg}"

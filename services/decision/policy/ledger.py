@@ -60,6 +60,10 @@ class Ledger:
     def campaign_key(self, customer_id: str, campaign_id: str) -> str:
         return self.keys("ledger", customer_id, "campaign", campaign_id)
 
+    def history_key(self, customer_id: str, campaign_id: str) -> str:
+        """Every contact of a campaign with this customer (90 days): what ``contacted`` reads."""
+        return self.keys("contacts", customer_id, campaign_id)
+
     async def reserve(self, caps: Sequence[Cap], member: str, now_ms: int) -> Cap | None:
         """Count one contact against every cap, or none if any is full; returns the full cap."""
         if not caps:
