@@ -58,6 +58,7 @@ class Catalog:
     by_touchpoint: dict[str, list[Live]] = field(default_factory=dict)
     offers: dict[str, dict[str, Any]] = field(default_factory=dict)
     policy: dict[str, Any] = field(default_factory=dict)
+    segments: dict[str, rules.Predicate] = field(default_factory=dict)
     loaded_at: float = 0.0
 
 
@@ -116,6 +117,7 @@ async def load_catalog(db: Database, selection_url: str) -> Catalog:
         return compiled[sid]
 
     cat = Catalog(offers={o: b for o, b in offers}, policy=pol or {}, loaded_at=time.time())
+    cat.segments = {sid: resolve(sid) for sid in seg_nodes}
     for cid, body, aud, tiers in parsed:
         sched = body.get("schedule") or {}
         live = Live(
@@ -140,12 +142,16 @@ async def load_catalog(db: Database, selection_url: str) -> Catalog:
     return cat
 
 
-def why_not(node: rules.Node, subject: rules.Subject) -> str:
+def why_not(node: rules.Node, subject: rules.Subject, segments: dict[str, rules.Predicate]) -> str:
     """A person's reason for the first clause that failed."""
+
+    def resolve(sid: str) -> rules.Predicate:
+        return segments.get(sid) or (lambda _s: False)
+
     if isinstance(node, rules.All):
         for c in node.children:
-            if not rules.compile_rule(c, resolve_segment=lambda _s: lambda _x: True)(subject):
-                return why_not(c, subject)
+            if not rules.compile_rule(c, resolve_segment=resolve)(subject):
+                return why_not(c, subject, segments)
     if isinstance(node, rules.Tag):
         return f"tag {node.name} missing"
     if isinstance(node, rules.Consent):
@@ -248,7 +254,10 @@ class Engine:
                     continue
                 if not live.audience(subject):
                     assert live.audience_node is not None
-                    out("ineligible", "audience: " + why_not(live.audience_node, subject))
+                    out(
+                        "ineligible",
+                        "audience: " + why_not(live.audience_node, subject, self.catalog.segments),
+                    )
                     continue
             treatment, fit = None, False
             for t, pred in live.tiers:
