@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -162,6 +164,11 @@ def outbox_table_ddl(schema: str) -> list[str]:
     ]
 
 
+LOOKBACK_S = 60.0
+LOOKBACK_EVERY_S = 5.0
+STATEMENT_TIMEOUT_MS = 10_000
+
+
 class OutboxRelay:
     """Publishes committed outbox rows and deletes them once JetStream has them.
 
@@ -195,35 +202,60 @@ class OutboxRelay:
                 task.cancel()
 
     async def _loop(self) -> None:
+        # A keyset floor: rows below it were relayed (their dead index entries are not
+        # scanned again). A row can commit after a later id was relayed (ids are taken at
+        # insert, rows become visible at commit), so every LOOKBACK_EVERY_S the worker also
+        # looks from where its floor stood LOOKBACK_S ago; only the first scan starts at 0.
+        floor = 0
+        history: collections.deque[tuple[float, int]] = collections.deque()
+        last_lookback = time.monotonic()
         while not self._stopping:
             # Clear before looking: a commit that signals from here on is not missed.
             self.db.outbox_signal.clear()
+            now = time.monotonic()
+            history.append((now, floor))
+            while len(history) > 1 and history[1][0] <= now - LOOKBACK_S:
+                history.popleft()
+            start = floor
+            if now - last_lookback > LOOKBACK_EVERY_S:
+                start, last_lookback = history[0][1], now
             try:
-                moved = await self.relay_once()
+                moved, lowest = await self.relay_once(start)
             except Exception as exc:
                 log.warning("outbox relay %s failed: %r", self.db.schema, exc)
-                moved = 0
+                moved, lowest = 0, None
                 await asyncio.sleep(0.2)
-            if moved > 0:
+            if moved > 0 and lowest is not None:
+                floor = max(floor, lowest) if start == floor else floor
                 continue
             with contextlib.suppress(TimeoutError):  # wake up at least twice a second
                 await asyncio.wait_for(self.db.outbox_signal.wait(), 0.5)
 
-    async def relay_once(self) -> int:
-        """Move one batch; rows are deleted only if every publish was acknowledged."""
+    async def relay_once(self, floor: int = 0) -> tuple[int, int | None]:
+        """Move one batch of rows with ``id >= floor``; rows are deleted only if every publish
+        was acknowledged. Returns how many moved and the lowest id among them.
+
+        The keyset floor matters after a burst: the deleted rows stay in the primary key as
+        dead entries until vacuum removes them, and a scan from the start would visit every
+        one of them (a million of them took minutes). The statement timeout bounds a bad
+        case anyway; the next round retries."""
         schema = self.db.schema
         async with self.db.sessions() as session, session.begin():
+            await session.execute(
+                sa.text(f"SET LOCAL statement_timeout = '{STATEMENT_TIMEOUT_MS}'")
+            )
             rows = (
                 await session.execute(
                     sa.text(
                         f'DELETE FROM "{schema}".outbox WHERE id IN (SELECT id FROM "{schema}".outbox'
-                        " ORDER BY id FOR UPDATE SKIP LOCKED LIMIT :n) RETURNING id, subject, payload"
+                        " WHERE id >= :floor ORDER BY id FOR UPDATE SKIP LOCKED LIMIT :n)"
+                        " RETURNING id, subject, payload"
                     ),
-                    {"n": self.batch},
+                    {"n": self.batch, "floor": floor},
                 )
             ).all()
             if not rows:
-                return 0
+                return 0, None
             rows = sorted(rows, key=lambda r: r[0])
             # Payloads are stored serialised: publish the bytes as they are.
             # If acks go missing (an overloaded connection), roll back and publish again soon;
@@ -231,4 +263,4 @@ class OutboxRelay:
             await self.bus.publish_encoded(
                 ((r[1], str(orjson.loads(r[2])["id"]), bytes(r[2])) for r in rows), timeout=5.0
             )
-        return len(rows)
+        return len(rows), int(rows[0][0])
