@@ -7,8 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response
 
-from gateway.idempotency import idempotent
-from gateway.upstream import Upstreams, relay
+from gateway.upstream import Upstreams, forward, relay
 from shared.auth import Principal, require
 from shared.contracts import catalog as api
 from shared.service import Runtime, runtime
@@ -34,23 +33,7 @@ async def _forward(
     *,
     params: dict[str, str] | None = None,
 ) -> Response:
-    async def call() -> Response:
-        up: Upstreams = rt.extras["upstreams"]
-        content = await request.body() if method == "PUT" else None
-        resp = await up.request(
-            "decision",
-            method,
-            path,
-            principal=principal.name,
-            content=content,
-            headers=JSON,
-            params=params,
-        )
-        return relay(resp)
-
-    if method == "GET":
-        return await call()
-    return await idempotent(request, rt.redis, rt.keys, principal.name, call)
+    return await forward(request, rt, principal, "decision", method, path, params=params)
 
 
 def _page(cursor: str | None, limit: int) -> dict[str, str]:

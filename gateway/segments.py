@@ -7,8 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response
 
-from gateway.idempotency import idempotent
-from gateway.upstream import Upstreams, relay
+from gateway.upstream import forward
 from shared.auth import Principal, require
 from shared.contracts.segments import (
     SEGMENT_ID_PATTERN,
@@ -29,7 +28,6 @@ SegmentId = Annotated[str, Path(pattern=SEGMENT_ID_PATTERN)]
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
 Writer = Annotated[Principal, Depends(require("catalog:write"))]
 Reader = Annotated[Principal, Depends(require("catalog:write", "reports:read"))]
-JSON = {"content-type": "application/json"}
 
 
 async def _forward(
@@ -41,23 +39,7 @@ async def _forward(
     *,
     params: dict[str, str] | None = None,
 ) -> Response:
-    async def call() -> Response:
-        up: Upstreams = rt.extras["upstreams"]
-        content = await request.body() if method in ("PUT", "POST") else None
-        resp = await up.request(
-            "selection",
-            method,
-            path,
-            principal=principal.name,
-            content=content,
-            headers=JSON,
-            params=params,
-        )
-        return relay(resp)
-
-    if method == "GET":
-        return await call()
-    return await idempotent(request, rt.redis, rt.keys, principal.name, call)
+    return await forward(request, rt, principal, "selection", method, path, params=params)
 
 
 @router.put("/v1/segments/{segment_id}", response_model=Segment)

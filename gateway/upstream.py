@@ -12,9 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.idempotency import idempotent
+from shared.auth import Principal
 from shared.errors import DomainError, Unavailable
+from shared.service import Runtime
 from shared.settings import SERVICES, Settings
 
 log = logging.getLogger("kairos.gateway.upstream")
@@ -116,3 +120,35 @@ class Upstreams:
 def relay(resp: Reply) -> Response:
     """Pass a service's answer through unchanged."""
     return Response(resp.content, status_code=resp.status_code, media_type=resp.content_type)
+
+
+async def forward(
+    request: Request,
+    rt: Runtime,
+    principal: Principal,
+    service: str,
+    method: str,
+    path: str,
+    *,
+    params: dict[str, str] | None = None,
+) -> Response:
+    """Pass a request to the owning service as received (the body was validated here already,
+    the service validates it again), with the principal; writes honour Idempotency-Key."""
+
+    async def call() -> Response:
+        up: Upstreams = rt.extras["upstreams"]
+        content = await request.body() if method in ("PUT", "POST", "PATCH") else None
+        resp = await up.request(
+            service,
+            method,
+            path,
+            principal=principal.name,
+            content=content,
+            headers={"content-type": "application/json"},
+            params=params,
+        )
+        return relay(resp)
+
+    if method == "GET":
+        return await call()
+    return await idempotent(request, rt.redis, rt.keys, principal.name, call)

@@ -101,7 +101,7 @@ async def test_offer_for_the_audience_with_content_and_explanations(
         assert len(o["tracking_id"]) >= 20
         while True:
             ev = CloudEvent.from_bytes((await sub.next_msg(timeout=10)).data)
-            if ev.data["tracking_id"] == o["tracking_id"]:
+            if ev.data.get("tracking_id") == o["tracking_id"]:
                 break
         assert ev.data["customer_id"] == f"in-{u}" and ev.data["control"] is False
         assert ev.data["decision_id"] == got["decision_id"]

@@ -10,6 +10,7 @@ from services.decision.catalog import service
 from services.decision.catalog.repository import CampaignRepository, OfferRepository
 from shared.contracts import catalog as api
 from shared.events import utcnow
+from shared.paging import decode_cursor, encode_cursor
 from shared.service import Runtime, runtime
 
 router = APIRouter(tags=["catalog"])
@@ -40,8 +41,8 @@ async def get_offer(offer_id: IdPath, rt: RuntimeDep) -> api.Offer:
 async def list_offers(rt: RuntimeDep, cursor: Cursor = None, limit: Limit = 100) -> api.OfferList:
     assert rt.db is not None
     async with rt.db.transaction() as uow:
-        rows = await OfferRepository(uow.session).page(service.decode_cursor(cursor), limit)
-        nxt = service.encode_cursor(rows[-1].offer_id) if len(rows) == limit else None
+        rows = await OfferRepository(uow.session).page(decode_cursor(cursor), limit)
+        nxt = encode_cursor(rows[-1].offer_id) if len(rows) == limit else None
         return api.OfferList(offers=[service.offer_view(o) for o in rows], next_cursor=nxt)
 
 
@@ -73,8 +74,8 @@ async def list_campaigns(
 ) -> api.CampaignList:
     assert rt.db is not None
     async with rt.db.transaction() as uow:
-        rows = await CampaignRepository(uow.session).page(service.decode_cursor(cursor), limit)
-        nxt = service.encode_cursor(rows[-1].campaign_id) if len(rows) == limit else None
+        rows = await CampaignRepository(uow.session).page(decode_cursor(cursor), limit)
+        nxt = encode_cursor(rows[-1].campaign_id) if len(rows) == limit else None
         return api.CampaignList(campaigns=[service.campaign_view(c) for c in rows], next_cursor=nxt)
 
 

@@ -6,7 +6,6 @@ Services never commit: callers pass a unit of work. Every change is announced as
 
 from __future__ import annotations
 
-import base64
 from datetime import datetime
 from typing import Any
 
@@ -281,20 +280,3 @@ async def transitions(uow: UnitOfWork, campaign_id: str) -> api.TransitionList:
             for t in rows
         ],
     )
-
-
-# -- paging ---------------------------------------------------------------------------------
-def encode_cursor(key: str) -> str:
-    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str | None) -> str:
-    if not cursor:
-        return ""
-    try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise Unprocessable(
-            "cursor: not a cursor this API returned",
-            errors=[{"loc": ["query", "cursor"], "msg": "not a cursor this API returned"}],
-        ) from exc

@@ -5,7 +5,6 @@ Services never commit: callers pass a unit of work.
 
 from __future__ import annotations
 
-import base64
 import re
 import secrets
 import time
@@ -30,6 +29,7 @@ from shared.contracts.segments import Segment as SegmentView
 from shared.db import UnitOfWork
 from shared.errors import Conflict, NotFound, Unavailable, Unprocessable
 from shared.events import CloudEvent
+from shared.paging import decode_cursor, encode_cursor
 
 SOURCE = "kairos/selection"
 CHUNK = 10_000
@@ -197,9 +197,9 @@ async def get_segment(uow: UnitOfWork, segment_id: str) -> Segment:
 
 
 async def list_segments(uow: UnitOfWork, *, cursor: str | None, limit: int) -> SegmentList:
-    after = _decode(cursor, "cursor") if cursor else ""
+    after = decode_cursor(cursor)
     rows = await SegmentRepository(uow.session).page(str(after), limit)
-    nxt = _encode(rows[-1].segment_id) if len(rows) == limit else None
+    nxt = encode_cursor(rows[-1].segment_id) if len(rows) == limit else None
     return SegmentList(segments=[view(s) for s in rows], next_cursor=nxt)
 
 
@@ -305,20 +305,6 @@ async def create_snapshot(
     )
 
 
-def _encode(value: str | int) -> str:
-    return base64.urlsafe_b64encode(str(value).encode()).decode().rstrip("=")
-
-
-def _decode(cursor: str, name: str) -> str:
-    try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise Unprocessable(
-            f"{name}: not a cursor this API returned",
-            errors=[{"loc": ["query", name], "msg": "not a cursor this API returned"}],
-        ) from exc
-
-
 async def snapshot_page(
     uow: UnitOfWork, *, segment_id: str, snapshot_id: str, cursor: str | None, limit: int
 ) -> SnapshotPage:
@@ -328,7 +314,7 @@ async def snapshot_page(
         raise NotFound(f"Snapshot '{snapshot_id}' of segment '{segment_id}' does not exist.")
     offset = 0
     if cursor:
-        raw = _decode(cursor, "cursor")
+        raw = decode_cursor(cursor)
         if not raw.isdigit():
             raise Unprocessable(
                 "cursor: not a cursor this API returned",
@@ -347,7 +333,7 @@ async def snapshot_page(
         segment_id=segment_id,
         count=snap.count,
         members=members,
-        next_cursor=_encode(end) if end < snap.count else None,
+        next_cursor=encode_cursor(end) if end < snap.count else None,
     )
 
 
