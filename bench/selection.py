@@ -55,6 +55,8 @@ async def _setup(ctx: Context) -> dict[str, Any]:
         assert r.status_code == 200, r.text
         out["import_s"] = round(time.perf_counter() - t0, 1)
         while (await _status(c))["customers"] < ctx.customers:
+            if time.perf_counter() - t0 > 3600:
+                raise RuntimeError(f"index holds {(await _status(c))['customers']} customers")
             await asyncio.sleep(0.5)
         out["index_caught_up_after_import_s"] = round(time.perf_counter() - t0, 1)
         # Behaviour for the event-count clauses: top-ups for a fifth of the population.

@@ -222,7 +222,10 @@ class Consumer:
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=self.ack_wait_s,
-            max_deliver=self.max_deliver + 1,  # the runner dead-letters before the server gives up
+            # Unlimited on the server: transient failures (a database down for a minute) are
+            # retried until they pass; the runner dead-letters real failures itself after
+            # ``max_deliver`` deliveries, so nothing is dropped silently.
+            max_deliver=-1,
             max_ack_pending=max(self.batch * 4, 1000),
             filter_subjects=wire if len(wire) > 1 else None,
             filter_subject=wire[0] if len(wire) == 1 else None,

@@ -35,7 +35,7 @@ from nats.js.errors import NotFoundError
 from prometheus_client import Gauge, Histogram
 
 from services.selection.index import Population
-from shared.bus import Consumer
+from shared.bus import Consumer, TransientError
 from shared.events import CloudEvent
 from shared.redis import read_projections
 from shared.rules import parse_duration
@@ -45,6 +45,7 @@ log = logging.getLogger("kairos.selection.audience")
 Batch = Sequence[tuple[Msg, CloudEvent]]
 
 FORMAT = 1
+MAX_PROJECTION_WAITS = 30
 EXPORT_PAGE = 5000
 INDEX_CUSTOMERS = Gauge("kairos_selection_index_customers", "Customers in the audience index")
 INDEX_LAG = Histogram(
@@ -221,8 +222,15 @@ class Audience:
             if not self.ready:
                 self._erased_while_loading.add(cid)
         if changed:
-            docs = await self._read(changed)
+            docs, behind = await self._read(changed)
             self.pop.upsert_many(docs, changed)
+            tries = max((m.metadata.num_delivered or 1) if m.metadata else 1 for m, _ in batch)
+            if behind and tries < MAX_PROJECTION_WAITS:
+                # Not written yet (a busy profile service): the batch comes back in a second;
+                # what was applied is skipped then by the version guard.
+                raise TransientError(f"{len(behind)} projections not written yet")
+            if behind:
+                log.warning("projections of %s never caught up; left as they were", behind[:5])
         last = batch[-1][0].metadata.sequence.stream if batch[-1][0].metadata else 0
         self.pop.seq = max(self.pop.seq, int(last))
         self.changes += 1
@@ -231,9 +239,12 @@ class Audience:
             INDEX_LAG.observe(max(0.0, (datetime.now(UTC) - newest).total_seconds()))
         INDEX_CUSTOMERS.set(self.pop.total)
 
-    async def _read(self, wanted: dict[str, tuple[int, set[str]]]) -> list[dict[str, Any]]:
-        """The projections of changed customers; the profile writes Redis right after its
-        commit, so a projection older than the event is read again a few times."""
+    async def _read(
+        self, wanted: dict[str, tuple[int, set[str]]]
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """The projections of changed customers, and the ids whose projection is still older
+        than the event (the profile writes Redis right after its commit, so they are read
+        again a few times first)."""
         ids = list(wanted)
         docs: dict[str, dict[str, Any]] = {}
         for delay in (0.0, 0.02, 0.05, 0.1, 0.25):
@@ -249,7 +260,7 @@ class Audience:
             if not behind:
                 break
             ids = behind
-        return list(docs.values())
+        return list(docs.values()), behind
 
     async def _on_contact(self, batch: Batch) -> None:
         for msg, ev in batch:
