@@ -14,7 +14,6 @@ from jinja2 import ChainableUndefined, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
 
 _ENV = SandboxedEnvironment(autoescape=False, trim_blocks=True, undefined=ChainableUndefined)
-FIELDS = ("title", "body", "subject", "html", "text", "deeplink")
 
 
 class TemplateError(ValueError):

@@ -573,14 +573,6 @@ class Population:
         picks = sorted({(i * n) // min(k, n) for i in range(min(k, n))})
         return [self.ids[bm[i]] for i in picks]  # type: ignore[misc]
 
-    def fields(self) -> dict[str, list[str]]:
-        """What a breakdown can name."""
-        return {
-            "attributes": sorted(self.attrs),
-            "tags": sorted({t.split(":", 1)[0] for t in self.tags if ":" in t}),
-            "consents": sorted(self.consents),
-        }
-
     def breakdown(self, members: BitMap, name: str, top: int) -> dict[str, int]:
         """Members per value of an attribute (``attributes.region``), per tag of a namespace
         (``tags:value``) or per consent (``consents.push``): the ``top`` largest values, the
