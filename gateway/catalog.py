@@ -32,8 +32,11 @@ async def _forward(
     path: str,
     *,
     params: dict[str, str] | None = None,
+    timeout: float | None = None,
 ) -> Response:
-    return await forward(request, rt, principal, "decision", method, path, params=params)
+    return await forward(
+        request, rt, principal, "decision", method, path, params=params, timeout=timeout
+    )
 
 
 def _page(cursor: str | None, limit: int) -> dict[str, str]:
@@ -158,3 +161,64 @@ async def put_policy(
 @router.get("/v1/contact-policy", response_model=api.ContactPolicy)
 async def get_policy(request: Request, principal: Reader, rt: RuntimeDep) -> Response:
     return await _forward(request, rt, principal, "GET", "/v1/contact-policy")
+
+
+RunId = Annotated[str, Path(pattern=r"^run-[0-9a-f]{16}$")]
+
+
+@router.post("/v1/campaigns/{campaign_id}/runs", response_model=api.RunStarted, status_code=202)
+async def start_run(
+    request: Request, campaign_id: Id, principal: Writer, rt: RuntimeDep
+) -> Response:
+    """Start a batch run over the campaign's audience now (active batch campaigns)."""
+    return await _forward(request, rt, principal, "POST", f"/v1/campaigns/{campaign_id}/runs")
+
+
+@router.get("/v1/campaigns/{campaign_id}/runs", response_model=api.RunList)
+async def list_runs(
+    request: Request,
+    campaign_id: Id,
+    principal: Reader,
+    rt: RuntimeDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> Response:
+    """The campaign's runs, newest first."""
+    return await _forward(
+        request,
+        rt,
+        principal,
+        "GET",
+        f"/v1/campaigns/{campaign_id}/runs",
+        params={"limit": str(limit)},
+    )
+
+
+@router.get("/v1/campaigns/{campaign_id}/runs/{run_id}", response_model=api.RunInfo)
+async def get_run(
+    request: Request, campaign_id: Id, run_id: RunId, principal: Reader, rt: RuntimeDep
+) -> Response:
+    """A run's status and counts (selected, control, suppressed by reason, dispatched)."""
+    return await _forward(
+        request, rt, principal, "GET", f"/v1/campaigns/{campaign_id}/runs/{run_id}"
+    )
+
+
+@router.post("/v1/campaigns/{campaign_id}/runs/{run_id}/cancel", response_model=api.RunInfo)
+async def cancel_run(
+    request: Request, campaign_id: Id, run_id: RunId, principal: Writer, rt: RuntimeDep
+) -> Response:
+    """Stop a running run; what it already requested stays requested."""
+    return await _forward(
+        request, rt, principal, "POST", f"/v1/campaigns/{campaign_id}/runs/{run_id}/cancel"
+    )
+
+
+@router.post("/v1/campaigns/{campaign_id}/simulate", response_model=api.Simulation)
+async def simulate(
+    request: Request, campaign_id: Id, principal: Writer, rt: RuntimeDep
+) -> Response:
+    """What a run or a day of triggers would do, without sending anything (it walks the
+    whole audience: up to a few minutes for millions)."""
+    return await _forward(
+        request, rt, principal, "POST", f"/v1/campaigns/{campaign_id}/simulate", timeout=600
+    )

@@ -131,6 +131,7 @@ async def forward(
     path: str,
     *,
     params: dict[str, str] | None = None,
+    timeout: float | None = None,
 ) -> Response:
     """Pass a request to the owning service as received (the body was validated here already,
     the service validates it again), with the principal; writes honour Idempotency-Key."""
@@ -146,6 +147,7 @@ async def forward(
             content=content,
             headers={"content-type": "application/json"},
             params=params,
+            timeout=timeout,
         )
         return relay(resp)
 

@@ -181,7 +181,9 @@ class Bus:
         await self.js.publish(wire_subject, payload, headers=headers)
 
 
-BatchHandler = Callable[[Sequence[tuple[Msg, CloudEvent]]], Awaitable[None]]
+# A handler may return messages it cannot handle yet (waiting for another process): they
+# are nak'ed with a delay and come back; the rest of the batch is acked.
+BatchHandler = Callable[[Sequence[tuple[Msg, CloudEvent]]], Awaitable[Sequence[Msg] | None]]
 
 
 @dataclass
@@ -301,9 +303,10 @@ class Consumer:
                 await self._dead_letter(m, f"undecodable: {exc}")
         if not good:
             return
+        later: Sequence[Msg] | None = None
         try:
             with self._span(good[0][0], len(good)):
-                await self.handler(good)
+                later = await self.handler(good)
         except TransientError as exc:
             log.warning("consumer %s: transient failure, retrying batch: %s", self.name, exc)
             CONSUMED.labels(self.name, "nak").inc(len(good))
@@ -316,15 +319,23 @@ class Consumer:
             log.warning("consumer %s: batch failed (%s); retrying one by one", self.name, exc)
             for item in good:
                 try:
-                    await self.handler([item])
+                    again = await self.handler([item])
                 except Exception as one_exc:
                     await self._failed(item[0], one_exc)
                 else:
+                    if again:
+                        await item[0].nak(delay=self.nak_delay_s)
+                        continue
                     await item[0].ack()
                     CONSUMED.labels(self.name, "ok").inc()
             return
-        await asyncio.gather(*(m.ack() for m, _ in good))
-        CONSUMED.labels(self.name, "ok").inc(len(good))
+        wait = {id(m) for m in later or ()}
+        await asyncio.gather(
+            *(m.nak(delay=self.nak_delay_s) if id(m) in wait else m.ack() for m, _ in good)
+        )
+        CONSUMED.labels(self.name, "ok").inc(len(good) - len(wait))
+        if wait:
+            CONSUMED.labels(self.name, "later").inc(len(wait))
 
     async def _failed(self, msg: Msg, exc: Exception) -> None:
         delivered = msg.metadata.num_delivered if msg.metadata else 1

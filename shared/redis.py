@@ -23,11 +23,16 @@ class Keys:
     def profile(self, customer_id: str) -> str:
         return f"{self.prefix}profile:{customer_id}"
 
+    def applied(self, event_id: str) -> str:
+        """Which customer an applied event landed on (profile writes it, triggers wait for it)."""
+        return f"{self.prefix}applied:{event_id}"
+
     def __call__(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
 
 PROJECTION_FIELDS = ("v", "p", "c")
+APPLIED_TTL_S = 600  # how long the ``applied`` markers of events are kept
 
 
 def merge_parts(raw: Sequence[Any]) -> dict[str, Any] | None:

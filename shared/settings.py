@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     decision_explore: float = Field(default=0.05, ge=0.0, le=1.0)
     # An offer nobody answered within this many seconds counts as a failure (propensity).
     decision_unanswered_s: float = 3 * 86_400.0
+    decision_run_page: int = Field(
+        default=5_000, ge=10, le=10_000, description="Members per batch-run page (checkpoint)"
+    )
 
     consumer_batch: int = 500
     consumer_max_deliver: int = 5

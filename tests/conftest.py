@@ -60,6 +60,7 @@ def _env() -> dict[str, str]:
             [{"name": f"test-{n}", "key": KEYS[n], "scopes": SCOPES[n]} for n in KEYS]
         ),
         KAIROS_CONSUMER_MAX_DELIVER="3",
+        KAIROS_DECISION_RUN_PAGE="50",  # many checkpoints even for small test audiences
         KAIROS_LOG_LEVEL="INFO",
     )
     if env.get("KAIROS_DATABASE_URL"):

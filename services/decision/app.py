@@ -17,6 +17,9 @@ from services.decision.engine import Engine, load_catalog, refresh_forever
 from services.decision.learning import Learning
 from services.decision.models import SCHEMA
 from services.decision.policy.ledger import Ledger
+from services.decision.runs.endpoints import router as runs_router
+from services.decision.runs.service import Runs
+from services.decision.triggers import Triggers
 from shared.bus import Consumer
 from shared.events import CloudEvent
 from shared.service import Runtime, create_service_app
@@ -54,7 +57,38 @@ async def _setup(rt: Runtime) -> None:
                 inactive_threshold_s=600.0,
             )
         )
+    triggers = Triggers(eng, rt.db, rt.redis, rt.keys, rt.bus)
+    runs = Runs(
+        eng, rt.db, rt.bus, selection, name, on_timers=triggers.wake.set, page=cfg.decision_run_page
+    )
+    rt.extras["triggers"] = triggers
+    rt.extras["runs"] = runs
     if cfg.run_consumers:
+        rt.consumers += [
+            Consumer(
+                rt.bus,
+                "decision-triggers",
+                ["events.>"],
+                "EVENTS",
+                triggers.handle_events,
+                batch=cfg.consumer_batch,
+                max_deliver=cfg.consumer_max_deliver,
+                nak_delay_s=0.2,
+            ),
+            Consumer(
+                rt.bus,
+                "decision-trigger-responses",
+                ["response.recorded"],
+                "RESPONSE",
+                triggers.handle_responses,
+                max_deliver=cfg.consumer_max_deliver,
+            ),
+        ]
+        rt.background += [
+            asyncio.create_task(triggers.timers_forever()),
+            asyncio.create_task(runs.work_forever()),
+            asyncio.create_task(runs.cron_forever()),
+        ]
         learning = Learning(rt.redis, rt.keys, unanswered_s=cfg.decision_unanswered_s)
         rt.consumers += [
             Consumer(
@@ -78,7 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return create_service_app(
         "decision",
         schema=SCHEMA,
-        routers=[catalog_router, decisions_router],
+        routers=[catalog_router, decisions_router, runs_router],
         setup=_setup,
         settings=settings,
     )

@@ -16,7 +16,7 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,7 +25,7 @@ import aiohttp
 import sqlalchemy as sa
 
 from services.decision import arbitration, templating
-from services.decision.policy.ledger import Cap, Ledger
+from services.decision.policy.ledger import HISTORY_S, Cap, Ledger
 from shared import rules
 from shared.bus import Bus
 from shared.contracts import catalog as api
@@ -35,7 +35,6 @@ from shared.redis import Keys, read_projections
 
 log = logging.getLogger("kairos.decision.engine")
 SOURCE = "kairos/decision"
-HISTORY_S = 90 * 86_400
 
 
 @dataclass
@@ -51,11 +50,27 @@ class Live:
     start: datetime | None
     end: datetime | None
     contacted: frozenset[tuple[str, str]] = frozenset()  # (campaign, within) its rules read
+    where: rules.Predicate | None = None  # triggered: the condition on the firing event
+    delay_s: int = 0
+    unless: tuple[str, int] | None = None  # (event type, window s)
+    since: datetime | None = None  # when it last changed (became active)
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self.body.get("channels") or ())
+
+    @property
+    def timed(self) -> bool:
+        """Fires later (a delay or an ``unless`` window) rather than on the event itself."""
+        return self.delay_s > 0 or self.unless is not None
 
 
 @dataclass
 class Catalog:
     by_touchpoint: dict[str, list[Live]] = field(default_factory=dict)
+    by_event: dict[str, list[Live]] = field(default_factory=dict)  # triggered, by event type
+    by_unless: dict[str, list[Live]] = field(default_factory=dict)  # by the unless event type
+    by_id: dict[str, Live] = field(default_factory=dict)  # every active campaign
     offers: dict[str, dict[str, Any]] = field(default_factory=dict)
     policy: dict[str, Any] = field(default_factory=dict)
     segments: dict[str, rules.Predicate] = field(default_factory=dict)
@@ -88,27 +103,27 @@ async def _segments(selection_url: str, ids: set[str]) -> dict[str, rules.Node]:
     return out
 
 
-async def load_catalog(db: Database, selection_url: str) -> Catalog:
-    async with db.sessions() as s:
-        camps = (
-            await s.execute(
-                sa.text("SELECT campaign_id, body FROM decision.campaign WHERE state = 'active'")
-            )
-        ).all()
-        offers = (await s.execute(sa.text("SELECT offer_id, body FROM decision.offer"))).all()
-        pol = (await s.execute(sa.text("SELECT body FROM decision.contact_policy"))).scalar()
-    refs: set[str] = set()
-    parsed = []
-    for cid, body in camps:
-        aud = rules.parse(body["audience"]) if body.get("audience") else None
-        tiers = [
-            (t, rules.parse(t["tier"])) for t in body["treatments"] if t.get("tier") is not None
-        ]
-        for node in [aud, *(n for _, n in tiers)]:
-            if node is not None:
-                refs |= rules.segments_of(node)
-        parsed.append((cid, body, aud, tiers))
-    seg_nodes = await _segments(selection_url, refs) if refs else {}
+def _parse(
+    body: dict[str, Any],
+) -> tuple[rules.Node | None, list[tuple[dict[str, Any], rules.Node]]]:
+    aud = rules.parse(body["audience"]) if body.get("audience") else None
+    tiers = [(t, rules.parse(t["tier"])) for t in body["treatments"] if t.get("tier") is not None]
+    return aud, tiers
+
+
+def _refs(body: dict[str, Any]) -> set[str]:
+    aud, tiers = _parse(body)
+    out: set[str] = set()
+    for node in [aud, *(n for _, n in tiers)]:
+        if node is not None:
+            out |= rules.segments_of(node)
+    trig = body.get("trigger") or {}
+    if trig.get("where"):
+        out |= rules.segments_of(rules.parse(trig["where"]))
+    return out
+
+
+def _resolver(seg_nodes: dict[str, rules.Node]) -> Callable[[str], rules.Predicate]:
     compiled: dict[str, rules.Predicate] = {}
 
     def resolve(sid: str) -> rules.Predicate:
@@ -116,27 +131,83 @@ async def load_catalog(db: Database, selection_url: str) -> Catalog:
             compiled[sid] = rules.compile_rule(seg_nodes[sid], resolve_segment=resolve)
         return compiled[sid]
 
+    return resolve
+
+
+def compile_live(
+    cid: str,
+    body: dict[str, Any],
+    seg_nodes: dict[str, rules.Node],
+    resolve: Callable[[str], rules.Predicate],
+) -> Live:
+    """One campaign compiled: audience, tiers, trigger condition, timing."""
+    aud, tiers = _parse(body)
+    sched = body.get("schedule") or {}
+    live = Live(
+        campaign_id=cid,
+        body=body,
+        audience=rules.compile_rule(aud, resolve_segment=resolve) if aud else None,
+        audience_node=aud,
+        tiers=[(t, rules.compile_rule(n, resolve_segment=resolve)) for t, n in tiers],
+        plain=[t for t in body["treatments"] if t.get("tier") is None],
+        start=_dt(sched.get("start")),
+        end=_dt(sched.get("end")),
+        contacted=frozenset(
+            (n.campaign, n.within)
+            for root in [aud, *(n for _, n in tiers), *seg_nodes.values()]
+            if root is not None
+            for n in rules.walk(root)
+            if isinstance(n, rules.Contacted)
+        ),
+    )
+    trig = body.get("trigger") if body.get("type") == "triggered" else None
+    if trig:
+        live.where = (
+            rules.compile_rule(rules.parse(trig["where"]), resolve_segment=resolve)
+            if trig.get("where")
+            else None
+        )
+        live.delay_s = rules.parse_duration(trig.get("delay") or "0s")
+        un = trig.get("unless")
+        if un:
+            live.unless = (un["event"], rules.parse_duration(un["within"]))
+    return live
+
+
+async def compile_one(cid: str, body: dict[str, Any], selection_url: str) -> Live:
+    """A campaign in any state compiled on its own (simulate, runs)."""
+    refs = _refs(body)
+    seg_nodes = await _segments(selection_url, refs) if refs else {}
+    return compile_live(cid, body, seg_nodes, _resolver(seg_nodes))
+
+
+async def load_catalog(db: Database, selection_url: str) -> Catalog:
+    async with db.sessions() as s:
+        camps = (
+            await s.execute(
+                sa.text(
+                    "SELECT campaign_id, body, updated_at FROM decision.campaign "
+                    "WHERE state = 'active'"
+                )
+            )
+        ).all()
+        offers = (await s.execute(sa.text("SELECT offer_id, body FROM decision.offer"))).all()
+        pol = (await s.execute(sa.text("SELECT body FROM decision.contact_policy"))).scalar()
+    refs: set[str] = set()
+    for _, body, _ in camps:
+        refs |= _refs(body)
+    seg_nodes = await _segments(selection_url, refs) if refs else {}
+    resolve = _resolver(seg_nodes)
     cat = Catalog(offers={o: b for o, b in offers}, policy=pol or {}, loaded_at=time.time())
     cat.segments = {sid: resolve(sid) for sid in seg_nodes}
-    for cid, body, aud, tiers in parsed:
-        sched = body.get("schedule") or {}
-        live = Live(
-            campaign_id=cid,
-            body=body,
-            audience=rules.compile_rule(aud, resolve_segment=resolve) if aud else None,
-            audience_node=aud,
-            tiers=[(t, rules.compile_rule(n, resolve_segment=resolve)) for t, n in tiers],
-            plain=[t for t in body["treatments"] if t.get("tier") is None],
-            start=_dt(sched.get("start")),
-            end=_dt(sched.get("end")),
-            contacted=frozenset(
-                (n.campaign, n.within)
-                for root in [aud, *(n for _, n in tiers), *seg_nodes.values()]
-                if root is not None
-                for n in rules.walk(root)
-                if isinstance(n, rules.Contacted)
-            ),
-        )
+    for cid, body, updated_at in camps:
+        live = compile_live(cid, body, seg_nodes, resolve)
+        live.since = updated_at
+        if body.get("type") == "triggered" and body.get("trigger"):
+            cat.by_event.setdefault(body["trigger"]["event"], []).append(live)
+            if live.unless is not None:
+                cat.by_unless.setdefault(live.unless[0], []).append(live)
+        cat.by_id[cid] = live
         for tp in body.get("touchpoints") or ():
             cat.by_touchpoint.setdefault(tp, []).append(live)
     return cat
@@ -191,23 +262,26 @@ class Engine:
         self.explore = explore
         self.rng = random.Random()
 
-    def _caps(self, customer_id: str, live: Live, channel: str) -> list[Cap]:
-        caps = []
+    def caps(self, customer_id: str, live: Live, channel: str) -> list[Cap]:
+        """Every cap one contact over ``channel`` (or at a touchpoint) must respect. The first
+        is the channel's own log (never full): what makes a reservation idempotent."""
+        caps = [Cap(self.ledger.channel_key(customer_id, channel), 10**9, HISTORY_S, "", "log")]
         for r in self.catalog.policy.get("rules") or ():
             if r["channel"] in ("*", channel):
-                per = rules.parse_duration(r["per"])
                 caps.append(
                     Cap(
                         self.ledger.channel_key(customer_id, r["channel"]),
                         int(r["max"]),
-                        per,
+                        rules.parse_duration(r["per"]),
                         f"policy: {r['channel']} {r['max']}/{r['per']} reached",
+                        "policy",
+                        r.get("on_cap") or "drop",
                     )
                 )
         # Every contact also goes into the campaign's 90-day history, which ``contacted``
         # clauses read (a cap that never binds).
         caps.append(
-            Cap(self.ledger.history_key(customer_id, live.campaign_id), 10**9, HISTORY_S, "")
+            Cap(self.ledger.history_key(customer_id, live.campaign_id), 10**9, HISTORY_S, "", "log")
         )
         re = live.body.get("reentry")
         if re:
@@ -217,6 +291,7 @@ class Engine:
                     int(re["max"]),
                     rules.parse_duration(re["per"]),
                     f"reentry: {re['max']} per {re['per']} reached",
+                    "reentry",
                 )
             )
         return caps
@@ -291,7 +366,7 @@ class Engine:
                 )
                 continue
             candidates.append(cand)
-        await self._rank(candidates)
+        await self.rank(candidates)
         offers: list[api.DecidedOffer] = []
         records: list[tuple[str, CloudEvent]] = []
         decision_id = str(uuid.uuid4())
@@ -309,7 +384,7 @@ class Engine:
                 )
                 continue
             tracking = secrets.token_urlsafe(16)
-            caps = self._caps(req.customer_id, cand.live, req.touchpoint)
+            caps = self.caps(req.customer_id, cand.live, req.touchpoint)
             full = (
                 await self.ledger.room(caps, now_ms)
                 if dry_run
@@ -378,12 +453,16 @@ class Engine:
             counts = await pipe.execute()
         return {ref: int(n) > 0 for ref, n in zip(wanted, counts, strict=True)}
 
-    async def _rank(self, cands: list[Candidate]) -> None:
+    async def rank(self, cands: Sequence[Any]) -> None:
+        """Score candidates (anything with live, treatment, offer, tier_fit, score) and sort
+        them best first (or at random, ``explore`` of the time)."""
         if not cands:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for c in cands:
-                pipe.hmget(self.keys("propensity", c.offer_id, c.treatment["id"]), ["s", "f"])
+                pipe.hmget(
+                    self.keys("propensity", c.treatment["offer"], c.treatment["id"]), ["s", "f"]
+                )
             stats: Sequence[Any] = await pipe.execute()
         for c, (s, f) in zip(cands, stats, strict=True):
             p = arbitration.propensity(float(s or 0), float(f or 0), self.rng)
@@ -393,10 +472,11 @@ class Engine:
                 float(c.offer.get("value", 1.0)),
                 c.tier_fit,
             )
-        if self.rng.random() < self.explore:
-            self.rng.shuffle(cands)
-        else:
-            cands.sort(key=lambda c: -c.score)
+        if isinstance(cands, list):
+            if self.rng.random() < self.explore:
+                self.rng.shuffle(cands)
+            else:
+                cands.sort(key=lambda c: -c.score)
 
     def _record(
         self,

@@ -66,3 +66,49 @@ class ContactPolicyRow(SQLModel, table=True):
     version: int = 1
     updated_at: datetime = Field(sa_column=_ts())
     updated_by: str | None = None
+
+
+class Timer(SQLModel, table=True):
+    """A pending firing: a delayed or ``unless`` trigger, or a deferred send. Claimed by
+    one replica at a time (``claimed_until``) and deleted once done."""
+
+    __tablename__ = "timer"
+    __table_args__ = {"schema": SCHEMA}
+    timer_id: str = Field(primary_key=True)
+    kind: str  # fire | send | retry
+    due: datetime = Field(sa_column=_ts())
+    customer_id: str
+    campaign_id: str
+    unless_event: str | None = None
+    payload: dict[str, Any] = Field(sa_column=sa.Column(JSONB, nullable=False))
+    created_at: datetime = Field(sa_column=_ts())
+    claimed_until: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
+    )
+    attempts: int = 0
+
+
+class Run(SQLModel, table=True):
+    """A batch run over a frozen audience; ``position`` is how far it has walked."""
+
+    __tablename__ = "run"
+    __table_args__ = {"schema": SCHEMA}
+    run_id: str = Field(primary_key=True)
+    campaign_id: str = Field(index=True)
+    status: str = "running"
+    dry_run: bool = False
+    tick: datetime | None = Field(default=None, sa_column=sa.Column(sa.DateTime(timezone=True)))
+    snapshot_id: str | None = None
+    selected: int = 0
+    position: int = 0
+    counts: dict[str, Any] = Field(sa_column=sa.Column(JSONB, nullable=False))
+    error: str | None = None
+    owner: str | None = None
+    lease_until: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
+    )
+    started_at: datetime = Field(sa_column=_ts())
+    finished_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
+    )
+    created_by: str | None = None

@@ -51,6 +51,7 @@ async def handle_events(rt: Runtime, batch: Sequence[tuple[Msg, CloudEvent]]) ->
         await reproject(rt, stale)
     for source in applied.folded:
         await proj.erase(source)
+    await proj.mark_applied(applied.owners)
 
 
 def _when(value: object) -> datetime:

@@ -18,7 +18,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from shared.redis import Keys, merge_parts
+from shared.redis import APPLIED_TTL_S, Keys, merge_parts
 
 _WRITE = """
 -- KEYS: profile keys; ARGV: mode, then version, created_at ms, p, c for each key
@@ -100,6 +100,17 @@ class Projection:
                 )
                 stale += [chunk[int(i) - 1].customer_id for i in missed]
         return stale
+
+    async def mark_applied(self, owners: dict[str, str]) -> None:
+        """After the projections are written: ``applied:{event id}`` names the customer each
+        event landed on (after identity resolution), for ``APPLIED_TTL_S``. Triggers wait for
+        it, so the rules they evaluate see the counters with the event in them."""
+        if not owners:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for event_id, cid in owners.items():
+                pipe.set(self.keys.applied(event_id), cid, ex=APPLIED_TTL_S)
+            await pipe.execute()
 
     async def erase(self, customer_id: str) -> None:
         """Replace the projection with a tombstone: writes of the erased profile are refused,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from shared.rules import parse_duration
@@ -100,6 +102,11 @@ class Trigger(BaseModel):
     where: Rule | None = None
     delay: Duration = "0s"
     unless: Unless | None = None
+    exclusive: bool = Field(
+        default=True,
+        description="One message per event and customer: exclusive campaigns firing on the "
+        "same event compete and only the best is sent; false sends this one regardless",
+    )
 
     _check = field_validator("delay")(_duration)
 
@@ -110,6 +117,24 @@ class Schedule(BaseModel):
     end: datetime | None = None
     cron: str | None = Field(default=None, max_length=100)
     timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        if v is not None and not croniter.is_valid(v):
+            raise ValueError(f"not a cron expression: {v!r} (five fields, e.g. '0 9 * * MON')")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(
+                f"unknown time zone {v!r} (an IANA name such as Europe/Berlin)"
+            ) from exc
+        return v
 
 
 class Treatment(BaseModel):
@@ -243,3 +268,59 @@ class DecisionResponse(BaseModel):
     touchpoint: str
     offers: list[DecidedOffer]
     explain: list[Considered] | None = None
+
+
+RunStatus = Literal["running", "completed", "failed", "cancelled"]
+
+
+class RunCounts(BaseModel):
+    """What a run (or a simulation) did to its audience."""
+
+    selected: int = Field(0, description="members of the frozen audience")
+    processed: int = Field(0, description="members walked so far")
+    control: int = 0
+    suppressed: dict[str, int] = Field(
+        default_factory=dict,
+        description="by reason: consent, policy, reentry, unreachable, content, unknown",
+    )
+    ineligible: dict[str, int] = Field(
+        default_factory=dict, description="by reason: schedule, treatment, offer"
+    )
+    dispatched: int = 0
+    deferred: int = Field(0, description="held for quiet hours or a deferring cap")
+    by_channel: dict[str, int] = Field(default_factory=dict)
+    by_treatment: dict[str, int] = Field(default_factory=dict)
+
+
+class RunStarted(BaseModel):
+    run_id: str
+
+
+class RunInfo(RunCounts):
+    """``GET /v1/campaigns/{campaign_id}/runs/{run_id}``."""
+
+    run_id: str
+    campaign_id: str
+    status: RunStatus
+    trigger: Literal["manual", "cron"]
+    tick: datetime | None = None
+    snapshot_id: str | None = None
+    error: str | None = None
+    started_at: datetime
+    finished_at: datetime | None = None
+    started_by: str | None = None
+
+
+class RunList(BaseModel):
+    campaign_id: str
+    runs: list[RunInfo]
+
+
+class Simulation(RunCounts):
+    """``POST /v1/campaigns/{campaign_id}/simulate``: what a run (batch) or the last day of
+    trigger events (triggered) would do, without reserving, recording or sending."""
+
+    campaign_id: str
+    kind: Literal["run", "triggers"]
+    events: int | None = Field(None, description="trigger events replayed (triggered)")
+    took_ms: float

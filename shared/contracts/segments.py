@@ -70,6 +70,14 @@ class PreviewResult(BaseModel):
     as_of: datetime = Field(description="The last profile change the audience index has seen")
 
 
+class RuleSnapshotRequest(BaseModel):
+    """``POST /v1/snapshots``: freeze the members of a rule that is not a saved segment (a
+    campaign's audience for a batch run)."""
+
+    model_config = ConfigDict(extra="forbid")
+    rule: Rule = Field(description=RULE_DOC)
+
+
 class SnapshotCreated(BaseModel):
     snapshot_id: str
     segment_id: str

@@ -419,6 +419,7 @@ class Applied:
     customers: set[str] = field(default_factory=set)
     docs: list[Doc] = field(default_factory=list)
     folded: list[str] = field(default_factory=list)
+    owners: dict[str, str] = field(default_factory=dict)  # event id -> customer it landed on
 
 
 async def apply_events(uow: UnitOfWork, events: list[EventData], now: datetime) -> Applied:
@@ -453,6 +454,7 @@ async def apply_events(uow: UnitOfWork, events: list[EventData], now: datetime) 
                 anon_owner[e.anonymous_id] = cid
         targets.append((e, cid))
         out.customers.add(cid)
+        out.owners[e.id] = cid
     created = await repo.ensure({cid for e, cid in targets if e.id in fresh_ids}, now)
     await repo.add_identities(new_links)
     for target, source in dict.fromkeys(folds):

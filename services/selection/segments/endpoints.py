@@ -15,6 +15,7 @@ from shared.contracts.segments import (
     IndexStatus,
     PreviewRequest,
     PreviewResult,
+    RuleSnapshotRequest,
     Segment,
     SegmentList,
     SegmentPut,
@@ -126,6 +127,33 @@ async def snapshot_page(
     async with rt.db.transaction() as uow:
         return await service.snapshot_page(
             uow, segment_id=segment_id, snapshot_id=snapshot_id, cursor=cursor, limit=limit
+        )
+
+
+@router.post("/v1/snapshots", response_model=SnapshotCreated, status_code=201)
+async def create_rule_snapshot(
+    body: RuleSnapshotRequest, rt: RuntimeDep, principal: PrincipalHeader = None
+) -> SnapshotCreated:
+    """Freeze the members of an ad-hoc rule (a campaign audience); ``segment_id`` is empty."""
+    assert rt.db is not None
+    async with rt.db.transaction() as uow:
+        return await service.create_snapshot(
+            uow, audience(rt), segment_id="", principal=principal, now=utcnow(), rule=body.rule
+        )
+
+
+@router.get("/v1/snapshots/{snapshot_id}", response_model=SnapshotPage)
+async def rule_snapshot_page(
+    snapshot_id: Annotated[str, Path(pattern=r"^snap-[0-9a-f]{16}$")],
+    rt: RuntimeDep,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> SnapshotPage:
+    """A page of any snapshot by its id alone."""
+    assert rt.db is not None
+    async with rt.db.transaction() as uow:
+        return await service.snapshot_page(
+            uow, segment_id=None, snapshot_id=snapshot_id, cursor=cursor, limit=limit
         )
 
 

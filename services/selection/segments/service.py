@@ -262,12 +262,23 @@ async def preview(uow: UnitOfWork, audience: Audience, body: PreviewRequest) -> 
 
 # -- snapshots ------------------------------------------------------------------------------
 async def create_snapshot(
-    uow: UnitOfWork, audience: Audience, *, segment_id: str, principal: str | None, now: datetime
+    uow: UnitOfWork,
+    audience: Audience,
+    *,
+    segment_id: str,
+    principal: str | None,
+    now: datetime,
+    rule: dict[str, Any] | None = None,
 ) -> SnapshotCreated:
-    """Freeze the segment's membership now; later profile changes do not alter it."""
-    seg = await get_segment(uow, segment_id)
-    node = rules.parse(seg.rule)
-    refs = await resolver(uow, seg.rule, node)
+    """Freeze the segment's membership now (or, with ``rule`` and no segment, the members of
+    that rule: a campaign's audience); later profile changes do not alter it."""
+    if rule is None:
+        seg = await get_segment(uow, segment_id)
+        rule, version = seg.rule, seg.version
+        node = rules.parse(rule)
+    else:
+        node, version = parse_rule(rule), 0
+    refs = await resolver(uow, rule, node)
     _require_ready(audience)
     members = audience.pop.members(audience.pop.select(node, now, refs.__getitem__))
     snapshot_id = "snap-" + secrets.token_hex(8)
@@ -276,8 +287,8 @@ async def create_snapshot(
         Snapshot(
             snapshot_id=snapshot_id,
             segment_id=segment_id,
-            segment_version=seg.version,
-            rule=seg.rule,
+            segment_version=version,
+            rule=rule,
             count=len(members),
             chunk_size=CHUNK,
             created_at=now,
@@ -295,7 +306,7 @@ async def create_snapshot(
             data={
                 "snapshot_id": snapshot_id,
                 "segment_id": segment_id,
-                "segment_version": seg.version,
+                "segment_version": version,
                 "count": len(members),
             },
         ),
@@ -306,12 +317,14 @@ async def create_snapshot(
 
 
 async def snapshot_page(
-    uow: UnitOfWork, *, segment_id: str, snapshot_id: str, cursor: str | None, limit: int
+    uow: UnitOfWork, *, segment_id: str | None, snapshot_id: str, cursor: str | None, limit: int
 ) -> SnapshotPage:
     """One page of a snapshot's members; every member appears on exactly one page."""
     snap = await SnapshotRepository(uow.session).get(snapshot_id)
+    if segment_id is None and snap is not None:
+        segment_id = snap.segment_id
     if snap is None or snap.segment_id != segment_id:
-        raise NotFound(f"Snapshot '{snapshot_id}' of segment '{segment_id}' does not exist.")
+        raise NotFound(f"Snapshot '{snapshot_id}' of segment '{segment_id or ''}' does not exist.")
     offset = 0
     if cursor:
         raw = decode_cursor(cursor)
