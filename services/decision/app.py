@@ -112,7 +112,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return create_service_app(
         "decision",
         schema=SCHEMA,
-        routers=[catalog_router, decisions_router, runs_router],
+        routers=[
+            runs_router,
+            catalog_router,
+            decisions_router,
+        ],  # runs first: {action} is a catch-all
         setup=_setup,
         settings=settings,
     )

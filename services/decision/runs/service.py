@@ -433,22 +433,27 @@ class Runs:
         return done
 
     async def _checkpoint(self, run_id: str, position: int, counts: dict[str, Any]) -> bool:
+        """Save how far the run got (also when it was cancelled meanwhile: what went out is
+        counted); False when it must stop (cancelled, or another replica took it over)."""
         async with self.db.transaction() as uow:
-            res = await uow.session.execute(
-                sa.text(
-                    "UPDATE decision.run SET position = :p, counts = CAST(:counts AS jsonb), "
-                    "lease_until = now() + make_interval(secs => :lease) "
-                    "WHERE run_id = :r AND owner = :me AND status = 'running'"
-                ),
-                {
-                    "p": position,
-                    "counts": _json(counts),
-                    "lease": LEASE_S,
-                    "r": run_id,
-                    "me": self.owner,
-                },
-            )
-            return bool(res.rowcount)  # type: ignore[attr-defined]
+            status = (
+                await uow.session.execute(
+                    sa.text(
+                        "UPDATE decision.run SET position = :p, counts = CAST(:counts AS jsonb), "
+                        "lease_until = now() + make_interval(secs => :lease) "
+                        "WHERE run_id = :r AND owner = :me AND status IN ('running', 'cancelled') "
+                        "RETURNING status"
+                    ),
+                    {
+                        "p": position,
+                        "counts": _json(counts),
+                        "lease": LEASE_S,
+                        "r": run_id,
+                        "me": self.owner,
+                    },
+                )
+            ).scalar()
+            return status == "running"
 
     async def _finish(self, run_id: str, status: str, error: str | None) -> None:
         async with self.db.transaction() as uow:
