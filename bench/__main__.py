@@ -1,7 +1,8 @@
 """``make bench``: measure the suite on this machine and write figures to bench/results/.
 
 Scenarios: ``ingest`` (issue: foundation), ``profile`` (issue: profile), ``rules`` and
-``selection`` (issue: rules and selection), ``decision`` (issue: decision). Each starts the
+``selection`` (issue: rules and selection), ``decision`` (issue: decision), ``outbound``
+(issue: triggered and batch campaigns). Each starts the
 whole suite as real processes (embedded servers unless KAIROS_*_URL are set), plus a bare
 FastAPI app as the floor, and repeats each measurement ``--runs`` times, reporting medians.
 """
@@ -84,7 +85,7 @@ def main() -> None:
         "scenario",
         nargs="*",
         default=["all"],
-        choices=["all", "ingest", "profile", "rules", "selection", "decision"],
+        choices=["all", "ingest", "profile", "rules", "selection", "decision", "outbound"],
         help="one or more scenarios; they share one stack (and one imported population)",
     )
     ap.add_argument("--runs", type=int, default=3)
@@ -125,7 +126,7 @@ def main() -> None:
         }
         try:
             todo = (
-                ["ingest", "profile", "selection", "decision"]
+                ["ingest", "profile", "selection", "decision", "outbound"]
                 if args.scenario == ["all"]
                 else [s for s in args.scenario if s != "rules"]
             )
@@ -134,6 +135,8 @@ def main() -> None:
                     from bench.selection import selection as fn
                 elif name == "decision":
                     from bench.decision import decision as fn
+                elif name == "outbound":
+                    from bench.outbound import outbound as fn
                 else:
                     fn = getattr(scenarios, name)
                 runs = []
@@ -153,7 +156,7 @@ def _write(scenario: str, report: dict[str, Any], runs: int) -> None:
     stamp = time.strftime("%Y%m%dT%H%M%S")
     out = RESULTS / f"{scenario}-{stamp}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    for name in ("ingest", "profile", "rules", "selection", "decision"):
+    for name in ("ingest", "profile", "rules", "selection", "decision", "outbound"):
         if name in report:
             print(f"\n== {name} (median of {runs})")
             print(json.dumps(report[name]["median"], indent=2))

@@ -159,6 +159,25 @@ class Bus:
         """Pipeline many publishes and await every ack; raises if any was not stored."""
         await self.publish_encoded(((s, ev.id, ev.to_bytes()) for s, ev in items), timeout=timeout)
 
+    async def publish_pending(self, items: Iterable[tuple[str, CloudEvent]]) -> list[Any]:
+        """Start publishing; returns the ack futures (await them with ``acked``) so a caller
+        can prepare its next batch while the server stores this one."""
+        futures = []
+        for logical, ev in items:
+            futures.append(
+                await self.js.publish_async(
+                    self.subject(logical), ev.to_bytes(), headers=self.headers_for(ev.id)
+                )
+            )
+            PUBLISHED.labels(logical.split(".", 1)[0]).inc()
+        return futures
+
+    @staticmethod
+    async def acked(futures: Sequence[Any], *, timeout: float = 60.0) -> None:
+        """Wait for every ack of ``publish_pending``; raises if any was not stored."""
+        if futures:
+            await asyncio.wait_for(asyncio.gather(*futures), timeout)
+
     async def publish_encoded(
         self, items: Iterable[tuple[str, str, bytes]], *, timeout: float = 10.0
     ) -> None:

@@ -74,6 +74,7 @@ async def _setup(rt: Runtime) -> None:
                 batch=cfg.consumer_batch,
                 max_deliver=cfg.consumer_max_deliver,
                 nak_delay_s=0.2,
+                ack_wait_s=10.0,  # a killed replica's batch comes back to another soon
             ),
             Consumer(
                 rt.bus,

@@ -201,11 +201,15 @@ class Planner:
             if not reachable:
                 out[i] = self._skip(it, "unreachable", f"unreachable: no address for {allowed}")
                 continue
+            # The preferred channel's content is rendered before anything is reserved (a
+            # template that fails for this customer skips them); another channel's only if
+            # the ledger picks it.
             rendered: dict[str, dict[str, str]] = {}
             try:
-                for c in reachable:
-                    rendered[c] = templating.render(it.offer["content"], c, doc, it.event)
-            except Exception as exc:  # a template that fails for this customer skips them
+                rendered[reachable[0]] = templating.render(
+                    it.offer["content"], reachable[0], doc, it.event
+                )
+            except Exception as exc:
                 out[i] = self._skip(it, "content", f"content: {exc}")
                 continue
             caps = [self.engine.caps(it.customer_id, it.live, c) for c in reachable]
@@ -219,6 +223,15 @@ class Planner:
                 it = items[i]
                 if res.option is not None:
                     ch = channels[res.option]
+                    if ch not in rendered:
+                        assert it.offer is not None
+                        try:
+                            rendered[ch] = templating.render(
+                                it.offer["content"], ch, it.doc or {}, it.event
+                            )
+                        except Exception as exc:  # counted in the ledger, but not sent
+                            out[i] = self._skip(it, "content", f"content: {exc}")
+                            continue
                     records = [
                         self._dispatch(it, ch, rendered[ch], now),
                         self._contact(it, ch, now, control=False),

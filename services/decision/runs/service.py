@@ -326,15 +326,40 @@ class Runs:
         position = int(row["position"])
         counts = dict(row["counts"])
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
-            while position < selected:
-                members = await self._page(http, snapshot_id, position)
+            # A one-page pipeline: while JetStream stores page N's events (and selection
+            # serves page N+1), page N+1 is planned; page N is checkpointed once acked.
+            nxt: asyncio.Task[list[str]] | None = None
+            inflight: tuple[int, dict[str, Any], list[Any]] | None = None
+            while True:
+                members = (
+                    await nxt
+                    if nxt is not None
+                    else await self._page(http, snapshot_id, position)
+                    if position < selected
+                    else []
+                )
+                nxt = None
+                if members and position + len(members) < selected:
+                    nxt = asyncio.create_task(
+                        self._page(http, snapshot_id, position + len(members))
+                    )
+                futures: list[Any] = []
+                if members:
+                    futures = await self._chunk(run_id, live, members, counts)
+                    position += len(members)
+                if inflight is not None:
+                    at, snap, acks = inflight
+                    await self.bus.acked(acks)
+                    if not await self._checkpoint(run_id, at, snap):
+                        log.info("run %s stopped at %d (cancelled or taken over)", run_id, at)
+                        if nxt is not None:
+                            nxt.cancel()
+                        await self.bus.acked(futures)  # the page already under way went out:
+                        await self._checkpoint(run_id, position, counts)  # count it too
+                        return
                 if not members:
                     break
-                await self._chunk(run_id, live, members, counts)
-                position += len(members)
-                if not await self._checkpoint(run_id, position, counts):
-                    log.info("run %s stopped at %d (cancelled or taken over)", run_id, position)
-                    return
+                inflight = (position, orjson.loads(orjson.dumps(counts)), futures)
         await self._finish(run_id, "completed", None)
 
     async def _snapshot(self, body: dict[str, Any]) -> tuple[str, int]:
@@ -363,7 +388,8 @@ class Runs:
 
     async def _chunk(
         self, run_id: str, live: Live, members: Sequence[str], counts: dict[str, Any]
-    ) -> None:
+    ) -> list[Any]:
+        """Plan one page and start publishing it; returns the ack futures."""
         outs = await self.plan(
             live, members, {"run_id": run_id}, lambda c: tracking_id(run_id, c), dry=False
         )
@@ -376,13 +402,11 @@ class Runs:
                 if o.kind == "send":
                     continue
             records += o.records
-        if records:
-            for start in range(0, len(records), 10_000):
-                await self.bus.publish_many(records[start : start + 10_000], timeout=60)
         if timers:
             async with self.db.transaction() as uow:
                 await insert_timers(uow.session, timers)
             self.on_timers()
+        return await self.bus.publish_pending(records)
 
     async def plan(
         self,
