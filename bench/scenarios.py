@@ -14,6 +14,7 @@ import httpx
 import nats
 import orjson
 import psutil
+from nats.js.errors import NotFoundError
 from redis.asyncio import Redis
 
 from bench.loadgen import closed_loop, open_loop
@@ -169,12 +170,15 @@ async def ingest(ctx: Context, run: int) -> dict[str, Any]:
     }
 
 
-async def _pending(ctx: Context) -> int:
+async def _pending(ctx: Context, consumer: str = "profile-events") -> int:
     nc = await nats.connect(ctx.stack.env["KAIROS_NATS_URL"])
     try:
         js = nc.jetstream()
         prefix = ctx.stack.env["KAIROS_BUS_PREFIX"]
-        info = await js.consumer_info(f"{prefix.upper()}_EVENTS", f"{prefix}_profile-events")
+        try:
+            info = await js.consumer_info(f"{prefix.upper()}_EVENTS", f"{prefix}_{consumer}")
+        except NotFoundError:
+            return 0
         return int(info.num_pending + info.num_ack_pending)
     finally:
         await nc.close()
@@ -196,7 +200,11 @@ async def _drain(ctx: Context, timeout: float = 300) -> float:
     phase's backlog does not leak into the next); returns the seconds it took."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
-        if await _pending(ctx) == 0 and await _outbox(ctx) == 0:
+        if (
+            await _pending(ctx) == 0
+            and await _outbox(ctx) == 0
+            and await _pending(ctx, "decision-triggers") == 0
+        ):
             break
         await asyncio.sleep(0.1)
     return time.perf_counter() - t0

@@ -229,6 +229,16 @@ async def test_roaming_event_one_capped_consenting_dispatch_on_the_best_channel(
     assert rec[sms_only]["tracking_id"] == sms["tracking_id"] and rec[sms_only]["channel"] == "sms"
     assert nobody not in rec and no_way not in rec
 
+    # Simulating a triggered campaign replays the last day of its events, sending nothing
+    r = await gw.post(f"/v1/campaigns/{cmp}/simulate")
+    assert r.status_code == 200, r.text
+    sim = r.json()
+    assert sim["kind"] == "triggers" and sim["events"] == 6
+    assert sim["ineligible"] == {"where": 1}  # the DE one
+    assert sim["suppressed"]["consent"] == 1 and sim["suppressed"]["unreachable"] == 1
+    assert sim["suppressed"]["reentry"] == 3  # the two already reached, and the IT one
+    assert sim["dispatched"] == 0 and listen.sent(cmp) == sent
+
 
 async def test_counters_include_the_firing_event_and_campaigns_compete(
     gw: httpx.AsyncClient, app: httpx.AsyncClient, listen: Listener
@@ -280,9 +290,20 @@ async def test_unless_fires_only_without_the_follow_up_and_survives_a_restart(
             "unless": {"event": f"order.placed.{u}", "within": "4s"},
         },
     )
-    bought, left, restart = f"bought-{u}", f"left-{u}", f"restart-{u}"
-    for c in (bought, left, restart):
+    bought, left, restart, both = f"bought-{u}", f"left-{u}", f"restart-{u}", f"both-{u}"
+    for c in (bought, left, restart, both):
         await _customer(gw, c, consents={"sms": True}, msisdn=_num())
+    # cart and order in one request: handled in one batch, the order still answers the cart
+    r = await app.post(
+        "/v1/events",
+        json={
+            "events": [
+                {"type": f"cart.updated.{u}", "customer_id": both, "properties": {"total": 9}},
+                {"type": f"order.placed.{u}", "customer_id": both, "properties": {"total": 9}},
+            ]
+        },
+    )
+    assert r.status_code == 202, r.text
     await _event(app, bought, f"cart.updated.{u}", total=30)
     await _event(app, left, f"cart.updated.{u}", total=40)
     await _settle(app, gw, left, f"cart.updated.{u}", 1)
@@ -459,3 +480,27 @@ async def test_a_poison_event_does_not_stop_triggers(
         await nc.close()
     await _event(app, c, f"ping.{u}")
     assert len(await listen.wait(cmp, 1)) == 1
+
+
+async def test_a_template_failing_for_one_customer_skips_only_them(
+    gw: httpx.AsyncClient, app: httpx.AsyncClient, listen: Listener
+) -> None:
+    u = _u()
+    r = await gw.put(
+        f"/v1/offers/off-{u}",
+        json={"name": "x", "content": {"default": {"text": "{{ 100 // attributes.share }} each"}}},
+    )
+    assert r.status_code == 200, r.text
+    cmp = f"tpl-{u}"
+    await _campaign(gw, cmp, f"off-{u}", channels=["sms"], trigger={"event": f"split.{u}"})
+    ok, bad = f"ok-{u}", f"bad-{u}"
+    for c, share in ((ok, 4), (bad, 0)):
+        await _customer(gw, c, consents={"sms": True}, msisdn=_num())
+        r = await gw.patch(f"/v1/customers/{c}", json={"attributes": {"share": share}})
+        assert r.status_code == 200, r.text
+    await _event(app, bad, f"split.{u}")
+    await _event(app, ok, f"split.{u}")
+    (sent,) = await listen.wait(cmp, 1)
+    await asyncio.sleep(1.0)
+    assert [d["customer_id"] for d in listen.sent(cmp)] == [ok]
+    assert sent["content"] == {"text": "25 each"}
