@@ -149,6 +149,7 @@ class Seen:
         self.ctx = ctx
         self.by_event: dict[str, float] = {}
         self.lateness: list[float] = []
+        self.fired_at: list[float] = []  # perf_counter of each timer-born request
         self.count = 0
         self.campaigns: dict[str, int] = {}
 
@@ -168,6 +169,7 @@ class Seen:
             if d.get("due"):
                 due = datetime.fromisoformat(d["due"]).timestamp()
                 self.lateness.append(wall - due)
+                self.fired_at.append(now)
 
         self.sub = await self.nc.subscribe(f"{prefix}.dispatch.requested.>", cb=on)
         return self
@@ -325,14 +327,19 @@ async def _timers(ctx: Context, run: int) -> dict[str, Any]:
             ctx.stack.start("decision")
             ctx.stack.wait_ready(["decision"], timeout=300)
             ready = time.perf_counter() - t0
-            for _ in range(600):
-                if len(seen.lateness) - before >= 900:
-                    break
+            last, quiet = len(seen.fired_at), 0
+            while quiet < 40 or len(seen.fired_at) == before:  # until 2 s without a new one
                 await asyncio.sleep(0.05)
+                quiet = quiet + 1 if len(seen.fired_at) == last else 0
+                last = len(seen.fired_at)
+                if time.perf_counter() - t0 > 120:
+                    break
+            after = seen.fired_at[before:]
             out["restart"] = {
                 "ready_s": round(ready, 2),
-                "timers_due_while_down_fired_s": round(time.perf_counter() - t0, 2),
-                "fired_after_restart": len(seen.lateness) - before,
+                "timers_due_while_down_all_fired_s": round(max(after) - t0, 2) if after else None,
+                "first_fired_s": round(min(after) - t0, 2) if after else None,
+                "fired_after_restart": len(after),
                 "fired_before_kill": before,
             }
     out["decision_rss_mb"] = _rss_mb(ctx.stack.procs["decision"].pid)

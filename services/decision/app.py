@@ -100,6 +100,7 @@ async def _setup(rt: Runtime) -> None:
         rt.background.append(asyncio.create_task(learning.sweep_forever()))
     try:
         eng.catalog = await load_catalog(rt.db, selection)
+        eng.loaded.set()
     except Exception as exc:  # selection not up yet: serve an empty catalog, retry at once
         log.warning("catalog not loaded at start (%s); retrying", exc)
         wake.set()

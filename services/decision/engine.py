@@ -261,6 +261,9 @@ class Engine:
         self.catalog = Catalog()
         self.explore = explore
         self.rng = random.Random()
+        # Set once a catalog has been loaded: until then triggers, timers and runs wait
+        # (an empty catalog would drop what they hold).
+        self.loaded = asyncio.Event()
 
     def caps(self, customer_id: str, live: Live, channel: str) -> list[Cap]:
         """Every cap one contact over ``channel`` (or at a touchpoint) must respect. The first
@@ -518,6 +521,7 @@ async def refresh_forever(
         wake.clear()
         try:
             engine.catalog = await load_catalog(db, selection_url)
+            engine.loaded.set()
         except Exception as exc:  # keep serving the catalog in hand; retry shortly
             log.warning("catalog reload failed: %s", exc)
             await asyncio.sleep(1.0)

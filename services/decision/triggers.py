@@ -43,7 +43,7 @@ from prometheus_client import Counter, Histogram
 from services.decision.engine import Engine
 from services.decision.outbound import Item, Outcome, Planner, tracking_id
 from shared import rules
-from shared.bus import Bus
+from shared.bus import Bus, TransientError
 from shared.db import Database
 from shared.events import CloudEvent, iso
 from shared.redis import APPLIED_TTL_S, Keys, read_projections
@@ -118,6 +118,8 @@ class Triggers:
     # -- consumers ----------------------------------------------------------------------
     async def handle_events(self, batch: Sequence[tuple[Msg, CloudEvent]]) -> list[Msg]:
         """``events.>``: returns the messages whose profile update has not landed yet."""
+        if not self.engine.loaded.is_set():
+            raise TransientError("the catalog is not loaded yet")
         cat = self.engine.catalog
         wanted = []
         for msg, ev in batch:
@@ -143,6 +145,8 @@ class Triggers:
 
     async def handle_responses(self, batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
         """``response.recorded``: a reply (an SMS survey answer) can fire the next step."""
+        if not self.engine.loaded.is_set():
+            raise TransientError("the catalog is not loaded yet")
         fired = []
         for _, ev in batch:
             d = ev.data if isinstance(ev.data, dict) else {}
@@ -312,6 +316,7 @@ class Triggers:
 
     # -- timers -------------------------------------------------------------------------
     async def timers_forever(self) -> None:
+        await self.engine.loaded.wait()
         while True:
             try:
                 n = await self.fire_due()

@@ -251,6 +251,7 @@ class Runs:
 
     # -- the walker ----------------------------------------------------------------------
     async def work_forever(self) -> None:
+        await self.engine.loaded.wait()
         while True:
             try:
                 row = await self._claim()
@@ -491,6 +492,7 @@ class Runs:
 
     # -- cron ----------------------------------------------------------------------------
     async def cron_forever(self, every_s: float = 1.0) -> None:
+        await self.engine.loaded.wait()
         while True:
             await asyncio.sleep(every_s)
             try:
