@@ -309,6 +309,7 @@ async def _timers(ctx: Context, run: int) -> dict[str, Any]:
             out["lateness"] = _pcts(seen.lateness)
             # restart recovery: 1,000 timers fall due while the process is dead
             seen.lateness.clear()
+            seen.fired_at.clear()
             evs = [
                 {
                     "type": "ob.soon",
@@ -322,7 +323,7 @@ async def _timers(ctx: Context, run: int) -> dict[str, Any]:
             await asyncio.sleep(2.5)  # the timers exist (due in 4 s)
             ctx.stack.stop("decision", kill=True)
             await asyncio.sleep(3)  # they fall due while nothing runs
-            before = len(seen.lateness)
+            before = len(seen.fired_at)
             t0 = time.perf_counter()
             ctx.stack.start("decision")
             ctx.stack.wait_ready(["decision"], timeout=300)
