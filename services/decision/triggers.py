@@ -196,6 +196,7 @@ class Triggers:
         timers: list[dict[str, Any]] = []
         rounds: list[list[Item]] = []  # per event: its exclusive candidates, best first
         solo: list[Item] = []
+        held: list[tuple[Item, Outcome]] = []  # control customers, recorded as contacts
         for f in fired:
             doc = docs.get(f.customer_id)
             etype = f.event["type"]
@@ -225,7 +226,7 @@ class Triggers:
                     continue
                 ctl = self.planner.control(it, now)
                 if ctl is not None:
-                    await self._finish([(it, ctl)])
+                    held.append((it, ctl))
                     continue
                 trig = live.body.get("trigger") or {}
                 (exclusive if trig.get("exclusive", True) else solo).append(it)
@@ -234,6 +235,8 @@ class Triggers:
                 rounds.append(exclusive)
         if timers or cancels:
             await self._store_timers(timers, cancels)
+        if held:
+            await self._finish(held)
         # Exclusive candidates go in rounds: the best of every event first; where it was
         # suppressed (capped, no consent …) the next one gets its turn.
         heads = [(q, q.pop(0)) for q in rounds]
