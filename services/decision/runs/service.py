@@ -88,8 +88,21 @@ def tally(counts: dict[str, Any], out: Outcome) -> None:
         counts["by_treatment"][out.treatment] = counts["by_treatment"].get(out.treatment, 0) + 1
 
 
+def _counted(c: dict[str, Any]) -> dict[str, Any]:
+    """The RunCounts fields (but ``selected``) of a counts document."""
+    return {
+        "processed": c.get("processed", 0),
+        "control": c.get("control", 0),
+        "suppressed": c.get("suppressed", {}),
+        "ineligible": c.get("ineligible", {}),
+        "dispatched": c.get("dispatched", 0),
+        "deferred": c.get("deferred", 0),
+        "by_channel": c.get("by_channel", {}),
+        "by_treatment": c.get("by_treatment", {}),
+    }
+
+
 def _info(row: Any) -> api.RunInfo:
-    c = row["counts"]
     return api.RunInfo(
         run_id=row["run_id"],
         campaign_id=row["campaign_id"],
@@ -102,14 +115,7 @@ def _info(row: Any) -> api.RunInfo:
         finished_at=row["finished_at"],
         started_by=row["created_by"],
         selected=row["selected"],
-        processed=c.get("processed", 0),
-        control=c.get("control", 0),
-        suppressed=c.get("suppressed", {}),
-        ineligible=c.get("ineligible", {}),
-        dispatched=c.get("dispatched", 0),
-        deferred=c.get("deferred", 0),
-        by_channel=c.get("by_channel", {}),
-        by_treatment=c.get("by_treatment", {}),
+        **_counted(row["counts"]),
     )
 
 
@@ -564,14 +570,7 @@ class Runs:
             kind=kind,  # type: ignore[arg-type]
             events=n_events,
             selected=selected,
-            processed=counts["processed"],
-            control=counts["control"],
-            suppressed=counts["suppressed"],
-            ineligible=counts["ineligible"],
-            dispatched=counts["dispatched"],
-            deferred=counts["deferred"],
-            by_channel=counts["by_channel"],
-            by_treatment=counts["by_treatment"],
+            **_counted(counts),
             took_ms=round((time.perf_counter() - t0) * 1000, 1),
         )
 
