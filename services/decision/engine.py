@@ -456,7 +456,7 @@ class Engine:
             counts = await pipe.execute()
         return {ref: int(n) > 0 for ref, n in zip(wanted, counts, strict=True)}
 
-    async def rank(self, cands: Sequence[Any]) -> None:
+    async def rank(self, cands: list[Any]) -> None:
         """Score candidates (anything with live, treatment, offer, tier_fit, score) and sort
         them best first (or at random, ``explore`` of the time)."""
         if not cands:
@@ -475,11 +475,10 @@ class Engine:
                 float(c.offer.get("value", 1.0)),
                 c.tier_fit,
             )
-        if isinstance(cands, list):
-            if self.rng.random() < self.explore:
-                self.rng.shuffle(cands)
-            else:
-                cands.sort(key=lambda c: -c.score)
+        if self.rng.random() < self.explore:
+            self.rng.shuffle(cands)
+        else:
+            cands.sort(key=lambda c: -c.score)
 
     def _record(
         self,

@@ -28,6 +28,7 @@ handled by another replica at the same moment still cancels it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -38,7 +39,11 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from prometheus_client import Counter, Histogram
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from services.decision.engine import Engine
 from services.decision.outbound import Item, Outcome, Planner, tracking_id
@@ -337,10 +342,8 @@ class Triggers:
             timeout = 0.25 if wait is None else min(0.25, max(0.0, wait))
             if timeout <= 0:
                 continue
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout)
-            except TimeoutError:
-                pass
 
     async def _next_due_s(self) -> float | None:
         async with self.db.sessions() as s:
@@ -381,31 +384,33 @@ class Triggers:
         now = datetime.now(UTC)
         for r in rows:
             LATENESS.observe(max(0.0, (now - r["due"]).total_seconds()))
+        done = [r["timer_id"] for r in rows]
         try:
             follow = await self._act(rows, now)
-        except Exception as exc:
-            if len(rows) == 1:
-                await self._poisoned(rows[0], exc)
-                return 1
-            follow = []
-            for r in rows:  # find the one that fails; the others go on
+        except Exception:
+            follow, done = [], []
+            for r in rows:  # one by one: the failing one must not hold back the others
                 try:
                     follow += await self._act([r], now)
-                except Exception as one:
-                    await self._poisoned(r, one)
+                except Exception as exc:
+                    if not await self._poisoned(r, exc):
+                        continue  # stays claimed; tried again when its lease runs out
+                done.append(r["timer_id"])
         async with self.db.transaction() as uow:
             await uow.session.execute(
                 sa.text("DELETE FROM decision.timer WHERE timer_id = ANY(:ids)"),
-                {"ids": [r["timer_id"] for r in rows]},
+                {"ids": done},
             )
             if follow:
                 await insert_timers(uow.session, follow)
         return len(rows)
 
-    async def _poisoned(self, row: Any, exc: Exception) -> None:
-        if row["attempts"] < MAX_ATTEMPTS:
+    async def _poisoned(self, row: Any, exc: Exception) -> bool:
+        """Dead-letter a timer that keeps failing (True); a dependency being down, or a
+        failure with attempts left, leaves it for another try (False)."""
+        if _transient(exc) or row["attempts"] < MAX_ATTEMPTS:
             log.warning("timer %s failed (attempt %d): %s", row["timer_id"], row["attempts"], exc)
-            raise exc
+            return False
         log.error("timer %s dead-lettered: %s", row["timer_id"], exc)
         ev = CloudEvent.new(
             source="kairos/decision",
@@ -414,6 +419,7 @@ class Triggers:
             data={**dict(row), "due": iso(row["due"]), "error": str(exc)[:500]},
         )
         await self.bus.publish("dlq.decision-timers", ev)
+        return True
 
     async def _act(self, rows: Sequence[Any], now: datetime) -> list[dict[str, Any]]:
         """Fire, send or retry each timer; returns follow-up timers (deferred again)."""
@@ -469,6 +475,23 @@ class Triggers:
         if records:
             await self.bus.publish_many(records)
         return follow
+
+
+def _transient(exc: Exception) -> bool:
+    """Redis, Postgres or NATS unavailable: worth waiting for, never a reason to give up."""
+    return isinstance(
+        exc,
+        (
+            ConnectionError,
+            TimeoutError,
+            OSError,
+            RedisConnectionError,
+            RedisTimeoutError,
+            OperationalError,
+            InterfaceError,
+            NatsError,
+        ),
+    )
 
 
 def _when(v: Any) -> datetime:

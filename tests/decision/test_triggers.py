@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import nats
+import orjson
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -504,3 +505,62 @@ async def test_a_template_failing_for_one_customer_skips_only_them(
     await asyncio.sleep(1.0)
     assert [d["customer_id"] for d in listen.sent(cmp)] == [ok]
     assert sent["content"] == {"text": "25 each"}
+
+
+async def test_a_poisoned_timer_is_dead_lettered_and_its_neighbours_still_fire(
+    gw: httpx.AsyncClient, listen: Listener, stack: Stack
+) -> None:
+    u = _u()
+    await _offer(gw, f"off-{u}")
+    cmp = f"timers-{u}"
+    await _campaign(gw, cmp, f"off-{u}", channels=["sms"], trigger={"event": f"never.{u}"})
+    good = CloudEvent.new(
+        source="test",
+        type="dispatch.requested.sms",
+        subject=f"c-{u}",
+        data={"tracking_id": f"t-{u}", "customer_id": f"c-{u}", "campaign_id": cmp},
+    )
+    good.id = f"dispatch-t-{u}"
+    prefix = stack.env["KAIROS_BUS_PREFIX"]
+    nc = await nats.connect(stack.env["KAIROS_NATS_URL"])
+    dead = await nc.jetstream().subscribe(f"{prefix}.dlq.decision-timers", ordered_consumer=True)
+    engine = create_async_engine(stack.env["KAIROS_DATABASE_URL"])
+    try:
+        async with engine.begin() as conn:
+            for tid, payload, attempts in (
+                (f"bad-{u}", '{"records": [["dispatch.requested.sms", 42]]}', 5),
+                (
+                    f"good-{u}",
+                    orjson.dumps(
+                        {"records": [["dispatch.requested.sms", good.model_dump()]]}
+                    ).decode(),
+                    0,
+                ),
+            ):
+                await conn.execute(
+                    sa.text(
+                        "INSERT INTO decision.timer (timer_id, kind, due, customer_id, "
+                        "campaign_id, payload, created_at, attempts) VALUES (:t, 'send', now(), "
+                        ":c, :k, CAST(:p AS jsonb), now(), :a)"
+                    ),
+                    {"t": tid, "c": f"c-{u}", "k": cmp, "p": payload, "a": attempts},
+                )
+        (sent,) = await listen.wait(cmp, 1)
+        assert sent["tracking_id"] == f"t-{u}"
+        msg = await dead.next_msg(timeout=10)
+        assert CloudEvent.from_bytes(msg.data).data["timer_id"] == f"bad-{u}"
+        for _ in range(100):
+            async with engine.begin() as conn:
+                left = (
+                    await conn.execute(
+                        sa.text("SELECT count(*) FROM decision.timer WHERE customer_id = :c"),
+                        {"c": f"c-{u}"},
+                    )
+                ).scalar()
+            if left == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert left == 0
+    finally:
+        await engine.dispose()
+        await nc.close()

@@ -23,6 +23,7 @@ EVENTS stream) for a triggered one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -35,7 +36,7 @@ import aiohttp
 import orjson
 import sqlalchemy as sa
 from croniter import croniter
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from services.decision.engine import Engine, Live, compile_one
 from services.decision.outbound import Item, Outcome, Planner, tracking_id
@@ -266,10 +267,8 @@ class Runs:
                 row = None
             if row is None:
                 self.wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), 2.0)
-                except TimeoutError:
-                    pass
                 continue
             try:
                 await self.walk(row)
@@ -583,6 +582,7 @@ class Runs:
             stream=self.bus.stream("EVENTS"),
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.BY_START_TIME,
+                ack_policy=AckPolicy.NONE,
                 opt_start_time=since,
                 inactive_threshold=30.0,
             ),
@@ -612,7 +612,6 @@ class Runs:
                                 },
                             )
                         )
-                    await m.ack()
                 if msgs and (msgs[-1].metadata.num_pending or 0) == 0:
                     break
         finally:
