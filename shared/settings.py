@@ -68,6 +68,46 @@ class Settings(BaseSettings):
         default=5_000, ge=10, le=10_000, description="Members per batch-run page (checkpoint)"
     )
 
+    # Public links (click, open, unsubscribe, provider callbacks): the signing secret and the
+    # address customers reach the gateway at. Unset secret: KAIROS_TRACKING_SECRET.
+    link_secret: str | None = None
+    link_secrets_previous: str = ""  # comma-separated secrets still accepted (rotation)
+    public_url: str = "http://127.0.0.1:8080"
+
+    # Channel providers: a channel whose provider is not configured delivers to the local
+    # outbox in dispatch's database (``kairos outbox``).
+    apns_url: str | None = None  # https://api.push.apple.com
+    apns_key_file: Path | None = None  # the .p8 signing key (ES256)
+    apns_key_id: str | None = None
+    apns_team_id: str | None = None
+    apns_topic: str | None = None  # the app's bundle id
+    apns_ca_file: Path | None = None  # trust this CA instead of the system's (test peers)
+    apns_connections: int = Field(default=2, ge=1, le=32)
+    fcm_url: str | None = None  # https://fcm.googleapis.com
+    fcm_credentials_file: Path | None = None  # the service-account JSON (token_uri inside)
+    fcm_ca_file: Path | None = None
+    webpush_vapid_key_file: Path | None = None  # PEM EC P-256 private key
+    webpush_vapid_subject: str = "mailto:ops@example.com"
+    webpush_ca_file: Path | None = None
+    smtp_url: str | None = None  # smtp://user:pass@host:587 (STARTTLS), smtps://…, ?starttls=false
+    smtp_ca_file: Path | None = None
+    smtp_connections: int = Field(default=4, ge=1, le=64)
+    email_from: str = "Kairos <no-reply@example.com>"
+    dkim_key_file: Path | None = None
+    dkim_selector: str | None = None
+    dkim_domain: str | None = None
+    sms_url: str | None = None  # https://api.twilio.com
+    sms_account: str | None = None
+    sms_token: str | None = None
+    sms_from: str | None = None
+    rewards_url: str | None = None
+    rewards_secret: str | None = None
+    # Per channel (push, email, sms, inapp, rewards), messages per second for all replicas
+    # together: JSON such as {"push": 3000, "sms": 100}. Unset channels are not limited.
+    dispatch_rate_limits: str = "{}"
+    dispatch_concurrency: int = Field(default=64, ge=1, le=1024)
+    dispatch_max_age_s: float = Field(default=6 * 3600.0, gt=0)  # retries give up after this
+
     consumer_batch: int = 500
     consumer_max_deliver: int = 5
     run_consumers: bool = True
@@ -81,9 +121,21 @@ class Settings(BaseSettings):
                 "KAIROS_TRACKING_SECRET still has its development default; "
                 f"set a real secret when KAIROS_ENV={self.env}"
             )
+        if (
+            self.env not in ("dev", "test")
+            and self.link_secret is not None
+            and self.link_secret == DEFAULT_SECRET
+        ):
+            raise ValueError(
+                f"KAIROS_LINK_SECRET has its development default (KAIROS_ENV={self.env})"
+            )
         if self.env not in ("dev", "test") and not self.api_keys:
             raise ValueError(f"KAIROS_API_KEYS must be set when KAIROS_ENV={self.env}")
         return self
+
+    def link_signer_secret(self) -> str:
+        """The secret that signs public links."""
+        return self.link_secret or self.tracking_secret
 
     def port_of(self, name: str) -> int:
         """The listening port of a process by name (gateway or a service)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import os
 import uuid
@@ -21,6 +22,7 @@ from sqlalchemy.engine import make_url
 from shared.embedded import free_port
 from shared.migrate import drop_database
 from shared.stack import PROCESSES, Stack
+from tests.peers.base import Peer
 
 RUN_ID = uuid.uuid4().hex[:8]
 KEYS = {
@@ -68,17 +70,46 @@ def _env() -> dict[str, str]:
         env["KAIROS_DATABASE_URL"] = url.render_as_string(hide_password=False)
     for name in PROCESSES:
         env[f"KAIROS_{name.upper()}_PORT"] = str(free_port())
+    env["KAIROS_PUBLIC_URL"] = f"http://127.0.0.1:{env['KAIROS_GATEWAY_PORT']}"
     return env
 
 
+# The providers' protocol peers (tests/peers/<name>.py, each ``start(dir) -> Peer``); the
+# suite's dispatch process is pointed at every one of them.
+PEERS = ("apns", "fcm", "webpush", "smtp", "sms", "rewards")
+
+
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Peer]]:
+    """Every provider peer, started once for the run."""
+    started: dict[str, Peer] = {}
+    try:
+        for name in PEERS:
+            try:
+                module = importlib.import_module(f"tests.peers.{name}")
+            except ModuleNotFoundError as exc:
+                if exc.name != f"tests.peers.{name}":
+                    raise
+                continue
+            started[name] = module.start(tmp_path_factory.mktemp(f"peer-{name}"))
+        yield started
+    finally:
+        for peer in started.values():
+            with contextlib.suppress(Exception):
+                peer.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, peers: dict[str, Peer]) -> Iterator[Stack]:
     """The whole suite as real processes on real Postgres, Redis and NATS."""
     run_dir: Path = tmp_path_factory.mktemp("run")
     external_db = bool(os.environ.get("KAIROS_DATABASE_URL"))
+    env = _env()
+    for peer in peers.values():
+        env.update(peer.env)
     st = Stack.prepare(
         run_dir,
-        base_env=_env(),
+        base_env=env,
         embedded_ports={
             "pg_port": free_port(),
             "redis_port": free_port(),

@@ -1,0 +1,261 @@
+"""The messages of the closed loop, one typed class each: who publishes them builds them here,
+who consumes them parses them here.
+
+| subject | class | publisher | consumers |
+|---|---|---|---|
+| ``contact.recorded`` | :class:`ContactRecorded` | decision | feedback, selection, decision |
+| ``dispatch.requested.<channel>`` | :class:`DispatchRequested` | decision | dispatch |
+| ``delivery.<status>`` | :class:`DeliveryReported` | dispatch | feedback, profile |
+| ``response.received`` | :class:`ResponseReceived` | dispatch, gateway (links) | feedback |
+| ``response.recorded`` | :class:`ResponseRecorded` | feedback | profile, decision, dispatch |
+| ``profile.erased`` | :class:`ProfileErased` | profile | every service holding personal data |
+
+Parsing ignores fields it does not know (a newer publisher may add some); it never guesses a
+field from another's name. Every envelope is a CloudEvents 1.0 structured event
+(``shared.events.CloudEvent``) whose ``data`` is the class's JSON form and whose ``subject`` is
+the customer id.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.events import CloudEvent, iso, utcnow
+
+Lane = Literal["realtime", "batch"]
+Platform = Literal["ios", "android", "web"]
+DeliveryStatus = Literal["sent", "delivered", "failed", "bounced", "expired", "token_invalid"]
+Outcome = Literal[
+    "impression",
+    "opened",
+    "clicked",
+    "accepted",
+    "declined",
+    "dismissed",
+    "converted",
+    "replied",
+    "unsubscribed",
+]
+OUTCOMES: tuple[str, ...] = Outcome.__args__  # type: ignore[attr-defined]
+CHANNELS = ("push", "email", "sms", "inapp")
+
+
+class BusMessage(BaseModel):
+    """Base of every bus payload: builds and parses its CloudEvents envelope."""
+
+    model_config = ConfigDict(extra="ignore")
+    TYPE: ClassVar[str]
+
+    def subject_name(self) -> str:
+        """The logical NATS subject this message is published on."""
+        return self.TYPE
+
+    def customer(self) -> str | None:
+        return getattr(self, "customer_id", None)
+
+    def to_event(self, *, source: str, id_: str | None = None) -> tuple[str, CloudEvent]:
+        """(subject, envelope) ready for ``Bus.publish_many`` or a unit of work's outbox."""
+        subject = self.subject_name()
+        ev = CloudEvent.new(
+            source=source,
+            type=subject,
+            subject=self.customer(),
+            data=self.model_dump(mode="json", exclude_none=True),
+        )
+        if id_ is not None:
+            ev.id = id_
+        return subject, ev
+
+    @classmethod
+    def parse(cls, ev: CloudEvent) -> Self:
+        """The typed payload of an envelope; raises ``pydantic.ValidationError`` if malformed."""
+        return cls.model_validate(ev.data)
+
+
+class Reward(BaseModel):
+    """What an offer grants when accepted or converted."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    amount: float
+
+
+class Conversion(BaseModel):
+    """A campaign's conversion rule: the first ``event`` within ``within`` of the contact."""
+
+    model_config = ConfigDict(extra="ignore")
+    event: str
+    within: str
+
+
+class Origin(BaseModel):
+    """What caused an outbound contact: an event, a timer or a batch run."""
+
+    model_config = ConfigDict(extra="ignore")
+    event_id: str | None = None
+    event_type: str | None = None
+    timer_id: str | None = None
+    due: str | None = None
+    run_id: str | None = None
+
+
+class ContactRecorded(BusMessage):
+    """A contact, target or control, from a touchpoint decision or an outbound plan."""
+
+    TYPE: ClassVar[str] = "contact.recorded"
+    tracking_id: str
+    customer_id: str
+    campaign_id: str
+    decision_id: str | None = None
+    treatment: str | None = None
+    offer_id: str | None = None
+    touchpoint: str | None = None
+    channel: str | None = None
+    placement: str | None = None
+    control: bool = False
+    # ``global`` (the programme's hold-out) or ``campaign``; None for targets.
+    control_kind: Literal["global", "campaign"] | None = None
+    status: Literal["offered", "control"] = "offered"
+    conversion: Conversion | None = None
+    reward: Reward | None = None
+    value: float | None = None  # the offer's value, for reports
+    time: str = Field(default_factory=lambda: iso(utcnow()))
+    event_id: str | None = None
+    event_type: str | None = None
+    timer_id: str | None = None
+    due: str | None = None
+    run_id: str | None = None
+
+
+class Device(BaseModel):
+    """A registered app installation: ``token`` is the APNs/FCM token, or for ``web`` the
+    Web Push subscription as JSON (``{"endpoint", "keys": {"p256dh", "auth"}}``)."""
+
+    model_config = ConfigDict(extra="ignore")
+    platform: Platform
+    token: str
+    app_id: str | None = None
+
+
+class Address(BaseModel):
+    """Where a channel reaches the customer (only the channel's own field is set)."""
+
+    model_config = ConfigDict(extra="ignore")
+    devices: list[Device] | None = None
+    email: str | None = None
+    msisdn: str | None = None
+    customer_id: str | None = None  # in-app: the inbox's owner
+
+
+class DispatchRequested(BusMessage):
+    """One message to deliver over one channel (``dispatch.requested.<channel>``)."""
+
+    TYPE: ClassVar[str] = "dispatch.requested"
+    tracking_id: str
+    idempotency_key: str
+    customer_id: str
+    campaign_id: str
+    treatment: str | None = None
+    offer_id: str | None = None
+    channel: str
+    address: Address | None = None
+    content: dict[str, str] = Field(default_factory=dict)
+    link: str | None = None
+    reward: Reward | None = None
+    priority: int = 50
+    # Realtime and triggered traffic is sent before batch-run traffic, whatever the backlog.
+    lane: Lane = "realtime"
+    locale: str | None = None
+    expires_at: str | None = None
+    requested_at: str = Field(default_factory=lambda: iso(utcnow()))
+    event_id: str | None = None
+    event_type: str | None = None
+    timer_id: str | None = None
+    due: str | None = None
+    run_id: str | None = None
+
+    def subject_name(self) -> str:
+        return f"dispatch.requested.{self.channel}"
+
+    def event_id_(self) -> str:
+        """The envelope id (``Nats-Msg-Id``): stable per tracking id."""
+        return "dispatch-" + self.tracking_id
+
+
+class DeliveryReported(BusMessage):
+    """What a provider answered for one message (``delivery.<status>``)."""
+
+    TYPE: ClassVar[str] = "delivery"
+    tracking_id: str
+    customer_id: str
+    campaign_id: str | None = None
+    channel: str
+    status: DeliveryStatus
+    provider: str | None = None
+    provider_id: str | None = None
+    reason: str | None = None
+    attempts: int = 1
+    time: str = Field(default_factory=lambda: iso(utcnow()))
+    # token_invalid: the device the provider refused, and since when (its own timestamp).
+    token_invalid: bool = False
+    platform: Platform | None = None
+    token: str | None = None
+    token_invalid_since: str | None = None
+
+    def subject_name(self) -> str:
+        return f"delivery.{self.status}"
+
+
+class ResponseReceived(BusMessage):
+    """A response as it arrived (a click, an open, an SMS reply, a provider receipt), before
+    feedback has matched it to its contact."""
+
+    TYPE: ClassVar[str] = "response.received"
+    tracking_id: str
+    outcome: Outcome
+    time: str = Field(default_factory=lambda: iso(utcnow()))
+    value: float | None = None
+    channel: str | None = None
+    link: str | None = None  # clicked: which link of the message
+    text: str | None = None  # replied: what the customer wrote
+    choice: str | None = None  # replied: the parsed answer ("2", "yes")
+    customer_id: str | None = None
+    source: Literal["api", "link", "sms", "inbox", "provider", "event"] = "api"
+
+    def response_id(self) -> str:
+        """Responses count once per (tracking id, outcome)."""
+        return f"{self.tracking_id}:{self.outcome}"
+
+
+class ResponseRecorded(BusMessage):
+    """A response matched to its contact and stored once (``response.recorded``)."""
+
+    TYPE: ClassVar[str] = "response.recorded"
+    tracking_id: str
+    customer_id: str
+    campaign_id: str
+    outcome: Outcome
+    time: str
+    offer_id: str | None = None
+    treatment: str | None = None
+    channel: str | None = None
+    control: bool = False
+    value: float | None = None
+    link: str | None = None
+    text: str | None = None
+    choice: str | None = None
+    reward: Reward | None = None
+    source: str | None = None
+
+    def event_id_(self) -> str:
+        return f"response-{self.tracking_id}-{self.outcome}"
+
+
+class ProfileErased(BusMessage):
+    """A customer exercised the right to erasure: drop their personal data everywhere."""
+
+    TYPE: ClassVar[str] = "profile.erased"
+    customer_id: str
+    ids: list[str] = Field(default_factory=list)  # the customer's ids, folded ones included
