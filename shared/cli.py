@@ -184,6 +184,54 @@ def import_(
         console.print(f"  line {err['line']}: {err['detail']}")
 
 
+@app.command()
+def outbox(
+    channel: Annotated[str | None, typer.Option(help="push, email or sms")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new ones")] = False,
+    last: Annotated[int, typer.Option(help="Start with the last N messages")] = 20,
+    gateway: Annotated[
+        str | None, typer.Option(help="Gateway URL (default: .run/stack.json)")
+    ] = None,
+) -> None:
+    """Print what customers would have received: the local outbox of every channel without a
+    configured provider (the embedded default)."""
+    url = gateway or str(_stack_doc()["gateway"])
+    headers = {"authorization": f"Bearer {_api_key()}"}
+    params: dict[str, str | int] = {"limit": 1000, **({"channel": channel} if channel else {})}
+    with httpx.Client(base_url=url, headers=headers, timeout=10) as client:
+        after, backlog = 0, list[dict[str, object]]()
+        while True:  # skip to the last N
+            page = client.get("/v1/outbox", params={**params, "after": after})
+            if page.status_code != 200:
+                console.print(f"[red]outbox: {page.status_code}[/] {page.text}")
+                raise typer.Exit(1)
+            doc = page.json()
+            backlog = (backlog + doc["items"])[-last:] if last > 0 else []
+            if doc["next_after"] == after:
+                break
+            after = doc["next_after"]
+        for item in backlog:
+            _print_outboxed(item)
+        while follow:
+            time.sleep(0.5)
+            doc = client.get("/v1/outbox", params={**params, "after": after}).json()
+            for item in doc["items"]:
+                _print_outboxed(item)
+            after = doc["next_after"]
+
+
+def _print_outboxed(item: dict[str, object]) -> None:
+    content = item["content"] if isinstance(item["content"], dict) else {}
+    text = " | ".join(
+        f"{k}: {v}" for k, v in content.items() if k in ("title", "subject", "body", "text")
+    )
+    console.print(
+        f"[dim]{item['delivered_at']}[/] [bold]{item['channel']}[/] → {item['to']} "
+        f"({item['customer_id']}, {item['campaign_id']}) {text}",
+        highlight=False,
+    )
+
+
 demo = typer.Typer(help="Demo data.")
 app.add_typer(demo, name="demo")
 

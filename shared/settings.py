@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     dispatch_rate_limits: str = "{}"
     dispatch_concurrency: int = Field(default=64, ge=1, le=1024)
     dispatch_max_age_s: float = Field(default=6 * 3600.0, gt=0)  # retries give up after this
+    # Finished messages are kept this long (support's view, exactly-once against redeliveries:
+    # longer than the DISPATCH stream's 7 days), then deleted.
+    dispatch_retention_days: int = Field(default=30, ge=8)
 
     consumer_batch: int = 500
     consumer_max_deliver: int = 5

@@ -31,6 +31,7 @@ async def _setup(rt: Runtime) -> None:
         owner=cfg.instance_id,
         concurrency=cfg.dispatch_concurrency,
         max_age_s=cfg.dispatch_max_age_s,
+        retention_days=cfg.dispatch_retention_days,
     )
     intake = Intake(rt.db, sender, pseudonym_key=cfg.link_signer_secret().encode())
     rt.extras.update(providers=providers, sender=sender, intake=intake, links=links)

@@ -83,6 +83,7 @@ class Sender:
         owner: str,
         concurrency: int,
         max_age_s: float,
+        retention_days: int = 30,
     ) -> None:
         self.db = db
         self.providers = providers
@@ -90,6 +91,7 @@ class Sender:
         self.links = links
         self.owner = owner
         self.max_age = timedelta(seconds=max_age_s)
+        self.retention = timedelta(days=retention_days)
         self.concurrency = concurrency
         self._events = {(c, lane): asyncio.Event() for c in Providers.CHANNELS for lane in LANES}
         self._sems = {k: asyncio.Semaphore(concurrency) for k in self._events}
@@ -115,7 +117,11 @@ class Sender:
 
     async def _recover_forever(self) -> None:
         first = True
+        purged_at = 0.0
         while True:
+            if time.monotonic() - purged_at > 3600:
+                purged_at = time.monotonic()
+                await self._purge()
             try:
                 async with self.db.transaction() as uow:
                     n = await store.recover(
@@ -129,6 +135,17 @@ class Sender:
             except Exception as exc:
                 log.warning("recovery of interrupted sends failed: %s", exc)
             await asyncio.sleep(5.0)
+
+    async def _purge(self) -> None:
+        """Delete finished messages past the retention, in chunks (a daily trickle)."""
+        try:
+            while True:
+                async with self.db.transaction() as uow:
+                    n = await store.purge(uow.session, before=utcnow() - self.retention)
+                if n < 10_000:
+                    return
+        except Exception as exc:
+            log.warning("purging old messages failed: %s", exc)
 
     async def _lane(self, channel: str, lane: str, size: int) -> None:
         ev = self._events[(channel, lane)]

@@ -342,3 +342,16 @@ async def erase(session: AsyncSession, ids: Sequence[str], pseudonym: dict[str, 
         {"ids": list(ids), "ps": [pseudonym[i] for i in ids]},
     )
     return int(got.rowcount or 0)  # type: ignore[attr-defined]
+
+
+async def purge(session: AsyncSession, *, before: datetime, limit: int = 10_000) -> int:
+    """Delete up to ``limit`` finished messages created before ``before``."""
+    got = await session.execute(
+        sa.text(
+            f"DELETE FROM {S}.message WHERE tracking_id IN (SELECT tracking_id FROM {S}.message"
+            " WHERE created_at < :before AND status IN ('sent', 'delivered', 'failed', 'bounced',"
+            " 'expired') LIMIT :n)"
+        ),
+        {"before": before, "n": limit},
+    )
+    return int(got.rowcount or 0)  # type: ignore[attr-defined]
