@@ -60,6 +60,7 @@ def upgrade() -> None:
         " WHERE address_key IS NOT NULL"
     )
     op.execute("CREATE INDEX message_customer ON dispatch.message (customer_id)")
+    op.execute("CREATE INDEX message_created ON dispatch.message (created_at)")  # retention
     op.execute("CREATE INDEX message_local ON dispatch.message (seq) WHERE provider = 'local'")
 
 
