@@ -30,7 +30,7 @@ from shared.stack import PROCESSES, Stack
 RESULTS = Path(__file__).parent / "results"
 
 
-def start_stack(run_dir: Path, key: str) -> Stack:
+def start_stack(run_dir: Path, key: str, extra_env: dict[str, str] | None = None) -> Stack:
     rid = uuid.uuid4().hex[:6]
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAIROS_") or k.endswith("_URL")}
     env.update(
@@ -41,6 +41,7 @@ def start_stack(run_dir: Path, key: str) -> Stack:
         KAIROS_LOG_LEVEL="WARNING",
         KAIROS_IMPORT_MAX_BYTES=str(16 << 30),  # a 1M-customer file is ~1.7 GB
     )
+    env.update(extra_env or {})
     if env.get("KAIROS_DATABASE_URL"):
         from sqlalchemy.engine import make_url
 
@@ -51,6 +52,7 @@ def start_stack(run_dir: Path, key: str) -> Stack:
         )
     for name in PROCESSES:
         env[f"KAIROS_{name.upper()}_PORT"] = str(free_port())
+    env["KAIROS_PUBLIC_URL"] = f"http://127.0.0.1:{env['KAIROS_GATEWAY_PORT']}"
     st = Stack.prepare(
         run_dir,
         base_env=env,
