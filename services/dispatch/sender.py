@@ -46,7 +46,10 @@ SEND_SECONDS = Histogram(
 )
 
 LANES: dict[str, tuple[int, int]] = {"realtime": (2, 50), "batch": (2, 200)}  # workers, claim
-LEASE_S = 30.0
+# A claim outlives any batch's sends (provider calls time out well before); a replica that
+# dies holding claims is recovered after it, or at once when it restarts under its name.
+LEASE_S = 120.0
+IDLE_POLL_S = 1.0  # same-process intake wakes the workers; the poll finds retries falling due
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 300.0
 
@@ -165,7 +168,7 @@ class Sender:
                 continue
             if n == 0:
                 try:
-                    await asyncio.wait_for(ev.wait(), 0.25)
+                    await asyncio.wait_for(ev.wait(), IDLE_POLL_S)
                 except TimeoutError:
                     pass
 
@@ -194,9 +197,22 @@ class Sender:
 
         sent = await asyncio.gather(*(one(c) for c in live))
         by_id = {c.tracking_id: s for c, s in zip(live, sent, strict=True)}
-        async with self.db.transaction() as uow:
-            outcomes = [self._outcome(uow, c, by_id.get(c.tracking_id), utcnow()) for c in claimed]
-            await store.finish(uow.session, outcomes, utcnow())
+        # What the providers answered exists only in memory now: a database blip must not
+        # turn these sends into in_doubt ones, so the record is retried well within the lease.
+        for attempt in range(30):
+            try:
+                async with self.db.transaction() as uow:
+                    at = utcnow()
+                    outcomes = [
+                        self._outcome(uow, c, by_id.get(c.tracking_id), at) for c in claimed
+                    ]
+                    await store.finish(uow.session, outcomes, at)
+                break
+            except Exception as exc:
+                if attempt == 29:
+                    raise
+                log.warning("recording %d outcomes failed (%s); retrying", len(claimed), exc)
+                await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
         return len(claimed)
 
     # -- one message -------------------------------------------------------------------
