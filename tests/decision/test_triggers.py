@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.bus import Bus
+from shared.contracts.bus import DispatchRequested
 from shared.events import CloudEvent
 from shared.stack import Stack
 from tests.conftest import auth
@@ -514,13 +515,14 @@ async def test_a_poisoned_timer_is_dead_lettered_and_its_neighbours_still_fire(
     await _offer(gw, f"off-{u}")
     cmp = f"timers-{u}"
     await _campaign(gw, cmp, f"off-{u}", channels=["sms"], trigger={"event": f"never.{u}"})
-    good = CloudEvent.new(
-        source="test",
-        type="dispatch.requested.sms",
-        subject=f"c-{u}",
-        data={"tracking_id": f"t-{u}", "customer_id": f"c-{u}", "campaign_id": cmp},
+    request = DispatchRequested(
+        tracking_id=f"t-{u}",
+        idempotency_key=f"t-{u}",
+        customer_id=f"c-{u}",
+        campaign_id=cmp,
+        channel="sms",
     )
-    good.id = f"dispatch-t-{u}"
+    _, good = request.to_event(source="test", id_=request.event_id_())
     prefix = stack.env["KAIROS_BUS_PREFIX"]
     nc = await nats.connect(stack.env["KAIROS_NATS_URL"])
     dead = await nc.jetstream().subscribe(f"{prefix}.dlq.decision-timers", ordered_consumer=True)
