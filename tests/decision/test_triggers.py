@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.bus import Bus
-from shared.contracts.bus import DispatchRequested
+from shared.contracts.bus import DispatchRequested, ResponseRecorded
 from shared.events import CloudEvent
 from shared.stack import Stack
 from tests.conftest import auth
@@ -445,18 +445,16 @@ async def test_survey_reply_fires_the_next_step(
     await bus.connect(ensure_streams=False)
     try:
         for c, choice in ((yes, "2"), (no, "1")):
-            ev = bus.envelope(
-                "response.recorded",
-                {
-                    "customer_id": c,
-                    "campaign_id": f"ask-{u}",
-                    "outcome": "replied",
-                    "choice": choice,
-                    "channel": "sms",
-                },
-                subject=c,
+            reply = ResponseRecorded(
+                tracking_id=f"t-{c}",
+                customer_id=c,
+                campaign_id=f"ask-{u}",
+                outcome="replied",
+                choice=choice,
+                channel="sms",
+                time=datetime.now(UTC).isoformat(),
             )
-            await bus.publish("response.recorded", ev)
+            await bus.publish(*reply.to_event(source="test"))
     finally:
         await bus.close()
     sent = await listen.wait(cmp, 1)
