@@ -24,7 +24,8 @@ from typing import Any
 import aiohttp
 import sqlalchemy as sa
 
-from services.decision import arbitration, templating
+from services.decision import arbitration, messages, templating
+from services.decision.messages import ControlKind
 from services.decision.policy.ledger import HISTORY_S, Cap, Ledger
 from shared import rules
 from shared.bus import Bus
@@ -34,7 +35,6 @@ from shared.events import CloudEvent, iso
 from shared.redis import Keys, read_projections
 
 log = logging.getLogger("kairos.decision.engine")
-SOURCE = "kairos/decision"
 
 
 @dataclass
@@ -309,7 +309,7 @@ class Engine:
         subject = rules.Subject(doc or {}, now=now, contacted=lambda c, w: seen.get((c, w), False))
         considered: list[api.Considered] = []
         candidates: list[Candidate] = []
-        controls: list[Candidate] = []
+        controls: list[tuple[Candidate, ControlKind]] = []
         policy = self.catalog.policy
         global_ctl = doc is not None and arbitration.in_global_control(
             req.customer_id, float(policy.get("global_control") or 0)
@@ -357,13 +357,13 @@ class Engine:
                 continue
             cand = Candidate(live, treatment, treatment["offer"], offer, fit)
             if global_ctl:
-                controls.append(cand)
+                controls.append((cand, "global"))
                 out("control", "control: global control group")
                 continue
             if arbitration.in_control(
                 req.customer_id, cid, float(live.body.get("control_group") or 0)
             ):
-                controls.append(cand)
+                controls.append((cand, "campaign"))
                 out(
                     "control", f"control: campaign control group ({live.body['control_group']:.0%})"
                 )
@@ -426,10 +426,10 @@ class Engine:
                     campaign_id=cid, outcome="offered", reason="offered", score=round(cand.score, 4)
                 )
             )
-            records.append(self._record(req, decision_id, cand, tracking, now, control=False))
-        for cand in controls:
+            records.append(self._record(req, decision_id, cand, tracking, now))
+        for cand, kind in controls:
             records.append(
-                self._record(req, decision_id, cand, secrets.token_urlsafe(16), now, control=True)
+                self._record(req, decision_id, cand, secrets.token_urlsafe(16), now, control=kind)
             )
         if records and not dry_run:
             await self.bus.publish_many(records)
@@ -488,27 +488,22 @@ class Engine:
         tracking: str,
         now: datetime,
         *,
-        control: bool,
+        control: ControlKind | None = None,
     ) -> tuple[str, CloudEvent]:
-        data = {
-            "tracking_id": tracking,
-            "decision_id": decision_id,
-            "customer_id": req.customer_id,
-            "campaign_id": cand.live.campaign_id,
-            "treatment": cand.treatment["id"],
-            "offer_id": cand.offer_id,
-            "touchpoint": req.touchpoint,
-            "channel": req.touchpoint,
-            "placement": req.placement,
-            "control": control,
-            "status": "control" if control else "offered",
-            "conversion": cand.live.body.get("conversion"),
-            "time": iso(now),
-        }
-        ev = CloudEvent.new(
-            source=SOURCE, type="contact.recorded", subject=req.customer_id, data=data
+        return messages.contact_recorded(
+            tracking_id=tracking,
+            customer_id=req.customer_id,
+            campaign=cand.live.body,
+            campaign_id=cand.live.campaign_id,
+            treatment=cand.treatment,
+            offer=cand.offer,
+            channel=req.touchpoint,
+            at=now,
+            control_kind=control,
+            decision_id=decision_id,
+            touchpoint=req.touchpoint,
+            placement=req.placement,
         )
-        return "contact.recorded", ev
 
 
 async def refresh_forever(

@@ -20,6 +20,9 @@ from collections.abc import Sequence
 from nats.aio.msg import Msg
 from redis.asyncio import Redis
 
+from services.decision.messages import parse
+from shared.bus import PoisonMessage
+from shared.contracts.bus import ContactRecorded, ResponseRecorded
 from shared.events import CloudEvent
 from shared.redis import Keys
 
@@ -36,6 +39,14 @@ return n
 """
 
 
+def _payload(ev: CloudEvent) -> ContactRecorded | ResponseRecorded:
+    if ev.type == ContactRecorded.TYPE:
+        return parse(ev, ContactRecorded)
+    if ev.type == ResponseRecorded.TYPE:
+        return parse(ev, ResponseRecorded)
+    raise PoisonMessage(f"unexpected event type {ev.type!r}")
+
+
 class Learning:
     def __init__(self, redis: Redis, keys: Keys, *, unanswered_s: float) -> None:
         self.redis = redis
@@ -50,25 +61,22 @@ class Learning:
         return self.keys("propensity-pending", offer, treatment)
 
     async def handle(self, batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
+        """Offered contacts join the pending set; responses leave it and count."""
+        parsed = [_payload(ev) for _, ev in batch]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for _, ev in batch:
-                d = ev.data if isinstance(ev.data, dict) else {}
-                offer, treatment = d.get("offer_id"), d.get("treatment")
-                if not offer or not treatment or d.get("control"):
-                    continue
-                offer, treatment = str(offer), str(treatment)
-                tracking = str(d.get("tracking_id") or "")
-                if ev.type == "contact.recorded" and d.get("status", "offered") == "offered":
-                    if tracking:
-                        pipe.zadd(self.pending_key(offer, treatment), {tracking: time.time()})
+            for m in parsed:
+                if not m.offer_id or not m.treatment or m.control:
+                    continue  # a control contact, or one without an offer: nothing to learn
+                offer, treatment = m.offer_id, m.treatment
+                if isinstance(m, ContactRecorded):
+                    if m.status == "offered":
+                        pipe.zadd(self.pending_key(offer, treatment), {m.tracking_id: time.time()})
                         pipe.sadd(self.keys("propensity-pending-keys"), f"{offer}\x00{treatment}")
-                elif ev.type == "response.recorded":
-                    if tracking:
-                        pipe.zrem(self.pending_key(offer, treatment), tracking)
-                    outcome = d.get("outcome")
-                    field = "s" if outcome in SUCCESS else "f" if outcome in FAILURE else None
-                    if field:
-                        pipe.hincrby(self.stats_key(offer, treatment), field, 1)
+                    continue
+                pipe.zrem(self.pending_key(offer, treatment), m.tracking_id)
+                field = "s" if m.outcome in SUCCESS else "f" if m.outcome in FAILURE else None
+                if field:
+                    pipe.hincrby(self.stats_key(offer, treatment), field, 1)
             await pipe.execute()
 
     async def sweep(self) -> int:

@@ -23,18 +23,20 @@ from datetime import UTC, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from services.decision import arbitration, templating
+from services.decision import arbitration, messages, templating
+from services.decision.messages import SOURCE, ControlKind
 from services.decision.policy.ledger import Reservation
 from shared import rules
+from shared.contracts.bus import Address, DispatchRequested, Platform
 from shared.events import CloudEvent, iso
 
 if TYPE_CHECKING:
     from services.decision.engine import Engine, Live
 
-SOURCE = "kairos/decision"
 OUTBOUND = frozenset({"push", "email", "sms"})  # held by quiet hours; in-app never is
 EXPIRY = timedelta(days=1)
 LEDGER_CHUNK = 500
+PLATFORMS = frozenset(Platform.__args__)  # type: ignore[attr-defined]
 Status = Literal["dispatched", "control", "suppressed", "deferred", "ineligible"]
 
 
@@ -47,7 +49,10 @@ def tracking_id(*parts: str) -> str:
 def address(doc: dict[str, Any], channel: str) -> dict[str, Any] | None:
     """Where a channel reaches this customer, or None."""
     ids = doc.get("identities") or {}
-    devices = [d for d in doc.get("devices") or () if d.get("token")]
+    # a device the push channel cannot address (no token, an unknown platform) is left out
+    devices = [
+        d for d in doc.get("devices") or () if d.get("token") and d.get("platform") in PLATFORMS
+    ]
     if channel == "push":
         return {"devices": devices} if devices else None
     if channel == "email":
@@ -164,12 +169,13 @@ class Planner:
         """Control customers (global or the campaign's) are held out and recorded."""
         policy = self.engine.catalog.policy
         share = float(it.live.body.get("control_group") or 0)
+        kind: ControlKind
         if it.doc is not None and arbitration.in_global_control(
             it.customer_id, float(policy.get("global_control") or 0)
         ):
-            label = "control: global control group"
+            kind, label = "global", "control: global control group"
         elif arbitration.in_control(it.customer_id, it.live.campaign_id, share):
-            label = f"control: campaign control group ({share:.0%})"
+            kind, label = "campaign", f"control: campaign control group ({share:.0%})"
         else:
             return None
         return Outcome(
@@ -177,7 +183,7 @@ class Planner:
             "control",
             label,
             treatment=it.treatment["id"] if it.treatment else None,
-            records=[self._contact(it, None, now, control=True)],
+            records=[self._contact(it, None, now, control=kind)],
         )
 
     # -- channels and the ledger ---------------------------------------------------------
@@ -234,7 +240,7 @@ class Planner:
                             continue
                     records = [
                         self._dispatch(it, ch, rendered[ch], now),
-                        self._contact(it, ch, now, control=False),
+                        self._contact(it, ch, now),
                     ]
                     until = quiet_until(policy, (it.doc or {}).get("timezone"), now)
                     if ch in OUTBOUND and until is not None:
@@ -282,34 +288,34 @@ class Planner:
 
     # -- the events ----------------------------------------------------------------------
     def _contact(
-        self, it: Item, channel: str | None, now: datetime, *, control: bool
+        self,
+        it: Item,
+        channel: str | None,
+        now: datetime,
+        *,
+        control: ControlKind | None = None,
     ) -> tuple[str, CloudEvent]:
-        t = it.treatment or {}
-        tracking = it.tracking if not control else tracking_id(it.tracking, "control")
-        data = {
-            "tracking_id": tracking,
-            "decision_id": None,
-            "customer_id": it.customer_id,
-            "campaign_id": it.live.campaign_id,
-            "treatment": t.get("id"),
-            "offer_id": t.get("offer"),
-            "touchpoint": None,
-            "channel": channel,
-            "control": control,
-            "status": "control" if control else "offered",
-            "conversion": it.live.body.get("conversion"),
-            "time": iso(now),
-            **it.origin,
-        }
-        ev = CloudEvent.new(
-            source=SOURCE, type="contact.recorded", subject=it.customer_id, data=data
+        """The item's ``contact.recorded``: offered, or held out when ``control`` is set (its
+        own tracking id then, so the ledger never sees it)."""
+        tracking = it.tracking if control is None else tracking_id(it.tracking, "control")
+        return messages.contact_recorded(
+            tracking_id=tracking,
+            customer_id=it.customer_id,
+            campaign=it.live.body,
+            campaign_id=it.live.campaign_id,
+            treatment=it.treatment,
+            offer=it.offer,
+            channel=channel,
+            at=now,
+            control_kind=control,
+            origin=it.origin,
+            envelope_id="contact-" + tracking,
         )
-        ev.id = "contact-" + tracking
-        return "contact.recorded", ev
 
     def _dispatch(
         self, it: Item, channel: str, content: dict[str, str], now: datetime
     ) -> tuple[str, CloudEvent]:
+        """The item's ``dispatch.requested.<channel>``, expiring with the offer at the latest."""
         assert it.offer is not None
         assert it.treatment is not None
         offer = it.offer
@@ -317,29 +323,29 @@ class Planner:
         vt = _dt(offer.get("valid_to"))
         if vt is not None and vt < expires:
             expires = vt
-        data = {
-            "tracking_id": it.tracking,
-            "idempotency_key": it.tracking,
-            "customer_id": it.customer_id,
-            "campaign_id": it.live.campaign_id,
-            "treatment": it.treatment["id"],
-            "offer_id": it.treatment["offer"],
-            "channel": channel,
-            "address": address(it.doc or {}, channel),
-            "content": content,
-            "link": offer.get("link"),
-            "reward": offer.get("reward"),
-            "priority": int(it.live.body.get("priority", 50)),
-            "locale": (it.doc or {}).get("locale"),
-            "expires_at": iso(expires),
-            "requested_at": iso(now),
-            **it.origin,
-        }
-        ev = CloudEvent.new(
-            source=SOURCE,
-            type=f"dispatch.requested.{channel}",
-            subject=it.customer_id,
-            data=data,
+        where = address(it.doc or {}, channel)
+        origin = it.origin
+        msg = DispatchRequested(
+            tracking_id=it.tracking,
+            idempotency_key=it.tracking,
+            customer_id=it.customer_id,
+            campaign_id=it.live.campaign_id,
+            treatment=it.treatment["id"],
+            offer_id=it.treatment["offer"],
+            channel=channel,
+            address=Address.model_validate(where) if where is not None else None,
+            content=content,
+            link=offer.get("link"),
+            reward=messages.reward(offer),
+            priority=int(it.live.body.get("priority", 50)),
+            lane=messages.lane(origin),
+            locale=(it.doc or {}).get("locale"),
+            expires_at=iso(expires),
+            requested_at=messages.stamp(now),
+            event_id=origin.get("event_id"),
+            event_type=origin.get("event_type"),
+            timer_id=origin.get("timer_id"),
+            due=origin.get("due"),
+            run_id=origin.get("run_id"),
         )
-        ev.id = "dispatch-" + it.tracking
-        return f"dispatch.requested.{channel}", ev
+        return msg.to_event(source=SOURCE, id_=msg.event_id_())

@@ -46,9 +46,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from services.decision.engine import Engine
+from services.decision.messages import parse
 from services.decision.outbound import Item, Outcome, Planner, tracking_id
 from shared import rules
 from shared.bus import Bus, TransientError
+from shared.contracts.bus import ResponseRecorded
 from shared.db import Database
 from shared.events import CloudEvent, iso
 from shared.redis import APPLIED_TTL_S, Keys, read_projections
@@ -152,22 +154,22 @@ class Triggers:
         """``response.recorded``: a reply (an SMS survey answer) can fire the next step."""
         if not self.engine.loaded.is_set():
             raise TransientError("the catalog is not loaded yet")
-        fired = []
-        for _, ev in batch:
-            d = ev.data if isinstance(ev.data, dict) else {}
-            if "response.recorded" not in self.engine.catalog.by_event or not d.get("customer_id"):
-                continue
-            fired.append(
-                Fired(
-                    str(d["customer_id"]),
-                    {
-                        "id": ev.id,
-                        "type": "response.recorded",
-                        "time": d.get("time") or ev.time,
-                        "properties": d,
-                    },
-                )
+        # Parsed whether or not a campaign listens: a malformed response is dead-lettered.
+        responses = [(ev, parse(ev, ResponseRecorded)) for _, ev in batch]
+        if ResponseRecorded.TYPE not in self.engine.catalog.by_event:
+            return
+        fired = [
+            Fired(
+                r.customer_id,
+                {
+                    "id": ev.id,
+                    "type": ResponseRecorded.TYPE,
+                    "time": r.time,
+                    "properties": r.model_dump(mode="json", exclude_none=True),
+                },
             )
+            for ev, r in responses
+        ]
         await self.process(fired)
 
     async def _owners(self, items: Sequence[tuple[Msg, CloudEvent]]) -> dict[str, str]:

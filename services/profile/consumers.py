@@ -5,13 +5,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
+from typing import TypeVar
 
 from nats.aio.msg import Msg
+from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from services.profile.customers import service
 from services.profile.customers.endpoints import projection, reproject
 from shared.bus import Consumer, PoisonMessage, TransientError
+from shared.contracts.bus import (
+    CHANNELS,
+    BusMessage,
+    DeliveryReported,
+    ResponseRecorded,
+)
 from shared.events import CloudEvent, utcnow
 from shared.service import Runtime
 
@@ -54,26 +62,38 @@ async def handle_events(rt: Runtime, batch: Sequence[tuple[Msg, CloudEvent]]) ->
     await proj.mark_applied(applied.owners)
 
 
-def _when(value: object) -> datetime:
-    if isinstance(value, (int, float)):  # APNs reports milliseconds since the epoch
-        from datetime import UTC
+M = TypeVar("M", bound=BusMessage)
 
-        return datetime.fromtimestamp(value / 1000, UTC)
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+def _parse(cls: type[M], batch: Batch) -> list[tuple[CloudEvent, M]]:
+    """Every payload of the batch, typed; one that does not parse is a poison message (alone
+    it is dead-lettered at once; in a batch the runner retries one by one, so only it is)."""
+    out = []
+    for _, ev in batch:
+        try:
+            out.append((ev, cls.parse(ev)))
+        except ValidationError as exc:
+            raise PoisonMessage(f"not a {cls.TYPE} payload: {exc}") from exc
+    return out
+
+
+def _when(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 async def handle_delivery(rt: Runtime, batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
     """Drop push tokens that a provider reported as no longer valid."""
     assert rt.db is not None
+    reports = _parse(DeliveryReported, batch)
     touched = []
     async with rt.db.transaction() as uow:
-        for _, ev in batch:
-            d = ev.data
-            if not d.get("token_invalid") or not d.get("token"):
+        for ev, d in reports:
+            if not d.token_invalid or not d.token:
                 continue
-            reported = _when(d.get("token_invalid_since") or ev.time)
+            # The provider's own timestamp (the contract keeps it RFC 3339), else the report's.
+            reported = _when(d.token_invalid_since or ev.time)
             cid = await service.drop_invalid_token(
-                uow, token=str(d["token"]), reported_at=reported, now=utcnow()
+                uow, token=d.token, reported_at=reported, now=utcnow()
             )
             if cid:
                 touched.append(cid)
@@ -83,20 +103,14 @@ async def handle_delivery(rt: Runtime, batch: Sequence[tuple[Msg, CloudEvent]]) 
 async def handle_responses(rt: Runtime, batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
     """An ``unsubscribed`` response withdraws that channel's consent."""
     assert rt.db is not None
+    responses = _parse(ResponseRecorded, batch)
     touched = []
     async with rt.db.transaction() as uow:
-        for _, ev in batch:
-            d = ev.data
-            if (
-                d.get("outcome") != "unsubscribed"
-                or not d.get("customer_id")
-                or not d.get("channel")
-            ):
-                continue
-            if d["channel"] not in ("push", "email", "sms", "inapp"):
+        for _, r in responses:
+            if r.outcome != "unsubscribed" or r.channel not in CHANNELS:
                 continue
             cid = await service.withdraw_consent(
-                uow, customer_id=str(d["customer_id"]), channel=str(d["channel"]), now=utcnow()
+                uow, customer_id=r.customer_id, channel=r.channel, now=utcnow()
             )
             if cid:
                 touched.append(cid)

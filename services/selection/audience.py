@@ -26,16 +26,18 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 from prometheus_client import Gauge, Histogram
+from pydantic import ValidationError
 
 from services.selection.index import Population
-from shared.bus import Consumer, TransientError
+from shared.bus import Consumer, PoisonMessage, TransientError
+from shared.contracts.bus import BusMessage, ContactRecorded, ProfileErased
 from shared.events import CloudEvent
 from shared.redis import read_projections
 from shared.rules import parse_duration
@@ -43,6 +45,7 @@ from shared.service import Runtime
 
 log = logging.getLogger("kairos.selection.audience")
 Batch = Sequence[tuple[Msg, CloudEvent]]
+M = TypeVar("M", bound=BusMessage)
 
 FORMAT = 1
 MAX_PROJECTION_WAITS = 30
@@ -195,6 +198,10 @@ class Audience:
         changed: dict[str, tuple[int, set[str]]] = {}
         removed: list[str] = []
         newest: datetime | None = None
+        # Typed first, before the index changes: a malformed erasure is a poison message.
+        erased = {
+            id(ev): _parse(ProfileErased, ev) for _, ev in batch if ev.type == ProfileErased.TYPE
+        }
         for _, ev in batch:
             d = ev.data if isinstance(ev.data, dict) else {}
             if ev.type == "profile.changed":
@@ -207,10 +214,11 @@ class Audience:
                 if prev is not None:
                     v, parts = max(v, prev[0]), parts | prev[1]
                 changed[cid] = (v, parts)
-            elif ev.type == "profile.erased":
-                for cid in d.get("ids") or [d.get("customer_id") or ev.subject]:
-                    removed.append(str(cid))
-                    changed.pop(str(cid), None)
+            elif ev.type == ProfileErased.TYPE:
+                gone = erased[id(ev)]
+                for cid in gone.ids or [gone.customer_id]:
+                    removed.append(cid)
+                    changed.pop(cid, None)
             elif ev.type == "profile.merged":
                 removed.append(str(d["source"]))
                 changed.pop(str(d["source"]), None)
@@ -263,16 +271,13 @@ class Audience:
         return list(docs.values()), behind
 
     async def _on_contact(self, batch: Batch) -> None:
-        for msg, ev in batch:
-            d = ev.data if isinstance(ev.data, dict) else {}
-            if ev.type != "contact.recorded" or d.get("control"):
+        # Typed first, before the index changes: a malformed contact is a poison message.
+        contacts = [(msg, ev, _parse(ContactRecorded, ev)) for msg, ev in batch]
+        for msg, ev, c in contacts:
+            if c.control:  # a control contact is not a contact
                 continue
-            cid = d.get("customer_id") or ev.subject
-            campaign = d.get("campaign_id") or d.get("campaign")
-            if not cid or not campaign:
-                continue
-            at = _when(d.get("time")) or _when(ev.time) or datetime.now(UTC)
-            self.pop.contacted(str(cid), str(campaign), at.timestamp())
+            at = _when(c.time) or _when(ev.time) or datetime.now(UTC)
+            self.pop.contacted(c.customer_id, c.campaign_id, at.timestamp())
             if msg.metadata:
                 self.contact_seq = max(self.contact_seq, int(msg.metadata.sequence.stream))
         self.changes += 1
@@ -338,6 +343,15 @@ def _write_atomically(path: Path, blob: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def _parse(cls: type[M], ev: CloudEvent) -> M:
+    """The typed payload; one that does not parse is a poison message (alone it is
+    dead-lettered at once; in a batch the runner retries one by one, so only it is)."""
+    try:
+        return cls.parse(ev)
+    except ValidationError as exc:
+        raise PoisonMessage(f"not a {cls.TYPE} payload: {exc}") from exc
 
 
 def _when(value: Any) -> datetime | None:

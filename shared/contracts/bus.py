@@ -18,9 +18,10 @@ the customer id.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Self
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.events import CloudEvent, iso, utcnow
 
@@ -63,9 +64,8 @@ class BusMessage(BaseModel):
             type=subject,
             subject=self.customer(),
             data=self.model_dump(mode="json", exclude_none=True),
+            id_=id_,
         )
-        if id_ is not None:
-            ev.id = id_
         return subject, ev
 
     @classmethod
@@ -203,6 +203,22 @@ class DeliveryReported(BusMessage):
     platform: Platform | None = None
     token: str | None = None
     token_invalid_since: str | None = None
+
+    @field_validator("token_invalid_since", mode="before")
+    @classmethod
+    def _provider_time(cls, v: Any) -> Any:
+        """RFC 3339, or the provider's epoch number (APNs: milliseconds; seconds below 1e11)."""
+        if v is None:
+            return None
+        try:
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                return iso(datetime.fromtimestamp(v / 1000 if abs(v) >= 1e11 else v, UTC))
+            if isinstance(v, str):
+                datetime.fromisoformat(v.replace("Z", "+00:00"))
+                return v
+        except (ValueError, OverflowError, OSError) as exc:
+            raise ValueError(f"not a timestamp: {v!r}") from exc
+        raise ValueError(f"not a timestamp: {v!r}")
 
     def subject_name(self) -> str:
         return f"delivery.{self.status}"

@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from services.decision import arbitration
 from services.decision.learning import Learning
+from shared.contracts.bus import ContactRecorded, ResponseRecorded
 from shared.events import CloudEvent
 from shared.redis import Keys
 from shared.stack import Stack
@@ -57,17 +58,28 @@ async def test_unanswered_offers_decay_into_failures_once(stack: Stack) -> None:
     a = Learning(redis, keys, unanswered_s=0.0)
     b = Learning(redis, keys, unanswered_s=0.0)
 
-    def ev(type_: str, tracking: str, **extra: object) -> tuple[None, CloudEvent]:
-        data = {"offer_id": "o-1", "treatment": "A", "tracking_id": tracking, **extra}
-        return None, CloudEvent(source="t", type=type_, data=data)
+    def contact(tracking: str) -> tuple[None, CloudEvent]:
+        msg = ContactRecorded(
+            tracking_id=tracking, customer_id="c", campaign_id="k", offer_id="o-1", treatment="A"
+        )
+        return None, msg.to_event(source="t")[1]
 
+    accepted = ResponseRecorded(
+        tracking_id="t3",
+        customer_id="c",
+        campaign_id="k",
+        outcome="accepted",
+        time="2026-01-01T00:00:00Z",
+        offer_id="o-1",
+        treatment="A",
+    )
     try:
         await a.handle(
             [  # type: ignore[list-item]
-                ev("contact.recorded", "t1", status="offered"),
-                ev("contact.recorded", "t2", status="offered"),
-                ev("contact.recorded", "t3", status="offered"),
-                ev("response.recorded", "t3", outcome="accepted"),
+                contact("t1"),
+                contact("t2"),
+                contact("t3"),
+                (None, accepted.to_event(source="t")[1]),
             ]
         )
         moved = await asyncio.gather(a.sweep(), b.sweep())

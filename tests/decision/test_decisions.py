@@ -15,6 +15,7 @@ import nats
 import pytest
 
 from shared.bus import Bus
+from shared.contracts.bus import ResponseRecorded
 from shared.embedded import free_port
 from shared.events import CloudEvent
 from shared.migrate import ROOT
@@ -239,14 +240,17 @@ async def test_responses_teach_the_ranking(
     try:
         items = []
         for offer, outcome in ((good, "accepted"), (bad, "declined")):
-            for _ in range(60):
-                data = {"offer_id": offer, "treatment": "A", "outcome": outcome}
-                items.append(
-                    (
-                        "response.recorded",
-                        CloudEvent(source="test", type="response.recorded", data=data),
-                    )
+            for i in range(60):
+                response = ResponseRecorded(
+                    tracking_id=f"t-{offer}-{i}",
+                    customer_id=f"c-{u}-{i}",
+                    campaign_id=f"cmp-{u}",
+                    offer_id=offer,
+                    treatment="A",
+                    outcome=outcome,
+                    time="2026-01-01T00:00:00Z",
                 )
+                items.append(response.to_event(source="test"))
         await bus.publish_many(items)
     finally:
         await bus.close()

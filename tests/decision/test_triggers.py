@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.bus import Bus
+from shared.contracts.bus import DispatchRequested, ResponseRecorded
 from shared.events import CloudEvent
 from shared.stack import Stack
 from tests.conftest import auth
@@ -444,18 +445,16 @@ async def test_survey_reply_fires_the_next_step(
     await bus.connect(ensure_streams=False)
     try:
         for c, choice in ((yes, "2"), (no, "1")):
-            ev = bus.envelope(
-                "response.recorded",
-                {
-                    "customer_id": c,
-                    "campaign_id": f"ask-{u}",
-                    "outcome": "replied",
-                    "choice": choice,
-                    "channel": "sms",
-                },
-                subject=c,
+            reply = ResponseRecorded(
+                tracking_id=f"t-{c}",
+                customer_id=c,
+                campaign_id=f"ask-{u}",
+                outcome="replied",
+                choice=choice,
+                channel="sms",
+                time=datetime.now(UTC).isoformat(),
             )
-            await bus.publish("response.recorded", ev)
+            await bus.publish(*reply.to_event(source="test"))
     finally:
         await bus.close()
     sent = await listen.wait(cmp, 1)
@@ -514,13 +513,14 @@ async def test_a_poisoned_timer_is_dead_lettered_and_its_neighbours_still_fire(
     await _offer(gw, f"off-{u}")
     cmp = f"timers-{u}"
     await _campaign(gw, cmp, f"off-{u}", channels=["sms"], trigger={"event": f"never.{u}"})
-    good = CloudEvent.new(
-        source="test",
-        type="dispatch.requested.sms",
-        subject=f"c-{u}",
-        data={"tracking_id": f"t-{u}", "customer_id": f"c-{u}", "campaign_id": cmp},
+    request = DispatchRequested(
+        tracking_id=f"t-{u}",
+        idempotency_key=f"t-{u}",
+        customer_id=f"c-{u}",
+        campaign_id=cmp,
+        channel="sms",
     )
-    good.id = f"dispatch-t-{u}"
+    _, good = request.to_event(source="test", id_=request.event_id_())
     prefix = stack.env["KAIROS_BUS_PREFIX"]
     nc = await nats.connect(stack.env["KAIROS_NATS_URL"])
     dead = await nc.jetstream().subscribe(f"{prefix}.dlq.decision-timers", ordered_consumer=True)

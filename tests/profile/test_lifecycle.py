@@ -19,6 +19,7 @@ from nats.js.api import DeliverPolicy
 from redis.asyncio import Redis
 
 from services.profile.projection import Doc, Projection, merge_parts
+from shared.contracts.bus import DeliveryReported, ResponseRecorded
 from shared.events import CloudEvent
 from shared.redis import Keys
 from shared.stack import Stack
@@ -161,13 +162,6 @@ async def test_erasure(gw: httpx.AsyncClient, stack: Stack, redis: Redis, js, ci
     assert (await _projection(redis, stack, cid))["version"] == 1
 
 
-async def _publish(
-    js, stack: Stack, subject: str, data: dict, subject_id: str | None = None
-) -> None:
-    ev = CloudEvent(source="test", type=subject, subject=subject_id, data=data)
-    await js.publish(f"{stack.env['KAIROS_BUS_PREFIX']}.{subject}", ev.to_bytes())
-
-
 async def test_invalid_push_token_is_dropped(
     gw: httpx.AsyncClient, stack: Stack, js, cid: str
 ) -> None:
@@ -178,31 +172,24 @@ async def test_invalid_push_token_is_dropped(
             f"/v1/customers/{cid}/devices", json={"platform": "ios", "token": tok, "app_id": "a"}
         )
     unregistered_at = datetime.now(UTC) + timedelta(seconds=1)
-    await _publish(
-        js,
-        stack,
-        "delivery.failed",
-        {
-            "customer_id": cid,
-            "channel": "push",
-            "token": old,
-            "token_invalid": True,
-            "token_invalid_since": int(unregistered_at.timestamp() * 1000),
-        },
-    )
-    # APNs says Unregistered as of a time *before* the fresh token was registered again: kept.
-    await _publish(
-        js,
-        stack,
-        "delivery.failed",
-        {
-            "customer_id": cid,
-            "channel": "push",
-            "token": fresh,
-            "token_invalid": True,
-            "token_invalid_since": "2020-01-01T00:00:00Z",
-        },
-    )
+    for tok, since in (
+        # APNs' own timestamp: milliseconds since the epoch
+        (old, int(unregistered_at.timestamp() * 1000)),
+        # Unregistered as of a time *before* the fresh token was registered again: kept.
+        (fresh, "2020-01-01T00:00:00Z"),
+    ):
+        report = DeliveryReported(
+            tracking_id=f"t-{tok}",
+            customer_id=cid,
+            channel="push",
+            status="token_invalid",
+            token_invalid=True,
+            platform="ios",
+            token=tok,
+            token_invalid_since=since,  # type: ignore[arg-type]
+        )
+        subject, ev = report.to_event(source="test")
+        await js.publish(f"{stack.env['KAIROS_BUS_PREFIX']}.{subject}", ev.to_bytes())
     v = await eventually(
         lambda: gw.get(f"/v1/customers/{cid}"),
         lambda r: [d["token"] for d in r.json()["devices"]] == [fresh],
@@ -214,12 +201,16 @@ async def test_unsubscribe_withdraws_consent(
     gw: httpx.AsyncClient, stack: Stack, js, cid: str
 ) -> None:
     await gw.put(f"/v1/customers/{cid}", json={"consents": {"email": True, "push": True}})
-    await _publish(
-        js,
-        stack,
-        "response.recorded",
-        {"customer_id": cid, "channel": "email", "outcome": "unsubscribed", "tracking_id": "t"},
+    response = ResponseRecorded(
+        tracking_id="t",
+        customer_id=cid,
+        campaign_id="k",
+        channel="email",
+        outcome="unsubscribed",
+        time="2026-01-01T00:00:00Z",
     )
+    subject, ev = response.to_event(source="test")
+    await js.publish(f"{stack.env['KAIROS_BUS_PREFIX']}.{subject}", ev.to_bytes())
     await eventually(
         lambda: gw.get(f"/v1/customers/{cid}"),
         lambda r: r.json()["consents"] == {"email": False, "push": True},

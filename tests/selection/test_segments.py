@@ -12,6 +12,7 @@ import nats
 import pytest
 
 from shared.bus import Bus
+from shared.contracts.bus import ContactRecorded
 from shared.events import CloudEvent
 from shared.stack import Stack
 from tests.conftest import auth
@@ -129,16 +130,17 @@ async def test_contacted_follows_contact_records(gw: httpx.AsyncClient, stack: S
     bus = Bus(stack.env["KAIROS_NATS_URL"], prefix=stack.env["KAIROS_BUS_PREFIX"])
     await bus.connect()
     try:
-        data = {"customer_id": a, "campaign_id": f"cmp-{u}", "control": False}
-        await bus.publish(
-            "contact.recorded",
-            CloudEvent(source="test", type="contact.recorded", subject=a, data=data),
+        offered = ContactRecorded(tracking_id=f"t-{u}", customer_id=a, campaign_id=f"cmp-{u}")
+        await bus.publish(*offered.to_event(source="test"))
+        control = ContactRecorded(
+            tracking_id=f"t-{u}-ctl",
+            customer_id=a,
+            campaign_id=f"cmp-{u}-ctl",
+            control=True,
+            control_kind="campaign",
+            status="control",
         )
-        control = {"customer_id": a, "campaign_id": f"cmp-{u}-ctl", "control": True}
-        await bus.publish(
-            "contact.recorded",
-            CloudEvent(source="test", type="contact.recorded", subject=a, data=control),
-        )
+        await bus.publish(*control.to_event(source="test"))
     finally:
         await bus.close()
     await eventually(lambda: _count(gw, rule), lambda n: n == 1)

@@ -17,6 +17,7 @@ from services.profile.customers.repository import CustomerRepository
 from services.profile.models import Counter, Merge
 from services.profile.projection import Doc
 from shared import counters
+from shared.contracts.bus import ProfileErased
 from shared.contracts.customers import (
     CustomerImportLine,
     CustomerPatch,
@@ -272,10 +273,7 @@ async def erase(uow: UnitOfWork, *, customer_id: str) -> list[str]:
     if c is None or c.merged_into is not None:
         raise NotFound(f"Customer '{customer_id}' is not known.")
     ids = await repo.erase(customer_id)
-    uow.emit(
-        "profile.erased",
-        _event("profile.erased", customer_id, {"customer_id": customer_id, "ids": ids}),
-    )
+    uow.emit(*ProfileErased(customer_id=customer_id, ids=ids).to_event(source=SOURCE))
     return ids
 
 
