@@ -224,6 +224,18 @@ async def test_apns_payload_over_4096_bytes_is_refused_unsent(
     assert _seen(apns_peer, token) == []
 
 
+async def test_apns_reconnects_after_goaway(
+    apns_peer: apns_peer_mod.ApnsPeer, apns_client: apns.ApnsProvider
+) -> None:
+    assert (await apns_client.send(_out("ios", _ios()))).kind == "sent"
+    opened = apns_peer.connections
+    apns_peer.goaway()  # Apple retires connections from time to time
+    results = await asyncio.gather(*(apns_client.send(_out("ios", _ios())) for _ in range(20)))
+    assert {r.kind for r in results} == {"sent"}
+    assert apns_peer.connections > opened
+    assert apns_client.token.minted == 1  # new connections, the same provider token
+
+
 async def test_apns_unreachable_is_a_retry(apns_peer: apns_peer_mod.ApnsPeer) -> None:
     env = {**apns_peer.env, "KAIROS_APNS_URL": f"https://127.0.0.1:{free_port()}"}
     provider = apns.from_settings(_settings(env))

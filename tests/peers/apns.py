@@ -80,6 +80,7 @@ class _Server:
         self.verified: dict[str, tuple[str | None, float]] = {}  # jwt → (refusal, iat)
         self.expired: set[str] = set()
         self.connections = 0
+        self.live: set[_Protocol] = set()
 
     def check_token(self, token: str) -> tuple[str | None, float]:
         """(refusal reason or None, iat) of a provider token; signatures verified once."""
@@ -140,10 +141,22 @@ class _Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.s.live.add(self)
         self.h2.initiate_connection()
         self.h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 1000})
         self.h2.increment_flow_control_window(1 << 24)
         transport.write(self.h2.data_to_send())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.s.live.discard(self)
+
+    def goaway(self) -> None:
+        """Close as Apple does when it retires a connection: GOAWAY, then close."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.h2.close_connection(last_stream_id=self.h2.highest_inbound_stream_id)
+        self.transport.write(self.h2.data_to_send())
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
@@ -322,6 +335,15 @@ class ApnsPeer:
         """Answer every later request for device ``token`` with ``status`` and ``reason``
         (``timestamp=`` goes in the JSON body, ``retry_after=`` in the Retry-After header)."""
         self._server.answers[token] = _Answer(status, reason, extra)
+
+    def goaway(self) -> None:
+        """Retire every open connection (GOAWAY, then close), as Apple does now and then."""
+
+        async def close_all() -> None:
+            for proto in list(self._server.live):
+                proto.goaway()
+
+        self._thread.run(close_all())
 
     def expire_tokens(self) -> None:
         """Treat every provider token seen so far as older than an hour."""

@@ -89,6 +89,11 @@ class ProviderToken:
         self.minted += 1
 
 
+class Unsent(ConnectionResetError):
+    """The connection closed before the server processed the request (GOAWAY above it, a
+    refused stream, a connection already closing): sending it again is safe."""
+
+
 class _H2(H2Connection):
     """h2 counts open streams by walking all of them before each new one: quadratic with
     hundreds in flight (a sixth of the CPU at 3,000/s). The connection keeps the count and
@@ -176,14 +181,16 @@ class _Connection(asyncio.Protocol):
             elif isinstance(ev, StreamReset):
                 st = self._streams.get(ev.stream_id)
                 if st is not None and not st.future.done():
-                    st.future.set_exception(ConnectionResetError(f"stream reset {ev.error_code}"))
+                    # REFUSED_STREAM (7): the server did not process it.
+                    error = Unsent if ev.error_code == 7 else ConnectionResetError
+                    st.future.set_exception(error(f"stream reset {ev.error_code}"))
             elif isinstance(ev, ConnectionTerminated):
                 # GOAWAY: streams above last_stream_id were not processed; the rest finish.
                 self.dead = True
                 last = ev.last_stream_id or 0
                 for sid, st in self._streams.items():
                     if sid > last and not st.future.done():
-                        st.future.set_exception(ConnectionResetError("APNs sent GOAWAY"))
+                        st.future.set_exception(Unsent("APNs sent GOAWAY"))
         # Window updates and new settings may make room for waiting sends.
         self._room.set()
         self._schedule_flush()
@@ -232,7 +239,7 @@ class _Connection(asyncio.Protocol):
                 self._room.clear()
                 await self._room.wait()
             if self.dead:
-                raise ConnectionResetError("APNs connection closed")
+                raise Unsent("APNs connection closed")
             sid = self._h2.get_next_available_stream_id()
             st = _Stream(asyncio.get_running_loop().create_future())
             self._streams[sid] = st
@@ -265,6 +272,8 @@ class _Connection(asyncio.Protocol):
                 self._h2.inflight = len(self._streams)
                 self._h2.forget(sid)
                 self._room.set()
+                if self.dead and not self._streams and self._transport is not None:
+                    self._transport.close()  # retired by GOAWAY and drained
 
     def close(self) -> None:
         self.dead = True
@@ -406,7 +415,8 @@ class ApnsProvider(Provider):
         if len(collapse) <= 64:  # Apple's limit; a longer id would be refused
             headers.append((b"apns-collapse-id", collapse))
         path = b"/3/device/" + device.token.encode()
-        for renewed in (False, True):
+        renewed = resent = False
+        while True:
             token = self.token.current()
             try:
                 conn = await self._pick()
@@ -416,16 +426,21 @@ class ApnsProvider(Provider):
                     body,
                     self._timeout,
                 )
+            except Unsent as exc:
+                if resent:
+                    return Result("retry", reason=f"Unsent: {exc}")
+                resent = True  # on another (or a new) connection, at once
+                continue
             except (OSError, TimeoutError, H2Error) as exc:
                 return Result("retry", reason=f"{type(exc).__name__}: {exc}")
             if status == 200:
                 return Result("sent", provider_id=apns_id, answer={"status": 200})
             reason, stamp = _reason(rbody)
             if status == 403 and reason == "ExpiredProviderToken" and not renewed:
+                renewed = True
                 self.token.renew(token)
                 continue
             return self._classify(status, reason, stamp, rheaders)
-        return Result("retry", reason="ExpiredProviderToken", answer={"status": 403})
 
     def _classify(
         self, status: int, reason: str, stamp: object, headers: dict[bytes, bytes]
