@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import ssl
 import statistics
 import sys
@@ -101,8 +102,18 @@ async def _closed_loop(
     return count / (time.perf_counter() - start), dict(kinds)
 
 
+def _cpu_self() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_of(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _provider_runs(
-    provider: Provider, platform_: str, token: str, args: argparse.Namespace
+    provider: Provider, platform_: str, token: str, args: argparse.Namespace, peer_pid: int
 ) -> dict[str, Any]:
     prepared = [_outgoing(platform_, token, n) for n in range(args.count)]
 
@@ -113,14 +124,24 @@ async def _provider_runs(
     await provider.start()
     try:
         await _closed_loop(send, min(2000, args.count), args.concurrency)  # warm-up
-        runs = [await _closed_loop(send, args.count, args.concurrency) for _ in range(args.runs)]
+        runs, client_us, peer_us = [], [], []
+        for _ in range(args.runs):
+            c0, p0 = _cpu_self(), _cpu_of(peer_pid)
+            runs.append(await _closed_loop(send, args.count, args.concurrency))
+            client_us.append((_cpu_self() - c0) * 1e6 / args.count)
+            peer_us.append((_cpu_of(peer_pid) - p0) * 1e6 / args.count)
     finally:
         await provider.close()
     rates = [round(r, 1) for r, _ in runs]
+    client, peer = statistics.median(client_us), statistics.median(peer_us)
     return {
         "pushes_per_s_median": round(statistics.median(rates), 1),
         "pushes_per_s_runs": rates,
         "answers": runs[-1][1],
+        # CPU per push, immune to other load on the machine: what a core each would carry.
+        "client_cpu_us_per_push": round(client, 1),
+        "peer_cpu_us_per_push": round(peer, 1),
+        "pushes_per_s_one_core_each": round(1e6 / max(client, peer), 1),
     }
 
 
@@ -169,13 +190,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "runs": args.runs,
         "concurrency": args.concurrency,
         "apns_connections": args.connections,
+        # Other work on the machine slows the wall-clock figures: recorded to read them by.
+        "load_average_before": os.getloadavg(),
     }
     with tempfile.TemporaryDirectory() as tmp:
         proc, env = await _peer("apns", Path(tmp) / "apns")
         try:
             provider = apns.from_settings(_settings(env, apns_connections=args.connections))
             assert provider is not None
-            out["apns"] = await _provider_runs(provider, "ios", "ab" * 32, args)
+            out["apns"] = await _provider_runs(provider, "ios", "ab" * 32, args, proc.pid)
             print(f"APNs  (own HTTP/2 client): {out['apns']}", flush=True)
             if args.compare:
                 out["apns_httpx"] = await _httpx_apns(env, args)
@@ -186,10 +209,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         try:
             fcm_provider = fcm.from_settings(_settings(env))
             assert fcm_provider is not None
-            out["fcm"] = await _provider_runs(fcm_provider, "android", "fcm-token-1", args)
+            out["fcm"] = await _provider_runs(
+                fcm_provider, "android", "fcm-token-1", args, proc.pid
+            )
             print(f"FCM   (aiohttp):            {out['fcm']}", flush=True)
         finally:
             await _stop(proc)
+    out["load_average_after"] = os.getloadavg()
     return out
 
 

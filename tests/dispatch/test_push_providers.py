@@ -9,15 +9,18 @@ import json
 import logging
 import os
 import secrets
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hpack import Decoder
 
 from services.dispatch.channels import apns, fcm, webpush
 from services.dispatch.channels.base import Outgoing
+from services.dispatch.channels.h2client import RequestHeaders
 from shared.contracts.bus import Device, DispatchRequested
 from shared.embedded import free_port
 from shared.links import LinkSigner
@@ -244,6 +247,37 @@ async def test_apns_unreachable_is_a_retry(apns_peer: apns_peer_mod.ApnsPeer) ->
     result = await provider.send(_out("ios", _ios()))
     await provider.close()
     assert result.kind == "retry"
+
+
+def test_request_headers_decode_as_sent() -> None:
+    """Our HPACK encoder's blocks decode to the headers given, across token changes and a
+    smaller table announced by the server (a stock decoder keeps the table state)."""
+    encoder, decoder = RequestHeaders(), Decoder()
+    blocks = []
+    for token in (
+        b"bearer one",
+        b"bearer one",
+        b"bearer two",
+        b"bearer one",
+        b"bearer " + b"x" * 300,
+    ):
+        headers = [
+            (b":method", b"POST"),
+            (b":scheme", b"https"),
+            (b":authority", b"api.push.apple.com"),
+            (b":path", b"/3/device/" + secrets.token_hex(32).encode()),
+            (b"authorization", token),
+            (b"apns-topic", b"com.example.app"),
+            (b"apns-id", str(uuid.uuid4()).encode()),
+        ]
+        blocks.append((headers, encoder.encode(headers)))
+    for headers, block in blocks:
+        assert decoder.decode(block, raw=True) == headers
+    encoder.header_table_size = 256  # the server's SETTINGS_HEADER_TABLE_SIZE
+    decoder.max_allowed_table_size = 256
+    for headers in (blocks[-1][0], blocks[-1][0], blocks[0][0], blocks[0][0]):
+        assert decoder.decode(encoder.encode(headers), raw=True) == headers
+    assert len(blocks[1][1]) < len(blocks[0][1]) - 5  # the repeated token is one byte
 
 
 def test_apns_not_configured_and_half_configured() -> None:

@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jwt
 import orjson
@@ -139,8 +139,7 @@ class _Protocol(asyncio.Protocol):
             self.number = server.connections
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.s.live.add(self)
         self.h2.initiate_connection()
         self.h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 1000})

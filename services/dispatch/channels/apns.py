@@ -17,7 +17,6 @@ import logging
 import ssl
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,18 +25,10 @@ import jwt
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    ResponseReceived,
-    StreamEnded,
-    StreamReset,
-)
 from h2.exceptions import H2Error
 
 from services.dispatch.channels.base import Outgoing, Provider, Result
+from services.dispatch.channels.h2client import Connection, Unsent
 from services.dispatch.channels.pushdata import (
     expires_epoch,
     push_data,
@@ -52,7 +43,6 @@ TOKEN_RENEW_AFTER = 40 * 60.0  # seconds: inside Apple's 20–60 minute window
 # A namespace for apns-id: the same (message, device) always gets the same id, so a retry
 # is recognisable in Apple's console and in our attempts.
 APNS_ID_NAMESPACE = uuid.UUID("6f1d7a2e-3b4c-5d6e-8f90-a1b2c3d4e5f6")
-MAX_STREAMS = 1000  # per connection, also bounded by the server's SETTINGS
 _ALERT_KEYS = ("sound", "badge", "category", "thread_id", "collapse_id")
 
 
@@ -89,203 +79,6 @@ class ProviderToken:
         self.minted += 1
 
 
-class Unsent(ConnectionResetError):
-    """The connection closed before the server processed the request (GOAWAY above it, a
-    refused stream, a connection already closing): sending it again is safe."""
-
-
-class _H2(H2Connection):
-    """h2 counts open streams by walking all of them before each new one: quadratic with
-    hundreds in flight (a sixth of the CPU at 3,000/s). The connection keeps the count and
-    drops finished streams itself."""
-
-    inflight = 0
-
-    @property
-    def open_outbound_streams(self) -> int:
-        return self.inflight
-
-    def forget(self, stream_id: int) -> None:
-        """Drop a finished stream, remembering how it closed (as h2's own sweep does)."""
-        stream = self.streams.get(stream_id)
-        if stream is not None and stream.closed:
-            del self.streams[stream_id]
-            self._closed_streams[stream_id] = stream.closed_by
-
-
-@dataclass
-class _Stream:
-    future: asyncio.Future[tuple[int, dict[bytes, bytes], bytes]]
-    status: int = 0
-    headers: dict[bytes, bytes] = field(default_factory=dict)
-    body: bytearray = field(default_factory=bytearray)
-
-
-class _Connection(asyncio.Protocol):
-    """One HTTP/2 connection: many concurrent streams over one TLS transport."""
-
-    def __init__(self, authority: bytes) -> None:
-        self._authority = authority
-        self._h2 = _H2(
-            H2Configuration(
-                client_side=True,
-                header_encoding=None,
-                # Our headers are well-formed by construction; h2 re-validating each one
-                # costs more than encoding it.
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-                validate_inbound_headers=False,
-                normalize_inbound_headers=False,
-            )
-        )
-        self._transport: asyncio.Transport | None = None
-        self._streams: dict[int, _Stream] = {}
-        self._room = asyncio.Event()
-        self._room.set()
-        self._writable = True
-        self._flush_pending = False
-        self.dead = False
-
-    @property
-    def load(self) -> int:
-        return len(self._streams)
-
-    # asyncio.Protocol
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._h2.initiate_connection()
-        self._flush()
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            events = self._h2.receive_data(data)
-        except H2Error as exc:
-            self._fail(ConnectionError(f"APNs HTTP/2 protocol error: {exc}"))
-            return
-        for ev in events:
-            if isinstance(ev, ResponseReceived):
-                st = self._streams.get(ev.stream_id)
-                if st is not None:
-                    st.headers = dict(ev.headers)
-                    st.status = int(st.headers.get(b":status", b"0"))
-            elif isinstance(ev, DataReceived):
-                st = self._streams.get(ev.stream_id)
-                if st is not None:
-                    st.body += ev.data
-                self._h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-            elif isinstance(ev, StreamEnded):
-                st = self._streams.get(ev.stream_id)
-                if st is not None and not st.future.done():
-                    st.future.set_result((st.status, st.headers, bytes(st.body)))
-            elif isinstance(ev, StreamReset):
-                st = self._streams.get(ev.stream_id)
-                if st is not None and not st.future.done():
-                    # REFUSED_STREAM (7): the server did not process it.
-                    error = Unsent if ev.error_code == 7 else ConnectionResetError
-                    st.future.set_exception(error(f"stream reset {ev.error_code}"))
-            elif isinstance(ev, ConnectionTerminated):
-                # GOAWAY: streams above last_stream_id were not processed; the rest finish.
-                self.dead = True
-                last = ev.last_stream_id or 0
-                for sid, st in self._streams.items():
-                    if sid > last and not st.future.done():
-                        st.future.set_exception(Unsent("APNs sent GOAWAY"))
-        # Window updates and new settings may make room for waiting sends.
-        self._room.set()
-        self._schedule_flush()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(ConnectionResetError(f"APNs connection lost: {exc or 'closed'}"))
-
-    def pause_writing(self) -> None:
-        self._writable = False
-
-    def resume_writing(self) -> None:
-        self._writable = True
-        self._room.set()
-
-    def _fail(self, exc: Exception) -> None:
-        self.dead = True
-        for st in self._streams.values():
-            if not st.future.done():
-                st.future.set_exception(exc)
-        self._room.set()
-        if self._transport is not None:
-            self._transport.abort()
-
-    def _schedule_flush(self) -> None:
-        # Frames produced in one loop tick leave in one TLS write.
-        if not self._flush_pending:
-            self._flush_pending = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_pending = False
-        data = self._h2.data_to_send()
-        if data and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
-
-    def _full(self, size: int) -> bool:
-        limit = min(MAX_STREAMS, self._h2.remote_settings.max_concurrent_streams)
-        return len(self._streams) >= limit or self._h2.outbound_flow_control_window < size
-
-    async def request(
-        self, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes, timeout: float
-    ) -> tuple[int, dict[bytes, bytes], bytes]:
-        """POST ``body`` to ``path``; (status, headers, body) of the answer."""
-        async with asyncio.timeout(timeout):
-            while not self.dead and (self._full(len(body)) or not self._writable):
-                self._room.clear()
-                await self._room.wait()
-            if self.dead:
-                raise Unsent("APNs connection closed")
-            sid = self._h2.get_next_available_stream_id()
-            st = _Stream(asyncio.get_running_loop().create_future())
-            self._streams[sid] = st
-            self._h2.inflight = len(self._streams)
-            try:
-                self._h2.send_headers(
-                    sid,
-                    [
-                        (b":method", b"POST"),
-                        (b":scheme", b"https"),
-                        (b":authority", self._authority),
-                        (b":path", path),
-                        *headers,
-                    ],
-                )
-                self._h2.send_data(sid, body, end_stream=True)
-                self._schedule_flush()
-                return await st.future
-            except BaseException:
-                if not st.future.done() and not self.dead:
-                    # Timed out or cancelled: tell the server we no longer wait.
-                    try:
-                        self._h2.reset_stream(sid)
-                        self._schedule_flush()
-                    except H2Error:
-                        pass
-                raise
-            finally:
-                del self._streams[sid]
-                self._h2.inflight = len(self._streams)
-                self._h2.forget(sid)
-                self._room.set()
-                if self.dead and not self._streams and self._transport is not None:
-                    self._transport.close()  # retired by GOAWAY and drained
-
-    def close(self) -> None:
-        self.dead = True
-        if self._transport is not None:
-            try:
-                self._h2.close_connection()
-                self._flush()
-            except H2Error:
-                pass
-            self._transport.close()
-
-
 class ApnsProvider(Provider):
     """APNs over ``connections`` HTTP/2 connections sharing one provider token."""
 
@@ -313,7 +106,7 @@ class ApnsProvider(Provider):
         self._ca_file = ca_file
         self._timeout = timeout
         self.token = ProviderToken(key, key_id=key_id, team_id=team_id)
-        self._slots: list[_Connection | None] = [None] * connections
+        self._slots: list[Connection | None] = [None] * connections
         self._locks = [asyncio.Lock() for _ in range(connections)]
         self._next = 0
         self._ssl: ssl.SSLContext | None = None
@@ -342,7 +135,7 @@ class ApnsProvider(Provider):
             self._ssl = ctx
         return self._ssl
 
-    async def _connection(self, index: int) -> _Connection:
+    async def _connection(self, index: int) -> Connection:
         conn = self._slots[index]
         if conn is not None and not conn.dead:
             return conn
@@ -353,7 +146,7 @@ class ApnsProvider(Provider):
             loop = asyncio.get_running_loop()
             transport, proto = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: _Connection(self._authority),
+                    lambda: Connection(self._authority),
                     self._host,
                     self._port,
                     ssl=self._context(),
@@ -368,7 +161,7 @@ class ApnsProvider(Provider):
             self._slots[index] = proto
             return proto
 
-    async def _pick(self) -> _Connection:
+    async def _pick(self) -> Connection:
         # Round robin; a dead or missing connection is reopened when its turn comes.
         index = self._next
         self._next = (index + 1) % len(self._slots)
