@@ -60,6 +60,7 @@ class RewardsPeer:
         self._replies: dict[str, tuple[int, bytes]] = {}
         self._scripted: dict[str, list[tuple[int, int | None]]] = {}
         self.requests = 0  # every request, replays and refusals included
+        self._per_tracking: dict[str, int] = {}
         self.refused_signatures = 0
         self.thread = LoopThread("peer-rewards")
         self.port: int = self.thread.run(self._serve())
@@ -89,7 +90,13 @@ class RewardsPeer:
             return list(self._booked)
 
     def for_tracking(self, tracking_id: str) -> list[Booked]:
+        """What was booked for one tracking id."""
         return [b for b in self.booked if b.tracking_id == tracking_id]
+
+    def requests_for(self, tracking_id: str) -> int:
+        """How many signed requests named this tracking id (replays included)."""
+        with self._lock:
+            return self._per_tracking.get(tracking_id, 0)
 
     def _next_scripted(self, tracking_id: str) -> int | None:
         with self._lock:
@@ -116,15 +123,17 @@ class RewardsPeer:
         key = request.headers.get("Idempotency-Key")
         if not key:
             return web.json_response({"error": "Idempotency-Key required"}, status=400)
-        with self._lock:
-            replay = self._replies.get(key)
-        if replay is not None:
-            return web.Response(body=replay[1], status=replay[0], content_type="application/json")
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
             return web.json_response({"error": "not JSON"}, status=400)
-        scripted = self._next_scripted(str(doc.get("tracking_id")))
+        tracking_id = str(doc.get("tracking_id"))
+        with self._lock:
+            self._per_tracking[tracking_id] = self._per_tracking.get(tracking_id, 0) + 1
+            replay = self._replies.get(key)
+        if replay is not None:
+            return web.Response(body=replay[1], status=replay[0], content_type="application/json")
+        scripted = self._next_scripted(tracking_id)
         if scripted is not None and scripted >= 300:
             reply = orjson.dumps({"error": f"scripted {scripted}"})
             if scripted < 500:  # remembered like a booking; 5xx are not (retries must pass)

@@ -4,6 +4,7 @@ on command, records every message it accepted; also the DKIM key the suite signs
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from dataclasses import dataclass, field
 from email import message_from_bytes
@@ -18,6 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.peers.base import LoopThread, make_tls
 
+# aiosmtpd warns about its own deprecated Session.login_data on every AUTH.
+logging.getLogger("mail.log").setLevel(logging.ERROR)
 USER, PASSWORD = "kairos", "s3cret:pass"
 SENDER = "Kairos <offers@mail.kairos.test>"
 DKIM_SELECTOR, DKIM_DOMAIN = "k1", "mail.kairos.test"
@@ -45,7 +48,7 @@ class Mail:
         body = self.message.get_body(preferencelist=(subtype,))
         assert body is not None and isinstance(body, EmailMessage), f"no text/{subtype} part"
         content: str = body.get_content()
-        return content
+        return content.replace("\r\n", "\n")
 
     @property
     def text(self) -> str:
@@ -172,13 +175,13 @@ class SmtpPeer:
     def drop_connections(self) -> None:
         """Close every open session from the server side (as an idle timeout would)."""
 
-        def close() -> None:
+        async def close() -> None:
             for smtp in list(self._sessions):
                 if smtp.transport is not None:
                     smtp.transport.close()
             self._sessions.clear()
 
-        self.thread.loop.call_soon_threadsafe(close)
+        self.thread.run(close())
 
     @property
     def received(self) -> list[Mail]:

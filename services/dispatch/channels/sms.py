@@ -3,6 +3,7 @@ Twilio account works, and so does any gateway that speaks the same protocol."""
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -90,7 +91,9 @@ class SmsProvider(Provider):
         timeout: float = 10.0,
     ) -> None:
         self.endpoint = f"{url.rstrip('/')}/2010-04-01/Accounts/{account}/Messages.json"
-        self.auth = aiohttp.BasicAuth(account, token)
+        self.account = account
+        credentials = base64.b64encode(f"{account}:{token}".encode()).decode()
+        self.headers = {"Authorization": f"Basic {credentials}"}
         self.sender = sender
         self.callback_base = f"{public_url.rstrip('/')}/callbacks/sms/"
         self.connections = connections
@@ -129,7 +132,7 @@ class SmsProvider(Provider):
             await self.start()
         assert self._session is not None
         try:
-            async with self._session.post(self.endpoint, data=form, auth=self.auth) as resp:
+            async with self._session.post(self.endpoint, data=form, headers=self.headers) as resp:
                 status, raw, headers = resp.status, await resp.read(), resp.headers
         except (aiohttp.ClientError, TimeoutError) as exc:
             return Result("retry", reason=f"SMS API unreachable: {type(exc).__name__} {exc}")
@@ -164,7 +167,7 @@ class SmsProvider(Provider):
             log.error(
                 "the SMS API refused account %s (%s): check KAIROS_SMS_ACCOUNT and "
                 "KAIROS_SMS_TOKEN",
-                self.auth.login,
+                self.account,
                 reason,
             )
             return Result("failed", reason=reason, answer=answer)
