@@ -28,6 +28,7 @@ class Booked:
     key: str
     body: dict[str, Any]
     signature: str
+    raw: bytes
 
     @property
     def action(self) -> str:
@@ -146,7 +147,7 @@ class RewardsPeer:
                 status, reply = self._replies[key]
                 return web.Response(body=reply, status=status, content_type="application/json")
             self._replies[key] = (200, reply)
-            self._booked.append(Booked(key, doc, signature))
+            self._booked.append(Booked(key, doc, signature, body))
         return web.Response(body=reply, status=200, content_type="application/json")
 
     def stop(self) -> None:
