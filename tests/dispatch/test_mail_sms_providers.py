@@ -412,3 +412,27 @@ def test_segments(text: str, parts: int) -> None:
 )
 def test_parse_status_callback(form: dict[str, str], expected: tuple[str, str | None]) -> None:
     assert parse_status_callback(form) == expected
+
+
+def test_dkim_canonicalization_agrees_with_dkimpy(smtp_peer: SmtpPeer) -> None:
+    signer = email_channel.DkimSigner(
+        smtp_peer.dkim_key_file.read_bytes(), "k1", "mail.kairos.test"
+    )
+    raw = (
+        b"From: Kairos <offers@mail.kairos.test>\r\n"
+        b"To:   someone@customers.test  \r\n"
+        b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= and a\r\n\t folded\t  line\r\n"
+        b"Message-ID: <x@mail.kairos.test>\r\n"
+        b"List-Unsubscribe: <https://go.kairos.test/u/abc>\r\n"
+        b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+        b"X-Not-Signed: 1\r\n"
+        b"\r\n"
+        b"Body  with \t spaces   \r\n\r\n.leading dot\r\n\r\n\r\n"
+    )
+    signed = signer.sign(raw)
+    assert dkim.verify(signed, dnsfunc=smtp_peer.dns)
+    assert not dkim.verify(signed.replace(b"leading dot", b"leading dog"), dnsfunc=smtp_peer.dns)
+    # Relaxed: whitespace changes and re-folding in transit do not break it.
+    moved = signed.replace(b"Body  with", b"Body with").replace(b"\t folded", b" folded")
+    assert dkim.verify(moved, dnsfunc=smtp_peer.dns)
+    assert dkim.verify(signer.sign(b"From: a@mail.kairos.test\r\n\r\n"), dnsfunc=smtp_peer.dns)

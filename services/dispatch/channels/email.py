@@ -5,28 +5,31 @@ an optional DKIM signature."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import functools
+import hashlib
 import html
 import logging
 import re
 import ssl
+import time
+import uuid
 from dataclasses import dataclass
-from email.message import EmailMessage
-from email.policy import SMTP as SMTP_POLICY
-from email.utils import formatdate, parseaddr
+from email.header import Header
+from email.utils import formataddr, formatdate, parseaddr
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
-import dkim
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from services.dispatch.channels.base import Outgoing, Provider, Result
 from shared.settings import Settings
 
 log = logging.getLogger("kairos.dispatch.email")
 
-# Lines up to SMTP's limit (RFC 5322: 998): signed URLs are longer than 78 characters and
-# must not be folded into encoded words, which some clients then fail to open.
-POLICY = SMTP_POLICY.clone(max_line_length=998)
 DKIM_HEADERS = [
     b"From",
     b"To",
@@ -69,24 +72,78 @@ class SmtpTarget:
 
 
 class DkimSigner:
-    """Signs a rendered message with one RSA key (relaxed/relaxed, SHA-256)."""
+    """DKIM (RFC 6376) with one RSA key: relaxed/relaxed, SHA-256, over ``DKIM_HEADERS``.
+
+    Written here over OpenSSL rather than with ``dkim.sign``: dkimpy does the RSA step in
+    pure Python (6–17 ms of CPU per message, holding the GIL, so a thread does not help),
+    which capped a replica near 100 signed e-mails/s; OpenSSL signs in ~0.4 ms. The tests
+    verify every signature with dkimpy.
+    """
 
     def __init__(self, key: bytes, selector: str, domain: str) -> None:
-        self.key = key
+        loaded = serialization.load_pem_private_key(key, password=None)
+        if not isinstance(loaded, rsa.RSAPrivateKey):
+            raise ValueError("KAIROS_DKIM_KEY_FILE must hold an RSA private key (PEM)")
+        self.key = loaded
         self.selector = selector.encode()
         self.domain = domain.encode()
 
-    def sign(self, raw: bytes) -> bytes:
+    def sign(self, raw: bytes, *, now: int | None = None) -> bytes:
         """The message with its ``DKIM-Signature`` header prepended."""
-        header: bytes = dkim.sign(
-            raw,
-            self.selector,
-            self.domain,
-            self.key,
-            canonicalize=(b"relaxed", b"relaxed"),
-            include_headers=DKIM_HEADERS,
+        head, sep, body = raw.partition(b"\r\n\r\n")
+        headers = _parse_headers(head)
+        signed = [n for n in DKIM_HEADERS if n.lower() in headers]
+        body_hash = hashlib.sha256(_relaxed_body(body if sep else b"")).digest()
+        value = b"; ".join(
+            (
+                b"v=1",
+                b"a=rsa-sha256",
+                b"c=relaxed/relaxed",
+                b"d=" + self.domain,
+                b"s=" + self.selector,
+                b"t=%d" % (now if now is not None else int(time.time())),
+                b"h=" + b":".join(signed),
+                b"bh=" + base64.b64encode(body_hash),
+                b"b=",
+            )
         )
-        return header + raw
+        data = b"".join(_relaxed_header(n, headers[n.lower()]) + b"\r\n" for n in signed)
+        data += _relaxed_header(b"DKIM-Signature", b" " + value)
+        mac = self.key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+        return b"DKIM-Signature: " + value + base64.b64encode(mac) + b"\r\n" + raw
+
+
+WSP = re.compile(rb"[ \t]+")
+
+
+def _parse_headers(head: bytes) -> dict[bytes, bytes]:
+    """Header name (lower case) → raw value; the last one of a name wins, as DKIM signs it
+    bottom-up (the messages rendered here have each header once)."""
+    found: dict[bytes, bytes] = {}
+    name = b""
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and name:
+            found[name] += b"\r\n" + line
+            continue
+        key, _, value = line.partition(b":")
+        name = key.strip().lower()
+        found[name] = value
+    return found
+
+
+def _relaxed_header(name: bytes, value: bytes) -> bytes:
+    """RFC 6376 3.4.2: lower-case name, unfolded value, runs of whitespace as one space."""
+    value = WSP.sub(b" ", value.replace(b"\r\n", b"")).strip(b" ")
+    return name.strip().lower() + b":" + value
+
+
+def _relaxed_body(body: bytes) -> bytes:
+    """RFC 6376 3.4.4: whitespace runs as one space, none at line ends, no trailing empty
+    lines, and a final CRLF unless the body is empty."""
+    lines = [WSP.sub(b" ", line).rstrip(b" ") for line in body.split(b"\r\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    return b"\r\n".join(lines) + b"\r\n" if lines else b""
 
 
 def rewrite_links(body: str, out: Outgoing) -> str:
@@ -112,8 +169,27 @@ def rewrite_links(body: str, out: Outgoing) -> str:
     return rewritten + pixel
 
 
+def _header(value: str) -> str:
+    """A header value on one line (no CR/LF: no header injection), RFC 2047 if not ASCII."""
+    value = " ".join(value.split())
+    if value.isascii():
+        return value
+    return Header(value, "utf-8").encode(linesep="\r\n")
+
+
+def _qp(text: str) -> bytes:
+    """UTF-8 quoted-printable body with CRLF line ends (``=`` is always escaped by it, so a
+    boundary starting with ``=_`` can never occur in a body)."""
+    data = text.replace("\r\n", "\n").replace("\r", "\n").encode()
+    return binascii.b2a_qp(data, istext=True).replace(b"\n", b"\r\n")
+
+
 def render(out: Outgoing, sender: str, domain: str) -> tuple[str, bytes]:
-    """(Message-ID, the message as bytes) for one send."""
+    """(Message-ID, the message as bytes) for one send.
+
+    Written out by hand rather than with ``email.message``: that package spends ~2 ms per
+    message on policy machinery, which alone would cap a replica at a few hundred e-mails/s.
+    The layout is the plain multipart/alternative every client reads."""
     req = out.request
     c = req.content
     subject = c.get("subject") or c.get("title") or ""
@@ -124,17 +200,43 @@ def render(out: Outgoing, sender: str, domain: str) -> tuple[str, bytes]:
     if body_html is None:
         body_html = "<p>" + html.escape(text).replace("\n", "<br>\n") + "</p>"
     message_id = f"<{req.tracking_id}@{domain}>"
-    msg = EmailMessage(policy=POLICY)
-    msg["From"] = sender
-    msg["To"] = req.address.email if req.address and req.address.email else ""
-    msg["Subject"] = subject
-    msg["Date"] = formatdate(usegmt=True)
-    msg["Message-ID"] = message_id
-    msg["List-Unsubscribe"] = f"<{out.links.url('u', req.tracking_id, channel='email')}>"
-    msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-    msg.set_content(text)
-    msg.add_alternative(rewrite_links(body_html, out), subtype="html")
-    return message_id, msg.as_bytes()
+    to = req.address.email if req.address and req.address.email else ""
+    unsubscribe = out.links.url("u", req.tracking_id, channel="email")
+    boundary = "=_k" + uuid.uuid4().hex
+    head = (
+        f"From: {_from_header(sender)}\r\n"
+        f"To: {_header(to)}\r\n"
+        f"Subject: {_header(subject)}\r\n"
+        f"Date: {formatdate(usegmt=True)}\r\n"
+        f"Message-ID: {message_id}\r\n"
+        f"List-Unsubscribe: <{unsubscribe}>\r\n"
+        "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+        "MIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n'
+        "\r\n"
+    )
+    part = (
+        '--{b}\r\nContent-Type: text/{t}; charset="utf-8"\r\n'
+        "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+    )
+    raw = b"".join(
+        (
+            head.encode(),
+            part.format(b=boundary, t="plain").encode(),
+            _qp(text),
+            b"\r\n",
+            part.format(b=boundary, t="html").encode(),
+            _qp(rewrite_links(body_html, out)),
+            f"\r\n--{boundary}--\r\n".encode(),
+        )
+    )
+    return message_id, raw
+
+
+@functools.lru_cache(maxsize=8)
+def _from_header(sender: str) -> str:
+    name, address = parseaddr(sender)
+    return formataddr((name, address), charset="utf-8")
 
 
 def _reply(exc: aiosmtplib.SMTPResponseException) -> str:
@@ -229,8 +331,7 @@ class SmtpProvider(Provider):
             return Result("failed", reason="no e-mail address for this customer")
         message_id, raw = render(out, self.sender, self.domain)
         if self.dkim is not None:
-            # RSA signing takes milliseconds of CPU: keep it off the event loop.
-            raw = await asyncio.to_thread(self.dkim.sign, raw)
+            raw = self.dkim.sign(raw)  # ~0.4 ms in OpenSSL: a thread hop would cost as much
         # At most ``connections`` sends at once, each on an idle connection or a new one.
         async with self._slots:
             client = self._idle.get_nowait() if not self._idle.empty() else None

@@ -7,6 +7,7 @@ import base64
 import logging
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import orjson
@@ -93,7 +94,10 @@ class SmsProvider(Provider):
         self.endpoint = f"{url.rstrip('/')}/2010-04-01/Accounts/{account}/Messages.json"
         self.account = account
         credentials = base64.b64encode(f"{account}:{token}".encode()).decode()
-        self.headers = {"Authorization": f"Basic {credentials}"}
+        self.headers = {
+            "Authorization": f"Basic {credentials}",
+            "Content-Type": "application/x-www-form-urlencoded",
+        }
         self.sender = sender
         self.callback_base = f"{public_url.rstrip('/')}/callbacks/sms/"
         self.connections = connections
@@ -132,7 +136,9 @@ class SmsProvider(Provider):
             await self.start()
         assert self._session is not None
         try:
-            async with self._session.post(self.endpoint, data=form, headers=self.headers) as resp:
+            # Encoded here: aiohttp's FormData path costs more CPU than the rest of the send.
+            body = urlencode(form).encode()
+            async with self._session.post(self.endpoint, data=body, headers=self.headers) as resp:
                 status, raw, headers = resp.status, await resp.read(), resp.headers
         except (aiohttp.ClientError, TimeoutError) as exc:
             return Result("retry", reason=f"SMS API unreachable: {type(exc).__name__} {exc}")
