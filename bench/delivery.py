@@ -208,7 +208,7 @@ class Bench:
         for m in list(self.apns.received)[mark:]:
             body = str(m.payload.get("aps", {}).get("alert", {}).get("body", ""))
             if body.startswith("seq "):
-                seen.setdefault(int(body[4:]), m.time)
+                seen.setdefault(int(body[4:]), m.at)
         lat = [seen[s] - t for s, t in accepted.items() if s in seen]
         return {
             "offered_events_per_s": rate,
@@ -219,7 +219,7 @@ class Bench:
         }
 
     async def pushes_of(self, prefix_ms: float) -> int:
-        return sum(1 for m in list(self.apns.received) if m.time >= prefix_ms)
+        return sum(1 for m in list(self.apns.received) if m.at >= prefix_ms)
 
     async def batch_alone(self, run: int) -> dict[str, Any]:
         cid = await self.batch_campaign(run, "alone")
@@ -241,7 +241,7 @@ class Bench:
             got = sum(
                 1
                 for m in list(self.apns.received)
-                if m.time >= since and "seq " not in str(m.payload)
+                if m.at >= since and m.status == 200 and "seq " not in str(m.payload)
             )
             if got >= n:
                 return got
@@ -269,7 +269,7 @@ class Bench:
         t0 = time.monotonic()
         await self.start_run(cid)
         while (
-            sum(1 for m in list(self.apns.received) if m.time >= t0) < self.customers // 3
+            sum(1 for m in list(self.apns.received) if m.at >= t0) < self.customers // 3
             and time.monotonic() - t0 < 300
         ):
             await asyncio.sleep(0.05)
@@ -279,7 +279,7 @@ class Bench:
         self.stack.wait_ready(["dispatch"])
         ready = time.monotonic() - killed_at
         await self._wait_pushes(t0, self.customers, timeout=900)
-        counts = collections.Counter(m.token for m in list(self.apns.received) if m.time >= t0)
+        counts = collections.Counter(m.token for m in list(self.apns.received) if m.at >= t0)
         url = self.stack.env["KAIROS_DATABASE_URL"].replace("+asyncpg", "")
         conn = await asyncpg.connect(url)
         try:

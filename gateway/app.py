@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from gateway import catalog, customers, dispatch, events, segments
+from gateway import catalog, customers, dispatch, events, rewards, segments
 from gateway.upstream import Upstreams
 from shared.auth import dev_key_path, load_keyring
 from shared.service import Runtime, create_service_app
@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         routers=[
             events.router,
             dispatch.router,
+            rewards.router,
             customers.router,
             segments.router,
             catalog.router,

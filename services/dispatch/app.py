@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from services.dispatch import rewards
 from services.dispatch.endpoints import router
 from services.dispatch.intake import Intake
 from services.dispatch.providers import Providers
@@ -56,6 +57,7 @@ async def _setup(rt: Runtime) -> None:
             ),
         ]
         rt.background += sender.tasks()
+    await rewards.setup(rt)
     for c in rt.consumers:
         await c.start()
 
@@ -63,5 +65,9 @@ async def _setup(rt: Runtime) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The dispatch process."""
     return create_service_app(
-        "dispatch", schema="dispatch", routers=[router], setup=_setup, settings=settings
+        "dispatch",
+        schema="dispatch",
+        routers=[router, rewards.router],
+        setup=_setup,
+        settings=settings,
     )

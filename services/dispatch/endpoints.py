@@ -6,17 +6,22 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, Request
+from starlette.responses import Response
 
 from services.dispatch import store
+from services.dispatch.channels import sms
 from services.dispatch.sender import SOURCE
 from shared.contracts import dispatch as api
-from shared.contracts.bus import ResponseReceived
+from shared.contracts.bus import DeliveryReported, ResponseReceived
 from shared.contracts.customers import CUSTOMER_ID_PATTERN
 from shared.db import UnitOfWork, get_uow
 from shared.errors import NotFound
 from shared.events import utcnow
+from shared.links import InvalidLink, signer_from
+from shared.service import Runtime
 
 router = APIRouter(tags=["messages"])
 UowDep = Annotated[UnitOfWork, Depends(get_uow)]
@@ -171,3 +176,39 @@ async def outbox(
             )
         )
     return api.OutboxPage(items=items, next_after=rows[-1]["seq"] if rows else after)
+
+
+@router.post(
+    "/callbacks/sms/{token}", status_code=204, responses={404: {"description": "Not signed"}}
+)
+async def sms_status_callback(token: str, request: Request, uow: UowDep) -> Response:
+    """The SMS provider's delivery receipt (a Twilio StatusCallback, form-encoded): the URL was
+    signed for one message at sending, so only its provider can move it to delivered or
+    failed."""
+    rt: Runtime = request.app.state.rt
+    try:
+        link = signer_from(rt.settings).verify("c", token)
+    except InvalidLink as exc:
+        raise NotFound("Unknown callback.") from exc
+    # Form-encoded (Twilio); parsed here rather than through python-multipart.
+    form = dict(
+        parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True)
+    )
+    status, reason = sms.parse_status_callback(form)
+    if status in ("delivered", "failed"):
+        req = await store.mark(
+            uow.session, link.tracking_id, status=status, reason=reason, now=utcnow()
+        )
+        if req is not None:
+            subject, ev = DeliveryReported(
+                tracking_id=req.tracking_id,
+                customer_id=req.customer_id,
+                campaign_id=req.campaign_id,
+                channel=req.channel,
+                status=status,  # type: ignore[arg-type]
+                provider="sms",
+                provider_id=str(form.get("MessageSid") or "") or None,
+                reason=reason,
+            ).to_event(source=SOURCE, id_=f"delivery-{req.tracking_id}-{status}")
+            uow.emit(subject, ev)
+    return Response(status_code=204)

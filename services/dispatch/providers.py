@@ -4,18 +4,25 @@ outbox, so the embedded default shows what would have been sent."""
 
 from __future__ import annotations
 
-import importlib
 import logging
+from collections.abc import Callable
 from typing import ClassVar
 
+from services.dispatch.channels import apns, email, fcm, sms, webpush
 from services.dispatch.channels.base import Provider
 from services.dispatch.channels.local import LocalOutbox
 from shared.settings import Settings
 
 log = logging.getLogger("kairos.dispatch.providers")
 
-# provider name → module in services.dispatch.channels (each has from_settings(settings)).
-MODULES = {"apns": "apns", "fcm": "fcm", "webpush": "webpush", "smtp": "email", "sms": "sms"}
+# Provider name → its factory (None when its settings are absent).
+FACTORIES: dict[str, Callable[[Settings], Provider | None]] = {
+    "apns": apns.from_settings,
+    "fcm": fcm.from_settings,
+    "webpush": webpush.from_settings,
+    "smtp": email.from_settings,
+    "sms": sms.from_settings,
+}
 
 
 class Providers:
@@ -33,12 +40,8 @@ class Providers:
     def from_settings(cls, settings: Settings) -> Providers:
         """Every provider whose settings are present; the rest deliver locally."""
         clients: dict[str, Provider] = {}
-        for name, module in MODULES.items():
-            try:
-                mod = importlib.import_module(f"services.dispatch.channels.{module}")
-            except ModuleNotFoundError:  # MERGE: the provider modules land with their branches
-                continue
-            client = mod.from_settings(settings)
+        for name, factory in FACTORIES.items():
+            client = factory(settings)
             if client is not None:
                 clients[name] = client
         log.info("providers: %s; local outbox for the rest", ", ".join(sorted(clients)) or "none")

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.contracts.bus import DispatchRequested
+from shared.events import iso
 
 S = "dispatch"
 WAITING = ("queued", "in_doubt")
@@ -167,24 +168,32 @@ async def claim(
 
 
 async def finish(session: AsyncSession, outcomes: Sequence[Outcome], now: datetime) -> None:
-    """Store the outcome of claimed rows (only rows still ``sending``: a claim that outlived
-    its lease and was taken again is not overwritten by the late answer)."""
+    """Store the outcome of claimed rows. Only rows still ``sending`` are written (a claim
+    that outlived its lease and was taken again is not overwritten by the late answer) — or
+    rows whose provider's receipt (an SMS status callback) arrived before this record: they
+    keep the receipt's status and get the attempt."""
     if not outcomes:
         return
     await session.execute(
         sa.text(
-            f"UPDATE {S}.message m SET status = u.st, provider = COALESCE(u.pv, m.provider),"
-            " provider_id = COALESCE(u.pid, m.provider_id), reason = u.re,"
+            f"UPDATE {S}.message m SET"
+            " status = CASE WHEN m.status = 'sending' THEN u.st ELSE m.status END,"
+            " provider = COALESCE(u.pv, m.provider),"
+            " provider_id = COALESCE(u.pid, m.provider_id),"
+            " reason = CASE WHEN m.status = 'sending' THEN u.re ELSE m.reason END,"
             " attempts = m.attempts || u.att::jsonb,"
             " next_attempt_at = COALESCE(u.nx, m.next_attempt_at),"
             " claimed_by = NULL, claimed_until = NULL, updated_at = :now,"
             " sent_at = CASE WHEN u.st IN ('sent', 'delivered') THEN COALESCE(m.sent_at, :now)"
             "  ELSE m.sent_at END,"
-            " delivered_at = CASE WHEN u.st = 'delivered' THEN :now ELSE m.delivered_at END"
+            " delivered_at = CASE WHEN u.st = 'delivered' THEN :now ELSE m.delivered_at END,"
+            f" local_seq = CASE WHEN u.pv = 'local' THEN nextval('{S}.local_seq')"
+            "  ELSE m.local_seq END"
             " FROM unnest(CAST(:t AS text[]), CAST(:st AS text[]), CAST(:pv AS text[]),"
             " CAST(:pid AS text[]), CAST(:re AS text[]), CAST(:att AS text[]),"
             " CAST(:nx AS timestamptz[])) AS u(t, st, pv, pid, re, att, nx)"
-            " WHERE m.tracking_id = u.t AND m.status = 'sending'"
+            " WHERE m.tracking_id = u.t AND (m.status = 'sending' OR (m.status IN"
+            " ('delivered', 'failed') AND m.sent_at IS NULL AND m.claimed_by IS NOT NULL))"
         ),
         {
             "t": [o.tracking_id for o in outcomes],
@@ -206,13 +215,13 @@ async def recover(session: AsyncSession, *, now: datetime, owner: str | None = N
     got = await session.execute(
         sa.text(
             f"UPDATE {S}.message SET status = 'in_doubt', in_doubt = TRUE, next_attempt_at = :now,"
-            " attempts = attempts || jsonb_build_array(jsonb_build_object('at', CAST(:now AS text),"
+            " attempts = attempts || jsonb_build_array(jsonb_build_object('at', CAST(:at AS text),"
             " 'result', 'interrupted', 'reason', 'the send was interrupted (process stopped)"
             " between the provider call and its record; sent again')),"
             " claimed_by = NULL, claimed_until = NULL, updated_at = :now"
             f" WHERE status = 'sending' AND {cond} RETURNING tracking_id"
         ),
-        {"now": now, "o": owner},
+        {"now": now, "o": owner, "at": iso(now)},
     )
     return len(got.all())
 
@@ -220,7 +229,8 @@ async def recover(session: AsyncSession, *, now: datetime, owner: str | None = N
 async def mark(
     session: AsyncSession, tracking_id: str, *, status: str, reason: str | None, now: datetime
 ) -> DispatchRequested | None:
-    """A provider's later receipt (SMS status callback): delivered or failed after sent."""
+    """A provider's receipt (an SMS status callback): delivered or failed. It may arrive
+    before the send itself is recorded (the provider is fast): ``finish`` then keeps it."""
     row = (
         await session.execute(
             sa.text(
@@ -228,12 +238,12 @@ async def mark(
                 " delivered_at = CASE WHEN :st = 'delivered' THEN CAST(:now AS timestamptz)"
                 "  ELSE delivered_at END,"
                 " attempts = attempts || jsonb_build_array(jsonb_build_object('at',"
-                " CAST(:now AS text), 'result', 'receipt', 'status', CAST(:st AS text),"
+                " CAST(:at AS text), 'result', 'receipt', 'status', CAST(:st AS text),"
                 " 'reason', CAST(:re AS text))), updated_at = :now"
-                " WHERE tracking_id = :t AND status IN ('sent', 'delivered')"
+                " WHERE tracking_id = :t AND status IN ('sending', 'sent', 'delivered')"
                 " AND status <> :st RETURNING request"
             ),
-            {"t": tracking_id, "st": status, "re": reason, "now": now},
+            {"t": tracking_id, "st": status, "re": reason, "now": now, "at": iso(now)},
         )
     ).first()
     return DispatchRequested.model_validate(row[0]) if row else None
@@ -261,7 +271,7 @@ async def inbox(session: AsyncSession, customer_id: str, now: datetime) -> list[
                 f"SELECT tracking_id, request, created_at, expires_at, read_at FROM {S}.message"
                 " WHERE customer_id = :c AND channel = 'inapp' AND status = 'delivered'"
                 " AND (expires_at IS NULL OR expires_at > :now)"
-                " ORDER BY created_at DESC LIMIT 100"
+                " ORDER BY created_at DESC, seq DESC LIMIT 100"
             ),
             {"c": customer_id, "now": now},
         )
@@ -314,13 +324,16 @@ async def latest_to(
 async def local_outbox(
     session: AsyncSession, *, channel: str | None, after: int, limit: int
 ) -> list[dict[str, Any]]:
-    """What the local outbox received (no provider configured), in order."""
+    """What the local outbox received (no provider configured), in delivery order. Rows of the
+    last second are left for the next read: a delivery numbered earlier may still be
+    committing, and a reader's cursor must not pass it."""
     rows = (
         await session.execute(
             sa.text(
-                f"SELECT seq, tracking_id, customer_id, campaign_id, channel, status, request,"
-                f" delivered_at FROM {S}.message WHERE provider = 'local' AND seq > :after"
-                " AND (CAST(:ch AS text) IS NULL OR channel = :ch) ORDER BY seq LIMIT :n"
+                f"SELECT local_seq AS seq, tracking_id, customer_id, campaign_id, channel,"
+                f" status, request, delivered_at FROM {S}.message"
+                " WHERE local_seq > :after AND updated_at < now() - interval '1 second'"
+                " AND (CAST(:ch AS text) IS NULL OR channel = :ch) ORDER BY local_seq LIMIT :n"
             ),
             {"after": after, "ch": channel, "n": limit},
         )

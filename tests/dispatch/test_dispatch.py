@@ -102,25 +102,25 @@ async def _message(gw: httpx.AsyncClient, tracking: str, status: str) -> dict[st
 
 
 async def test_sms_goes_out_once_and_reports(gw: httpx.AsyncClient, wire: Wire) -> None:
-    """With no SMS provider configured the local outbox has it; the same tracking id again —
-    a redelivery long after the bus's duplicate window — sends nothing twice."""
+    """The SMS peer gets it and reports delivery; the same tracking id again — a redelivery
+    long after the bus's duplicate window — sends nothing twice."""
     req = _req("sms", address=Address(msisdn=_num()), lane="realtime")
     await wire.request(req)
-    await eventually(lambda: _noop(), lambda _: bool(wire.of(req.tracking_id, "delivery.")))
+    first = await _message(gw, req.tracking_id, "delivered")  # the peer's status callback
     await wire.request(req, msg_id=f"again-{uuid.uuid4().hex}")  # not de-duplicated by NATS
-    first = (await gw.get(f"/v1/messages/{req.tracking_id}")).json()
-    assert first["status"] in ("sent", "delivered"), first
     assert first["channel"] == "sms" and first["content"]["text"] == "Hi from Kairos"
-    assert first["attempts"] and first["attempts"][0]["provider"], first
+    assert [a["provider"] for a in first["attempts"] if a["result"] == "sent"] == ["sms"], first
+    assert [a["status"] for a in first["attempts"] if a["result"] == "receipt"] == ["delivered"]
     # a later request on the same channel shows the first was not queued again
     probe = _req("sms", address=Address(msisdn=_num()))
     await wire.request(probe)
-    await _message(gw, probe.tracking_id, first["status"])
+    await _message(gw, probe.tracking_id, "delivered")
     again = (await gw.get(f"/v1/messages/{req.tracking_id}")).json()
     assert len(again["attempts"]) == len(first["attempts"])
     reports = wire.of(req.tracking_id, "delivery.")
-    assert [d["status"] for d in reports] == [first["status"]]
-    assert reports[0]["customer_id"] == req.customer_id
+    assert [d["status"] for d in reports] == ["sent", "delivered"]
+    assert {d["customer_id"] for d in reports} == {req.customer_id}
+    assert first["provider"] == "sms" and first["provider_id"].startswith("SM")
 
 
 async def _noop() -> None:
@@ -250,20 +250,31 @@ async def test_inbound_sms_reply_matches_the_latest_message(
 async def test_local_outbox_lists_what_would_have_been_sent(
     gw: httpx.AsyncClient, wire: Wire
 ) -> None:
-    start = (await gw.get("/v1/outbox", params={"limit": 1000})).json()["next_after"]
-    reqs = [
-        _req("email", address=Address(email=f"{uuid.uuid4().hex[:6]}@example.com"))
-        for _ in range(3)
-    ]
+    """The suite configures no FCM: Android pushes go to the local outbox, in order."""
+    start = 0
+    while True:
+        page = (await gw.get("/v1/outbox", params={"after": start, "limit": 1000})).json()
+        if page["next_after"] == start:
+            break
+        start = page["next_after"]
+    android = [Device(platform="android", token=f"fcm-{uuid.uuid4().hex}")]
+    reqs = [_req("push", address=Address(devices=android)) for _ in range(3)]
     for r in reqs:
         await wire.request(r)
+    wanted = {q.tracking_id for q in reqs}
     page = await eventually(
-        lambda: gw.get("/v1/outbox", params={"after": start, "channel": "email"}),
-        lambda r: {i["tracking_id"] for i in r.json()["items"]} >= {q.tracking_id for q in reqs},
+        lambda: gw.get("/v1/outbox", params={"after": start, "channel": "push"}),
+        lambda r: {i["tracking_id"] for i in r.json()["items"]} >= wanted,
     )
-    items = [i for i in page.json()["items"] if i["tracking_id"] in {q.tracking_id for q in reqs}]
-    assert {i["to"] for i in items} == {q.address.email for q in reqs if q.address}
-    assert all(i["channel"] == "email" for i in page.json()["items"])
+    items = [i for i in page.json()["items"] if i["tracking_id"] in wanted]
+    assert [i["to"] for i in items] == ["1 device(s)"] * 3
+    assert all(i["content"]["title"] == "Hello" for i in items)
+    assert all(i["channel"] == "push" for i in page.json()["items"])
+    m = await _message(gw, reqs[0].tracking_id, "delivered")
+    assert m["provider"] == "local"
+    after = page.json()["next_after"]
+    again = (await gw.get("/v1/outbox", params={"after": after, "channel": "push"})).json()
+    assert not wanted & {i["tracking_id"] for i in again["items"]}
 
 
 async def test_message_routes_need_their_scopes(stack: Stack) -> None:

@@ -1,14 +1,14 @@
 """dispatch: outbound messages (the queue, their state machine, attempts) and the in-app inbox.
 
 Revision ID: dispatch_0003
-Revises: dispatch_0001
+Revises: dispatch_0002
 Create Date: 2026-11-25
 """
 
 from alembic import op
 
 revision = "dispatch_0003"
-down_revision = "dispatch_0001"
+down_revision = "dispatch_0002"
 branch_labels = None
 depends_on = None
 
@@ -42,7 +42,10 @@ def upgrade() -> None:
         sent_at TIMESTAMPTZ,
         delivered_at TIMESTAMPTZ,
         read_at TIMESTAMPTZ,
-        updated_at TIMESTAMPTZ NOT NULL)""")
+        updated_at TIMESTAMPTZ NOT NULL,
+        local_seq BIGINT)""")
+    # The local outbox is read in the order messages were delivered to it, not received.
+    op.execute("CREATE SEQUENCE dispatch.local_seq")
     # The send queue: per channel and lane, by priority, due first. Only waiting rows are in it.
     op.execute(
         "CREATE INDEX message_queue ON dispatch.message (channel, lane, priority DESC, next_attempt_at)"
@@ -61,8 +64,11 @@ def upgrade() -> None:
     )
     op.execute("CREATE INDEX message_customer ON dispatch.message (customer_id)")
     op.execute("CREATE INDEX message_created ON dispatch.message (created_at)")  # retention
-    op.execute("CREATE INDEX message_local ON dispatch.message (seq) WHERE provider = 'local'")
+    op.execute(
+        "CREATE INDEX message_local ON dispatch.message (local_seq) WHERE local_seq IS NOT NULL"
+    )
 
 
 def downgrade() -> None:
     op.execute("DROP TABLE IF EXISTS dispatch.message")
+    op.execute("DROP SEQUENCE IF EXISTS dispatch.local_seq")
