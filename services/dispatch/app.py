@@ -34,7 +34,7 @@ async def _setup(rt: Runtime) -> None:
         max_age_s=cfg.dispatch_max_age_s,
         retention_days=cfg.dispatch_retention_days,
     )
-    intake = Intake(rt.db, sender, pseudonym_key=cfg.link_signer_secret().encode())
+    intake = Intake(rt.db, sender, pseudonym_key=cfg.link_signer_secret())
     rt.extras.update(providers=providers, sender=sender, intake=intake, links=links)
     if cfg.run_consumers:
         rt.consumers += [

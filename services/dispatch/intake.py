@@ -9,8 +9,6 @@ channel, no address, already expired — and reported as ``delivery.failed`` or
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -25,6 +23,7 @@ from shared.bus import PoisonMessage, TransientError
 from shared.contracts.bus import CHANNELS, DispatchRequested, ProfileErased
 from shared.db import Database
 from shared.events import CloudEvent, utcnow
+from shared.privacy import pseudonym
 
 log = logging.getLogger("kairos.dispatch.intake")
 Batch = Sequence[tuple[Msg, CloudEvent]]
@@ -90,7 +89,7 @@ def plan(req: DispatchRequested, traceparent: str | None, now: datetime) -> stor
 class Intake:
     """The ``dispatch-requests`` consumer's handler."""
 
-    def __init__(self, db: Database, sender: Sender, *, pseudonym_key: bytes) -> None:
+    def __init__(self, db: Database, sender: Sender, *, pseudonym_key: str) -> None:
         self.db = db
         self.sender = sender
         self.pseudonym_key = pseudonym_key
@@ -133,9 +132,8 @@ class Intake:
                 self.sender.wake(r.req.channel, r.req.lane)
 
     def pseudonym(self, customer_id: str) -> str:
-        """An irreversible stand-in for an erased customer's id (stable, so counts stay)."""
-        mac = hmac.new(self.pseudonym_key, customer_id.encode(), hashlib.sha256).hexdigest()
-        return "erased-" + mac[:24]
+        """The erased customer's stand-in (shared.privacy: the same in every service)."""
+        return pseudonym(self.pseudonym_key, customer_id)
 
     async def erase(self, batch: Batch) -> None:
         """``profile.erased``: the customer's messages lose address, content and id."""

@@ -10,8 +10,6 @@ covered by the ``Idempotency-Key`` (the retry is answered from the receiver's me
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -31,6 +29,7 @@ from shared.contracts.bus import ProfileErased, ResponseRecorded
 from shared.db import Database
 from shared.errors import Conflict, DomainError, NotFound, Unavailable
 from shared.events import CloudEvent
+from shared.privacy import pseudonym
 from shared.service import Runtime, runtime
 
 log = logging.getLogger("kairos.dispatch.rewards")
@@ -159,7 +158,7 @@ class Rewards:
     ) -> None:
         self.db = db
         self.client = client
-        self.pseudonym_key = pseudonym_key.encode()
+        self.pseudonym_key = pseudonym_key
         self.max_age_s = max_age_s
         self._parallel = asyncio.Semaphore(PARALLEL)
 
@@ -249,9 +248,8 @@ class Rewards:
         raise failure
 
     def pseudonym(self, customer_id: str) -> str:
-        """A stable stand-in for an erased customer id (keyed: not reversible by guessing)."""
-        digest = hmac.new(self.pseudonym_key, customer_id.encode(), hashlib.sha256).hexdigest()
-        return "erased-" + digest[:20]
+        """The erased customer's stand-in (shared.privacy: the same in every service)."""
+        return pseudonym(self.pseudonym_key, customer_id)
 
     async def handle_erased(self, batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
         """Consumer handler of ``profile.erased``: nothing personal stays in the table."""

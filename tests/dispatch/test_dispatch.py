@@ -316,7 +316,7 @@ async def test_erasure_removes_address_and_content(
         timeout=10,
     )
     body = m.json()
-    assert body["customer_id"].startswith("erased-") and body["content"] == {}
+    assert body["customer_id"].startswith("erased:") and body["content"] == {}
     assert number not in m.text and cust not in m.text
     assert body["status"] == "delivered"  # counts stay
 

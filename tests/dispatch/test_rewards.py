@@ -211,7 +211,7 @@ async def test_erasure_leaves_nothing_personal(
     doc = (
         await eventually(lambda: _reward(gw, tid), lambda r: r.json()["customer_id"] != cid)
     ).json()
-    assert doc["customer_id"].startswith("erased-")
+    assert doc["customer_id"].startswith("erased:")
     assert cid not in str(doc)
     assert doc["state"] == "granted" and doc["amount"] == 500  # reports keep the counts
     assert all(a["answer"] is None for a in doc["attempts"])
