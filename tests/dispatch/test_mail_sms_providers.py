@@ -451,3 +451,12 @@ async def test_email_without_starttls_is_refused_with_an_actionable_log(
     assert result.kind == "failed", result
     assert any("KAIROS_SMTP_URL" in r.getMessage() for r in caplog.records)
     assert smtp_peer.to(to) == []  # credentials never went over a plain connection
+
+
+async def test_email_unreachable_server_is_retried() -> None:
+    provider = SmtpProvider(SmtpTarget.parse("smtp://u:p@127.0.0.1:9"), sender="a@mail.test")
+    await provider.start()  # logs, does not raise: the server may come up later
+    result = await provider.send(_mail(_addr(), {"subject": "s", "text": "t"}))
+    await provider.close()
+    assert result.kind == "retry"
+    assert result.reason is not None and result.reason.startswith("SMTP connection")
