@@ -19,11 +19,12 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Path
 from nats.aio.msg import Msg
 from pydantic import ValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.dispatch.channels import rewards_client
 from services.dispatch.channels.rewards_client import Action, Answer, RewardsClient, grant_id
-from shared.bus import Consumer
+from shared.bus import Consumer, TransientError
 from shared.contracts import rewards as api
 from shared.contracts.bus import ProfileErased, ResponseRecorded
 from shared.db import Database
@@ -38,6 +39,7 @@ router = APIRouter(tags=["rewards"])
 GRANTED_ON = frozenset({"accepted", "converted"})
 KEEP_ATTEMPTS = 20  # the newest answers are kept; older ones only count
 PARALLEL = 8  # webhook calls at once per replica (each holds a row lock and a connection)
+UNAVAILABLE = (OperationalError, InterfaceError, ConnectionError, TimeoutError)
 COLUMNS = (
     "tracking_id, grant_id, customer_id, campaign_id, offer_id, type, amount, state, reason,"
     " attempts, created_at, updated_at, granted_at, revoked_at"
@@ -178,7 +180,10 @@ class Rewards:
             async with self._parallel:
                 return msg if await self.grant(rec) else None
 
-        results = await asyncio.gather(*(one(m, r) for m, r in todo))
+        try:
+            results = await asyncio.gather(*(one(m, r) for m, r in todo))
+        except UNAVAILABLE as exc:  # the database is down: retry, never dead-letter a grant
+            raise TransientError(f"rewards: {type(exc).__name__}: {exc}") from exc
         return [m for m in results if m is not None]
 
     async def grant(self, rec: ResponseRecorded) -> bool:
@@ -253,6 +258,12 @@ class Rewards:
 
     async def handle_erased(self, batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
         """Consumer handler of ``profile.erased``: nothing personal stays in the table."""
+        try:
+            await self._erase(batch)
+        except UNAVAILABLE as exc:
+            raise TransientError(f"rewards erasure: {type(exc).__name__}: {exc}") from exc
+
+    async def _erase(self, batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
         async with self.db.transaction() as uow:
             repo = RewardRepository(uow.session)
             for _, ev in batch:

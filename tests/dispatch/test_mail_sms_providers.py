@@ -436,3 +436,27 @@ def test_dkim_canonicalization_agrees_with_dkimpy(smtp_peer: SmtpPeer) -> None:
     moved = signed.replace(b"Body  with", b"Body with").replace(b"\t folded", b" folded")
     assert dkim.verify(moved, dnsfunc=smtp_peer.dns)
     assert dkim.verify(signer.sign(b"From: a@mail.kairos.test\r\n\r\n"), dnsfunc=smtp_peer.dns)
+
+
+async def test_email_without_starttls_is_refused_with_an_actionable_log(
+    smtp_peer: SmtpPeer, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = smtp_peer.env["KAIROS_SMTP_URL"] + "?starttls=false"
+    provider = email_channel.from_settings(_settings(smtp_peer.env, smtp_url=url))
+    assert provider is not None
+    to = _addr()
+    with caplog.at_level(logging.ERROR, logger="kairos.dispatch.email"):
+        result = await provider.send(_mail(to, {"subject": "s", "text": "t"}))
+    await provider.close()
+    assert result.kind == "failed", result
+    assert any("KAIROS_SMTP_URL" in r.getMessage() for r in caplog.records)
+    assert smtp_peer.to(to) == []  # credentials never went over a plain connection
+
+
+async def test_email_unreachable_server_is_retried() -> None:
+    provider = SmtpProvider(SmtpTarget.parse("smtp://u:p@127.0.0.1:9"), sender="a@mail.test")
+    await provider.start()  # logs, does not raise: the server may come up later
+    result = await provider.send(_mail(_addr(), {"subject": "s", "text": "t"}))
+    await provider.close()
+    assert result.kind == "retry"
+    assert result.reason is not None and result.reason.startswith("SMTP connection")

@@ -4,7 +4,9 @@ on command, records every message it accepted; also the DKIM key the suite signs
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import ssl
 import threading
 from dataclasses import dataclass, field
 from email import message_from_bytes
@@ -120,8 +122,6 @@ class SmtpPeer:
         public = key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        import base64
-
         self.dkim_txt = b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
         self.env = {
             "KAIROS_SMTP_URL": f"smtp://{USER}:{PASSWORD.replace(':', '%3A')}@127.0.0.1:{self.port}",
@@ -133,8 +133,6 @@ class SmtpPeer:
         }
 
     async def _serve(self) -> asyncio.Server:
-        import ssl
-
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(self.tls.cert_file, self.tls.key_file)
         handler = _Handler(self)

@@ -316,13 +316,18 @@ class SmtpProvider(Provider):
         )
 
     async def _connected(self, client: aiosmtplib.SMTP | None) -> aiosmtplib.SMTP:
-        if client is None:
-            client = self._client()
-            self._clients.append(client)
-        if not client.is_connected:
-            client.close()
-            await client.connect()
-        return client
+        """``client`` if still connected, else a new authenticated connection."""
+        if client is not None and client.is_connected:
+            return client
+        self._drop(client)
+        fresh = self._client()
+        try:
+            await fresh.connect()
+        except BaseException:
+            fresh.close()
+            raise
+        self._clients.append(fresh)
+        return fresh
 
     async def send(self, out: Outgoing) -> Result:
         """Render, sign and send one e-mail over a pooled connection."""
@@ -353,15 +358,17 @@ class SmtpProvider(Provider):
                 log.error(self._auth_help(exc))
                 self._drop(client)
                 return Result("failed", reason=_reply(exc), answer={"code": exc.code})
+            except aiosmtplib.SMTPTimeoutError as exc:
+                # Not re-sent at once: the server may have taken the message and be slow to
+                # say so; the sender's backoff decides.
+                self._drop(client)
+                return Result("retry", reason=f"SMTP timeout: {exc}")
             except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError, OSError) as exc:
                 self._drop(client)
                 client = None
                 if attempt == 2:
                     return Result("retry", reason=f"SMTP connection: {exc}")
                 continue
-            except aiosmtplib.SMTPTimeoutError as exc:
-                self._drop(client)
-                return Result("retry", reason=f"SMTP timeout: {exc}")
             except aiosmtplib.SMTPRecipientsRefused as exc:
                 first = exc.recipients[0]
                 await self._reset(client)
@@ -375,6 +382,16 @@ class SmtpProvider(Provider):
             except aiosmtplib.SMTPResponseException as exc:
                 await self._reset(client)
                 return self._classify(exc.code, _reply(exc))
+            except aiosmtplib.SMTPException as exc:
+                # No reply code: the server lacks what the URL asks for (STARTTLS, AUTH).
+                log.error(
+                    "SMTP server %s cannot be used as KAIROS_SMTP_URL says (%s): use "
+                    "smtps:// for implicit TLS, or check that it offers STARTTLS and AUTH",
+                    self.target.host,
+                    exc,
+                )
+                self._drop(client)
+                return Result("failed", reason=f"SMTP: {exc}")
             assert client is not None
             self._idle.put_nowait(client)
             return Result(
