@@ -142,6 +142,7 @@ async def test_apns_alert_headers_and_payload_per_lane(
         (400, "BadDeviceToken", {}, {"kind": "token_invalid"}),
         (403, "InvalidProviderToken", {}, {"kind": "failed"}),
         (429, "TooManyRequests", {"retry_after": 7}, {"kind": "retry", "throttled": True}),
+        (429, "TooManyProviderTokenUpdates", {}, {"kind": "retry", "throttled": True}),
         (500, "InternalServerError", {}, {"kind": "retry", "throttled": False}),
         (503, "ServiceUnavailable", {"retry_after": 3}, {"kind": "retry", "retry_after": 3.0}),
         (400, "BadCollapseId", {}, {"kind": "failed"}),
@@ -164,7 +165,7 @@ async def test_apns_answers_are_classified(
     assert result.answer["status"] == status
     for field, value in expected.items():
         assert getattr(result, field) == value, field
-    if status == 429:
+    if reason == "TooManyRequests":
         assert result.retry_after == 7.0
     assert len(_seen(apns_peer, token)) == 1  # classified without a second attempt
 

@@ -135,7 +135,11 @@ class FcmProvider(Provider):
                 ctx = ssl.create_default_context(cafile=str(self._ca_file))
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._connections, ssl=ctx),
-                timeout=aiohttp.ClientTimeout(total=self._timeout),
+                # The provider's silence times out, not the wait for a pooled connection
+                # (hundreds of sends may queue for 64 connections at a batch's peak).
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self._timeout, sock_read=self._timeout
+                ),
                 json_serialize=lambda o: orjson.dumps(o).decode(),
             )
         return self._session

@@ -22,7 +22,7 @@ from h2.events import (
     StreamEnded,
     StreamReset,
 )
-from h2.exceptions import H2Error
+from h2.exceptions import H2Error, NoAvailableStreamIDError
 
 MAX_STREAMS = 1000  # per connection, also bounded by the server's SETTINGS
 _STATIC = {b":authority": 1, b":path": 4, b"authorization": 23}  # RFC 7541 Appendix A
@@ -256,7 +256,12 @@ class Connection(asyncio.Protocol):
                 await self._room.wait()
             if self.dead:
                 raise Unsent("connection closed")
-            sid = self._h2.get_next_available_stream_id()
+            try:
+                sid = self._h2.get_next_available_stream_id()
+            except NoAvailableStreamIDError:
+                # 2^30 requests on one connection (days at full rate): retire it.
+                self.dead = True
+                raise Unsent("stream ids exhausted") from None
             st = _Stream(asyncio.get_running_loop().create_future())
             self._streams[sid] = st
             self._h2.inflight = len(self._streams)
