@@ -18,7 +18,9 @@ def utcnow() -> datetime:
 
 def iso(ts: datetime) -> str:
     """RFC 3339 in UTC with a Z suffix."""
-    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if ts.tzinfo is not UTC:  # already UTC (utcnow, and what is derived from it): no convert
+        ts = ts.astimezone(UTC)
+    return ts.isoformat().replace("+00:00", "Z")
 
 
 class CloudEvent(BaseModel):
