@@ -117,8 +117,9 @@ async def test_sms_goes_out_once_and_reports(gw: httpx.AsyncClient, wire: Wire) 
     await _message(gw, probe.tracking_id, "delivered")
     again = (await gw.get(f"/v1/messages/{req.tracking_id}")).json()
     assert len(again["attempts"]) == len(first["attempts"])
+    await eventually(_noop, lambda _: len(wire.of(req.tracking_id, "delivery.")) >= 2)
     reports = wire.of(req.tracking_id, "delivery.")
-    assert [d["status"] for d in reports] == ["sent", "delivered"]
+    assert sorted(d["status"] for d in reports) == ["delivered", "sent"]
     assert {d["customer_id"] for d in reports} == {req.customer_id}
     assert first["provider"] == "sms" and first["provider_id"].startswith("SM")
 
@@ -154,6 +155,13 @@ async def test_refused_and_expired_requests_never_stop_the_consumer(
     )
     await eventually(
         lambda: _noop(), lambda _: any(e.type == "dlq.dispatch-requests" for e in wire.seen)
+    )
+    await eventually(
+        _noop,
+        lambda _: (
+            bool(wire.of(expired.tracking_id, "delivery."))
+            and bool(wire.of(unknown.tracking_id, "delivery."))
+        ),
     )
     assert [d["status"] for d in wire.of(expired.tracking_id, "delivery.")] == ["expired"]
     assert [d["status"] for d in wire.of(unknown.tracking_id, "delivery.")] == ["failed"]
