@@ -104,6 +104,7 @@ class Item:
     offer: dict[str, Any] | None = None
     tier_fit: bool = False
     score: float = 0.0
+    reachable: list[str] = field(default_factory=list)  # consented channels with an address
 
 
 @dataclass
@@ -163,10 +164,20 @@ class Planner:
         if (vf and now < vf) or (vt and now >= vt):
             return Outcome("ineligible", "offer", f"offer: {treatment['offer']} not valid now")
         it.treatment, it.offer, it.tier_fit = treatment, offer, fit
+        # Consent and a way to reach them come before the control group: control is drawn
+        # among customers the campaign could contact, or the uplift compares unlike groups.
+        consents = doc.get("consents") or {}
+        allowed = [c for c in live.channels if consents.get(c) is True]
+        if not allowed:
+            return self._skip(it, "consent", "consent: no consent for any channel")
+        it.reachable = [c for c in allowed if address(doc, c) is not None]
+        if not it.reachable:
+            return self._skip(it, "unreachable", f"unreachable: no address for {allowed}")
         return None
 
     def control(self, it: Item, now: datetime) -> Outcome | None:
-        """Control customers (global or the campaign's) are held out and recorded."""
+        """Control customers (global or the campaign's) are held out and recorded; only
+        eligible, reachable ones get here (``check``)."""
         policy = self.engine.catalog.policy
         share = float(it.live.body.get("control_group") or 0)
         kind: ControlKind
@@ -198,14 +209,9 @@ class Planner:
             assert it.treatment is not None
             assert it.offer is not None
             doc = it.doc or {}
-            consents = doc.get("consents") or {}
-            allowed = [c for c in it.live.channels if consents.get(c) is True]
-            if not allowed:
-                out[i] = self._skip(it, "consent", "consent: no consent for any channel")
-                continue
-            reachable = [c for c in allowed if address(doc, c) is not None]
+            reachable = it.reachable  # consent and addresses were checked by ``check``
             if not reachable:
-                out[i] = self._skip(it, "unreachable", f"unreachable: no address for {allowed}")
+                out[i] = self._skip(it, "unreachable", "unreachable: not checked")
                 continue
             # The preferred channel's content is rendered before anything is reserved (a
             # template that fails for this customer skips them); another channel's only if

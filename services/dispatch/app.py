@@ -49,6 +49,15 @@ async def _setup(rt: Runtime) -> None:
             ),
             Consumer(
                 rt.bus,
+                "dispatch-receipts",
+                ["dispatch.receipt.>"],
+                "DISPATCH",
+                intake.receipts,
+                batch=cfg.consumer_batch,
+                max_deliver=cfg.consumer_max_deliver,
+            ),
+            Consumer(
+                rt.bus,
                 "dispatch-erasure",
                 ["profile.erased"],
                 "PROFILE",

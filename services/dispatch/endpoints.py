@@ -15,10 +15,10 @@ from services.dispatch import store
 from services.dispatch.channels import sms
 from services.dispatch.sender import SOURCE
 from shared.contracts import dispatch as api
-from shared.contracts.bus import DeliveryReported, ResponseReceived
+from shared.contracts.bus import ProviderReceipt, ResponseReceived
 from shared.contracts.customers import CUSTOMER_ID_PATTERN
 from shared.db import UnitOfWork, get_uow
-from shared.errors import NotFound
+from shared.errors import NotFound, Unavailable
 from shared.events import utcnow
 from shared.links import InvalidLink, signer_from
 from shared.service import Runtime
@@ -179,12 +179,15 @@ async def outbox(
 
 
 @router.post(
-    "/callbacks/sms/{token}", status_code=204, responses={404: {"description": "Not signed"}}
+    "/callbacks/sms/{token}",
+    status_code=204,
+    responses={404: {"description": "Not signed"}, 503: {"description": "Try again"}},
 )
-async def sms_status_callback(token: str, request: Request, uow: UowDep) -> Response:
+async def sms_status_callback(token: str, request: Request) -> Response:
     """The SMS provider's delivery receipt (a Twilio StatusCallback, form-encoded): the URL was
     signed for one message at sending, so only its provider can move it to delivered or
-    failed."""
+    failed. The receipt is put on the bus (acknowledged, so never lost) and applied in
+    batches: a provider posting thousands a second costs one publish each here."""
     rt: Runtime = request.app.state.rt
     try:
         link = signer_from(rt.settings).verify("c", token)
@@ -196,19 +199,16 @@ async def sms_status_callback(token: str, request: Request, uow: UowDep) -> Resp
     )
     status, reason = sms.parse_status_callback(form)
     if status in ("delivered", "failed"):
-        req = await store.mark(
-            uow.session, link.tracking_id, status=status, reason=reason, now=utcnow()
-        )
-        if req is not None:
-            subject, ev = DeliveryReported(
-                tracking_id=req.tracking_id,
-                customer_id=req.customer_id,
-                campaign_id=req.campaign_id,
-                channel=req.channel,
-                status=status,  # type: ignore[arg-type]
-                provider="sms",
-                provider_id=str(form.get("MessageSid") or "") or None,
-                reason=reason,
-            ).to_event(source=SOURCE, id_=f"delivery-{req.tracking_id}-{status}")
-            uow.emit(subject, ev)
+        subject, ev = ProviderReceipt(
+            tracking_id=link.tracking_id,
+            channel="sms",
+            status=status,  # type: ignore[arg-type]
+            reason=reason,
+            provider="sms",
+            provider_id=form.get("MessageSid") or None,
+        ).to_event(source=SOURCE, id_=f"receipt-{link.tracking_id}-{status}")
+        try:
+            await rt.bus.publish(subject, ev)
+        except Exception as exc:  # the provider retries a failed callback
+            raise Unavailable("The receipt could not be stored; retry.") from exc
     return Response(status_code=204)

@@ -18,9 +18,15 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from services.dispatch import store
-from services.dispatch.sender import Sender, final_events
+from services.dispatch.sender import SOURCE, Sender, final_events
 from shared.bus import PoisonMessage, TransientError
-from shared.contracts.bus import CHANNELS, DispatchRequested, ProfileErased
+from shared.contracts.bus import (
+    CHANNELS,
+    DeliveryReported,
+    DispatchRequested,
+    ProfileErased,
+    ProviderReceipt,
+)
 from shared.db import Database
 from shared.events import CloudEvent, utcnow
 from shared.privacy import pseudonym
@@ -130,6 +136,44 @@ class Intake:
         for r in unique:
             if r.req.tracking_id in new and r.status == "queued":
                 self.sender.wake(r.req.channel, r.req.lane)
+
+    async def receipts(self, batch: Batch) -> None:
+        """Providers' receipts (``dispatch.receipt.<channel>``): delivered or failed after the
+        send, applied in one transaction per batch with their ``delivery.<status>``."""
+        got = []
+        for _, ev in batch:
+            try:
+                got.append(ProviderReceipt.parse(ev))
+            except ValidationError as exc:
+                if len(batch) == 1:
+                    raise PoisonMessage(f"not a receipt: {exc}") from exc
+                raise
+        now = utcnow()
+        try:
+            async with self.db.transaction() as uow:
+                for r in got:
+                    req = await store.mark(
+                        uow.session, r.tracking_id, status=r.status, reason=r.reason, now=now
+                    )
+                    if req is None:  # unknown, or already in that state (a repeated receipt)
+                        continue
+                    subject, ev = DeliveryReported(
+                        tracking_id=req.tracking_id,
+                        customer_id=req.customer_id,
+                        campaign_id=req.campaign_id,
+                        channel=req.channel,
+                        status=r.status,
+                        provider=r.provider,
+                        provider_id=r.provider_id,
+                        reason=r.reason,
+                    ).to_event(source=SOURCE, id_=f"delivery-{req.tracking_id}-{r.status}")
+                    uow.emit(subject, ev)
+        except Exception as exc:
+            if isinstance(exc, _TRANSIENT) or (
+                isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+            ):
+                raise TransientError(str(exc)) from exc
+            raise
 
     def pseudonym(self, customer_id: str) -> str:
         """The erased customer's stand-in (shared.privacy: the same in every service)."""

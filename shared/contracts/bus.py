@@ -5,6 +5,7 @@ who consumes them parses them here.
 |---|---|---|---|
 | ``contact.recorded`` | :class:`ContactRecorded` | decision | feedback, selection, decision |
 | ``dispatch.requested.<channel>`` | :class:`DispatchRequested` | decision | dispatch |
+| ``dispatch.receipt.<channel>`` | :class:`ProviderReceipt` | dispatch (webhooks) | dispatch |
 | ``delivery.<status>`` | :class:`DeliveryReported` | dispatch | feedback, profile |
 | ``response.received`` | :class:`ResponseReceived` | dispatch, gateway (links) | feedback |
 | ``response.recorded`` | :class:`ResponseRecorded` | feedback | profile, decision, dispatch |
@@ -222,6 +223,23 @@ class DeliveryReported(BusMessage):
 
     def subject_name(self) -> str:
         return f"delivery.{self.status}"
+
+
+class ProviderReceipt(BusMessage):
+    """A provider's later word on a message it accepted (an SMS status callback):
+    ``dispatch.receipt.<channel>``, taken in by dispatch in batches."""
+
+    TYPE: ClassVar[str] = "dispatch.receipt"
+    tracking_id: str
+    channel: str
+    status: Literal["delivered", "failed"]
+    reason: str | None = None
+    provider: str | None = None
+    provider_id: str | None = None
+    time: str = Field(default_factory=lambda: iso(utcnow()))
+
+    def subject_name(self) -> str:
+        return f"dispatch.receipt.{self.channel}"
 
 
 class ResponseReceived(BusMessage):

@@ -102,11 +102,12 @@ async def _finished(gw: httpx.AsyncClient, cid: str, run_id: str, timeout: float
 
 
 def _expected(people: dict[str, dict[str, Any]], cid: str, share: float = 0.2) -> dict[str, Any]:
-    control = sum(1 for c in people if arbitration.in_control(c, cid, share))
-    rest = [p for c, p in people.items() if not arbitration.in_control(c, cid, share)]
-    consent = sum(1 for p in rest if not p["consents"]["sms"])
-    unreachable = sum(1 for p in rest if p["consents"]["sms"] and not p["identities"])
-    sent = [p for p in rest if p["consents"]["sms"] and p["identities"]]
+    # Control is drawn among the customers the campaign could reach (consent and address).
+    consent = sum(1 for p in people.values() if not p["consents"]["sms"])
+    unreachable = sum(1 for p in people.values() if p["consents"]["sms"] and not p["identities"])
+    reach = {c: p for c, p in people.items() if p["consents"]["sms"] and p["identities"]}
+    control = sum(1 for c in reach if arbitration.in_control(c, cid, share))
+    sent = [p for c, p in reach.items() if not arbitration.in_control(c, cid, share)]
     gold = sum(1 for p in sent if "value:gold" in p["tags"])
     return {
         "control": control,
