@@ -1,0 +1,95 @@
+"""The proof as a bench (issue 12): start the suite, recover a known uplift through the public
+API, print truth against the report and write bench/results/scenario-<UTC time>.json.
+
+``.venv/bin/python -m bench.scenario --customers 20000 [--runs 3] [--seed 1]``; with
+``--gateway URL --api-key KEY`` it runs against a suite that is already up (``kairos up``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from shared.scenario import Model, run_scenario, summary
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.scenario")
+    ap.add_argument("--customers", type=int, default=20_000)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=1, help="scenarios, seeds seed, seed+1, …")
+    ap.add_argument("--control", type=float, default=0.25, help="the control group's share")
+    ap.add_argument("--baseline", type=float, default=0.02)
+    ap.add_argument("--with-offer", type=float, default=0.03)
+    ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--gateway", help="a running suite's gateway (default: start one)")
+    ap.add_argument("--api-key", default=os.environ.get("KAIROS_API_KEY"))
+    args = ap.parse_args()
+    model = Model(baseline=args.baseline, with_offer=args.with_offer, control_group=args.control)
+
+    def scenarios(gateway: str, key: str) -> list[dict[str, Any]]:
+        runs = []
+        for i in range(args.runs):
+            print(f"== scenario run {i + 1}/{args.runs} (seed {args.seed + i})", flush=True)
+            res = asyncio.run(
+                run_scenario(
+                    gateway,
+                    key,
+                    customers=args.customers,
+                    seed=args.seed + i,
+                    model=model,
+                    timeout=args.timeout,
+                    log=lambda line: print(line, flush=True),
+                )
+            )
+            if res.get("status") != "complete":
+                print(summary(res), flush=True)
+            runs.append(res)
+        return runs
+
+    if args.gateway:
+        if not args.api_key:
+            ap.error("--gateway needs --api-key (or KAIROS_API_KEY)")
+        runs = scenarios(args.gateway, args.api_key)
+        servers = "running suite"
+    else:
+        from bench.__main__ import start_stack
+
+        key = "bench-" + uuid.uuid4().hex
+        with tempfile.TemporaryDirectory(prefix="kairos-scenario-") as tmp:
+            stack = start_stack(Path(tmp), key)
+            try:
+                runs = scenarios(stack.url("gateway"), key)
+            finally:
+                stack.down()
+        servers = "external" if os.environ.get("KAIROS_DATABASE_URL") else "embedded"
+    done = [r for r in runs if r.get("status") == "complete"]
+    report = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "servers": servers,
+        },
+        "customers": args.customers,
+        "runs": runs,
+        "contained": f"{sum(r['ci95_contains_truth'] for r in done)}/{len(done)}",
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"scenario-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\ninterval contains the true uplift in {report['contained']} complete runs")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,472 @@
+"""The proof (issue 12): a known uplift recovered through the public API alone.
+
+A generated telecom population is imported, a batch campaign with a control group and a
+conversion rule is defined, activated and run; once its messages are out, the population is
+simulated with known probabilities (a baseline conversion rate for everyone contacted, a
+higher one for targets whose message went out, clicks through the public links) and the
+campaign's report is read back: its interval must contain the true uplift.
+
+Every call is plain HTTP against the gateway with an API key, so ``kairos demo scenario``
+and ``bench/scenario.py`` run the same code against any running suite. The calls that need
+dispatch and feedback are the methods of :class:`Api` marked so; each is one small function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import orjson
+
+from shared import demo
+
+RECEIVED = frozenset({"sent", "delivered", "opened", "clicked"})  # the message went out
+SETTLED = RECEIVED | {"failed", "bounced", "expired", "in_doubt"}
+CONVERSION_EVENT = "scenario.pack_bought"
+CLICK_PATH = re.compile(r"/t/[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+")
+
+
+@dataclass(frozen=True)
+class Model:
+    """The true behaviour of the simulated population."""
+
+    baseline: float = 0.02  # conversion of everyone contacted, target and control alike
+    with_offer: float = 0.03  # conversion of a target whose message went out
+    click: float = 0.25  # a target whose message went out clicks its link
+    value: tuple[float, float] = (10.0, 30.0)  # revenue of one conversion, uniform
+    control_group: float = 0.25
+
+
+@dataclass
+class Contact:
+    """One of the campaign's contacts as the 360° view shows it."""
+
+    customer_id: str
+    tracking_id: str
+    control: bool
+    status: str | None
+
+
+class ScenarioError(Exception):
+    """The suite answered something the scenario cannot go on from."""
+
+
+class Unavailable(ScenarioError):
+    """A part of the suite the scenario needs (dispatch, feedback) does not answer yet."""
+
+
+def _check(r: httpx.Response, *ok: int) -> Any:
+    if r.status_code not in ok:
+        raise ScenarioError(f"{r.request.method} {r.request.url.path} → {r.status_code}: {r.text}")
+    return r.json() if r.content else None
+
+
+class Api:
+    """The public calls the scenario makes, one method each."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.c = client
+
+    async def import_customers(self, lines: list[bytes]) -> dict[str, Any]:
+        """Import NDJSON customers (``POST /v1/customers:import``)."""
+        r = await self.c.post(
+            "/v1/customers:import",
+            content=b"\n".join(lines) + b"\n",
+            headers={"content-type": "application/x-ndjson"},
+            timeout=None,
+        )
+        doc: dict[str, Any] = _check(r, 200, 202)
+        return doc
+
+    async def audience_count(self, rule: dict[str, Any]) -> int:
+        """How many customers the audience index holds for a rule (it catches up on imports)."""
+        r = await self.c.post("/v1/segments:preview", json={"rule": rule})
+        return int(_check(r, 200)["count"])
+
+    async def put(self, path: str, body: dict[str, Any]) -> None:
+        """Create or replace a catalog object (offer, campaign)."""
+        _check(await self.c.put(path, json=body), 200, 201)
+
+    async def activate(self, campaign_id: str) -> None:
+        """Activate a campaign that needs no approval."""
+        _check(await self.c.post(f"/v1/campaigns/{campaign_id}/activate"), 200)
+
+    async def run(self, campaign_id: str, timeout: float) -> dict[str, Any]:
+        """Start a batch run and wait for it to finish; its counts."""
+        run_id = _check(await self.c.post(f"/v1/campaigns/{campaign_id}/runs"), 202)["run_id"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info: dict[str, Any] = _check(
+                await self.c.get(f"/v1/campaigns/{campaign_id}/runs/{run_id}"), 200
+            )
+            if info["status"] != "running":
+                if info["status"] != "completed":
+                    raise ScenarioError(f"run {run_id} ended {info['status']}: {info}")
+                return info
+            await asyncio.sleep(0.2)
+        raise ScenarioError(f"run {run_id} still running after {timeout:.0f}s")
+
+    # -- needs feedback --------------------------------------------------------------------
+    async def serves(self, path: str) -> bool:
+        """Whether the gateway's OpenAPI document has this path (a part not built yet has
+        none)."""
+        doc = _check(await self.c.get("/openapi.json"), 200)
+        return path in (doc.get("paths") or {})
+
+    async def report(self, campaign_id: str) -> dict[str, Any] | None:
+        """The campaign's report (feedback, ``GET /v1/campaigns/{id}/report``); None while
+        feedback does not know the campaign yet."""
+        r = await self.c.get(f"/v1/campaigns/{campaign_id}/report")
+        if r.status_code == 404:
+            return None
+        doc: dict[str, Any] = _check(r, 200)
+        return doc
+
+    async def contacts(self, customer_id: str, campaign_id: str) -> list[Contact]:
+        """The customer's contacts from this campaign (the 360° view's ``contacts``, kept by
+        feedback; newest 50, plenty for one campaign)."""
+        doc = _check(await self.c.get(f"/v1/customers/{customer_id}"), 200)
+        if "feedback" in (doc.get("missing") or []):
+            raise Unavailable("the 360° view is missing feedback's contacts")
+        return [
+            Contact(customer_id, c["tracking_id"], bool(c.get("control")), c.get("status"))
+            for c in doc.get("contacts") or []
+            if c.get("campaign_id") == campaign_id
+        ]
+
+    async def record_click(self, tracking_id: str) -> None:
+        """Record a click without a link (``POST /v1/responses``), as an app would for push
+        or in-app content."""
+        r = await self.c.post(
+            "/v1/responses", json={"tracking_id": tracking_id, "outcome": "clicked"}
+        )
+        _check(r, 202)
+
+    # -- needs dispatch --------------------------------------------------------------------
+    async def click_links(self, tracking_id: str) -> list[str]:
+        """The public click paths (``/t/{token}``) of one message, found anywhere in
+        ``GET /v1/messages/{tracking_id}`` (its rendered content or a list of links); empty
+        when dispatch does not show them."""
+        r = await self.c.get(f"/v1/messages/{tracking_id}")
+        if r.status_code != 200:
+            return []
+        return sorted(set(CLICK_PATH.findall(r.text)))
+
+    async def follow(self, path: str) -> bool:
+        """Open a public link as a mail client would: no key, expect the redirect."""
+        r = await self.c.get(path, headers={"authorization": ""}, follow_redirects=False)
+        return r.status_code == 302
+
+    # -- events ----------------------------------------------------------------------------
+    async def send_events(self, events: list[dict[str, Any]]) -> None:
+        """Send events in batches of 1,000 (``POST /v1/events``)."""
+        for start in range(0, len(events), 1000):
+            body = orjson.dumps({"events": events[start : start + 1000]})
+            _check(await self.c.post("/v1/events", content=body), 202)
+
+
+def population(n: int, seed: int, tag: str, prefix: str) -> list[dict[str, Any]]:
+    """n generated telecom customers, each reachable by e-mail and tagged for this run (so
+    the campaign's reach does not depend on consent: see the README's note on control)."""
+    rng = random.Random(seed)
+    people = []
+    for i in range(n):
+        doc = demo.customer(i, rng, tags_min=5, tags_max=12, vocab=500)
+        cid = f"{prefix}{i:06d}"
+        doc["customer_id"] = cid
+        doc["tags"] = [*doc["tags"], tag]
+        doc["consents"] = {**doc["consents"], "email": True}
+        doc["identities"] = {
+            "email": f"{cid}@example.com",
+            "msisdn": f"+4916{seed % 1000:03d}{i:07d}",
+        }
+        people.append(doc)
+    return people
+
+
+async def _gather(
+    fn: Callable[[Any], Awaitable[Any]], items: Iterable[Any], width: int
+) -> list[Any]:
+    sem = asyncio.Semaphore(width)
+
+    async def one(x: Any) -> Any:
+        async with sem:
+            return await fn(x)
+
+    return list(await asyncio.gather(*(one(x) for x in items)))
+
+
+async def _settle(
+    api: Api,
+    campaign_id: str,
+    done: Callable[[dict[str, Any]], bool],
+    timeout: float,
+    quiet: float = 5.0,
+) -> dict[str, Any]:
+    """Poll the report until ``done(totals)``, or until its totals stop moving for ``quiet``
+    seconds (then the caller compares what it expected with what is there)."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] | None = None
+    since = time.monotonic()
+    while True:
+        rep = await api.report(campaign_id) or {}
+        totals = rep.get("totals") or {}
+        if done(totals) or time.monotonic() > deadline:
+            return rep
+        if totals != last:
+            last, since = totals, time.monotonic()
+        elif totals and time.monotonic() - since > quiet:
+            return rep
+        await asyncio.sleep(0.25)
+
+
+async def run_scenario(
+    gateway: str,
+    api_key: str,
+    *,
+    customers: int,
+    seed: int,
+    model: Model = Model(),
+    timeout: float = 300.0,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the proof against a running suite; the figures and whether the report's 95 %
+    interval contains the true uplift. Stops early (``status`` says where) when a part of the
+    suite it needs does not answer yet."""
+    say = log or (lambda _: None)
+    u = uuid.uuid4().hex[:6]
+    cid, oid, tag = f"scn-{u}", f"scn-offer-{u}", f"scenario:{u}"
+    out: dict[str, Any] = {"campaign_id": cid, "customers": customers, "seed": seed}
+    out["model"] = asdict(model)
+    timings: dict[str, float] = {}
+    out["seconds"] = timings
+    audience = {"all": [{"tag": tag}, {"attr": "age", "op": "gte", "value": 18}]}
+    headers = {"authorization": f"Bearer {api_key}"}
+    async with httpx.AsyncClient(base_url=gateway, headers=headers, timeout=60) as client:
+        api = Api(client)
+        t0 = time.monotonic()
+        people = population(customers, seed, tag, prefix=f"s{u}-")
+        imported = await api.import_customers([orjson.dumps(p) for p in people])
+        if imported.get("failed"):
+            raise ScenarioError(f"import failed for some lines: {imported['errors'][:3]}")
+        in_audience = [p["customer_id"] for p in people if p["attributes"]["age"] >= 18]
+        while await api.audience_count(audience) < len(in_audience):
+            if time.monotonic() - t0 > timeout:
+                raise ScenarioError("the audience index never saw the whole population")
+            await asyncio.sleep(0.2)
+        timings["import"] = round(time.monotonic() - t0, 2)
+        say(f"imported {customers:,} customers, {len(in_audience):,} in the audience")
+
+        t0 = time.monotonic()
+        await api.put(
+            f"/v1/offers/{oid}",
+            {
+                "name": "Roaming pack",
+                "value": 4.0,
+                "link": f"https://shop.example.com/roaming?offer={oid}",
+                "content": {
+                    "default": {"title": "Roaming pack", "body": "Hi {{ attributes.first_name }}"},
+                    "email": {
+                        "subject": "Your roaming pack, {{ attributes.first_name }}",
+                        "text": "Travel without bill shock: https://shop.example.com/roaming",
+                        "html": '<p>Travel without bill shock: <a href="https://shop.example.com/roaming">book it</a></p>',
+                    },
+                },
+            },
+        )
+        await api.put(
+            f"/v1/campaigns/{cid}",
+            {
+                "name": f"Scenario {u}: roaming pack",
+                "type": "batch",
+                "audience": audience,
+                "channels": ["email"],
+                "treatments": [{"id": "A", "offer": oid, "weight": 1}],
+                "control_group": model.control_group,
+                "reentry": {"max": 1, "per": "30d"},
+                "conversion": {"event": CONVERSION_EVENT, "within": "3d"},
+                "approval_required": False,
+            },
+        )
+        await api.activate(cid)
+        timings["define_and_activate"] = round(time.monotonic() - t0, 2)
+
+        t0 = time.monotonic()
+        run = await api.run(cid, timeout)
+        timings["run"] = round(time.monotonic() - t0, 2)
+        out["run"] = {
+            k: run.get(k) for k in ("run_id", "selected", "control", "suppressed", "dispatched")
+        }
+        say(
+            f"run: {run['selected']:,} selected, {run['control']:,} control, {run['dispatched']:,} dispatched"
+        )
+        out["status"] = "run completed"
+
+        # -- from here on dispatch and feedback must be there -------------------------------
+        try:
+            for needed in ("/v1/campaigns/{campaign_id}/report", "/v1/responses"):
+                if not await api.serves(needed):
+                    raise Unavailable(f"the gateway does not serve {needed} yet")
+            t0 = time.monotonic()
+            contacts_expected = int(run["control"]) + int(run["dispatched"])
+            await _settle(
+                api,
+                cid,
+                lambda t: int(t.get("targeted", 0)) + int(t.get("control", 0)) >= contacts_expected,
+                timeout,
+            )
+            await _settle(
+                api,
+                cid,
+                lambda t: (
+                    sum(int(t.get(k, 0)) for k in ("delivered", "failed")) >= int(run["dispatched"])
+                ),
+                timeout,
+            )
+            timings["messages_out"] = round(time.monotonic() - t0, 2)
+            found = await _gather(lambda c: api.contacts(c, cid), in_audience, 64)
+        except Unavailable as exc:
+            out["status"] = f"stopped after the run: {exc}"
+            return out
+        contacts = [c for cs in found for c in cs]
+        if not contacts:
+            out["status"] = "stopped after the run: no contact of the campaign in the 360° view"
+            return out
+        out.update(
+            await _simulate(api, cid, contacts, people, in_audience, model, seed, timings, timeout)
+        )
+        say(summary(out))
+        return out
+
+
+async def _simulate(
+    api: Api,
+    cid: str,
+    contacts: list[Contact],
+    people: list[dict[str, Any]],
+    in_audience: list[str],
+    model: Model,
+    seed: int,
+    timings: dict[str, float],
+    timeout: float,
+) -> dict[str, Any]:
+    """Clicks and conversions with the model's probabilities, then the report against the
+    truth."""
+    rng = random.Random(seed * 1_000_003 + 1)
+    by_customer = {c.customer_id: c for c in contacts}
+    targets = [c for c in contacts if not c.control]
+    control = [c for c in contacts if c.control]
+    received = [c for c in targets if c.status in RECEIVED]
+
+    t0 = time.monotonic()
+    clicks = {"link": 0, "response": 0, "link_failed": 0}
+    clickers = [c for c in received if rng.random() < model.click]
+
+    async def click(c: Contact) -> None:
+        paths = await api.click_links(c.tracking_id)
+        if paths:
+            clicks["link" if await api.follow(paths[0]) else "link_failed"] += 1
+        else:
+            await api.record_click(c.tracking_id)
+            clicks["response"] += 1
+
+    await _gather(click, clickers, 32)
+    timings["clicks"] = round(time.monotonic() - t0, 2)
+
+    # Conversions: everyone in the population converts at the baseline, a target whose
+    # message went out at the offer's rate; people outside the campaign convert too and
+    # must not count for it.
+    t0 = time.monotonic()
+    events: list[dict[str, Any]] = []
+    conv = {"target": 0, "control": 0, "not_contacted": 0}
+    revenue = {"target": 0.0, "control": 0.0}
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    for p in people:
+        pid = p["customer_id"]
+        c = by_customer.get(pid)
+        rate = model.with_offer if c and not c.control and c.status in RECEIVED else model.baseline
+        if rng.random() >= rate:
+            continue
+        value = round(rng.uniform(*model.value), 2)
+        group = "not_contacted" if c is None else ("control" if c.control else "target")
+        conv[group] += 1
+        if group != "not_contacted":
+            revenue[group] += value
+        events.append(
+            {
+                "type": CONVERSION_EVENT,
+                "customer_id": pid,
+                "time": now,
+                "properties": {"value": value},
+            }
+        )
+    await api.send_events(events)
+    want = conv["target"] + conv["control"]
+    rep = await _settle(api, cid, lambda t: int(t.get("converted", 0)) >= want, timeout)
+    timings["conversions"] = round(time.monotonic() - t0, 2)
+
+    n_t, n_c = len(targets), len(control)
+    true_t = (
+        (len(received) * model.with_offer + (n_t - len(received)) * model.baseline) / n_t
+        if n_t
+        else 0.0
+    )
+    truth = true_t - model.baseline
+    up = rep.get("uplift") or {}
+    lo, hi = (up.get("ci95") or [None, None])[:2]
+    mean_value = sum(model.value) / 2
+    return {
+        "status": "complete",
+        "contacts": {
+            "target": n_t,
+            "control": n_c,
+            "received": len(received),
+            "audience": len(in_audience),
+        },
+        "clicks": clicks,
+        "conversions_sent": conv,
+        "revenue_sent": {k: round(v, 2) for k, v in revenue.items()},
+        "report_totals": rep.get("totals"),
+        "counted_as_sent": {
+            "converted": (rep.get("totals") or {}).get("converted") == want,
+            "clicked": (rep.get("totals") or {}).get("clicked") == len(clickers),
+        },
+        "true": {
+            "target_rate": true_t,
+            "control_rate": model.baseline,
+            "absolute": truth,
+            "incremental_revenue": truth * n_t * mean_value,
+        },
+        "estimate": up,
+        "ci95_contains_truth": lo is not None and hi is not None and lo <= truth <= hi,
+    }
+
+
+def summary(res: dict[str, Any]) -> str:
+    """A few lines a person reads: truth against the report."""
+    if res.get("status") != "complete":
+        return f"scenario {res.get('campaign_id')}: {res.get('status')}"
+    t, e = res["true"], res["estimate"]
+    ci = e.get("ci95") or [float("nan"), float("nan")]
+    c = res["contacts"]
+    return "\n".join(
+        [
+            f"campaign {res['campaign_id']}: {c['target']:,} targets ({c['received']:,} received), "
+            f"{c['control']:,} control",
+            f"true uplift      {t['absolute']:+.4f}  ({t['target_rate']:.4f} vs {t['control_rate']:.4f})",
+            f"report estimate  {e.get('absolute', float('nan')):+.4f}  ({e.get('target_rate', 0):.4f} vs "
+            f"{e.get('control_rate', 0):.4f}), p = {e.get('p_value', float('nan')):.3g}",
+            f"95 % interval    [{ci[0]:+.4f}, {ci[1]:+.4f}]  "
+            f"{'contains' if res['ci95_contains_truth'] else 'DOES NOT contain'} the true uplift",
+            f"conversions counted as sent: {res['counted_as_sent']['converted']}; "
+            f"clicks: {res['clicks']}",
+        ]
+    )
