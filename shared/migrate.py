@@ -26,7 +26,7 @@ def alembic_config(service: str, url: str) -> Config:
 def upgrade(url: str, services: tuple[str, ...] = MIGRATED) -> None:
     """Apply every service's migrations up to head (idempotent)."""
     for s in services:
-        command.upgrade(alembic_config(s, url), "head")
+        command.upgrade(alembic_config(s, url), "heads")
 
 
 def run_env(context: object, schema: str) -> None:

@@ -1,13 +1,66 @@
-"""Dispatch service process (its endpoints and consumers arrive with their issues)."""
+"""Dispatch service: delivers every decided message through its provider, exactly once to
+the customer, and reports each outcome on the bus."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI
 
-from shared.service import create_service_app
+from services.dispatch.endpoints import router
+from services.dispatch.intake import Intake
+from services.dispatch.providers import Providers
+from services.dispatch.ratelimit import RateLimiter, parse_limits
+from services.dispatch.sender import Sender
+from shared.bus import Consumer
+from shared.links import signer_from
+from shared.service import Runtime, create_service_app
 from shared.settings import Settings
 
 
+async def _setup(rt: Runtime) -> None:
+    assert rt.db is not None
+    cfg = rt.settings
+    providers = Providers.from_settings(cfg)
+    await providers.start()
+    rt.closers.append(providers.close)
+    links = signer_from(cfg)
+    sender = Sender(
+        rt.db,
+        providers,
+        RateLimiter(rt.redis, rt.keys, parse_limits(cfg.dispatch_rate_limits)),
+        links,
+        owner=cfg.instance_id,
+        concurrency=cfg.dispatch_concurrency,
+        max_age_s=cfg.dispatch_max_age_s,
+    )
+    intake = Intake(rt.db, sender, pseudonym_key=cfg.link_signer_secret().encode())
+    rt.extras.update(providers=providers, sender=sender, intake=intake, links=links)
+    if cfg.run_consumers:
+        rt.consumers += [
+            Consumer(
+                rt.bus,
+                "dispatch-requests",
+                ["dispatch.requested.>"],
+                "DISPATCH",
+                intake.handle,
+                batch=cfg.consumer_batch,
+                max_deliver=cfg.consumer_max_deliver,
+            ),
+            Consumer(
+                rt.bus,
+                "dispatch-erasure",
+                ["profile.erased"],
+                "PROFILE",
+                intake.erase,
+                max_deliver=cfg.consumer_max_deliver,
+            ),
+        ]
+        rt.background += sender.tasks()
+    for c in rt.consumers:
+        await c.start()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The dispatch process: health, readiness, metrics, its schema and the outbox relay."""
-    return create_service_app("dispatch", schema="dispatch", settings=settings)
+    """The dispatch process."""
+    return create_service_app(
+        "dispatch", schema="dispatch", routers=[router], setup=_setup, settings=settings
+    )
