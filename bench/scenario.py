@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import tempfile
@@ -18,9 +19,31 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from services.feedback import stats
 from shared.scenario import Model, run_scenario, summary
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def _independent(res: dict[str, Any]) -> dict[str, Any]:
+    """The uplift the report must show, from the scenario's own tally of contacts and
+    conversions, and whether the report shows it."""
+    k = res["counts"]
+    want = stats.uplift(k["x_t"], k["n_t"], k["x_c"], k["n_c"], k["revenue_t"], k["revenue_c"])
+    got = res.get("estimate")
+    out: dict[str, Any] = {"expected": want}
+    if got is not None:
+        out["report_matches"] = all(
+            math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
+            for key in want
+            for a, b in zip(
+                want[key] if key == "ci95" else [want[key]],
+                (got.get(key) or [None, None]) if key == "ci95" else [got.get(key)],
+                strict=True,
+            )
+            if b is not None
+        ) and all(key in got for key in ("target_rate", "control_rate", "ci95", "p_value"))
+    return out
 
 
 def main() -> None:
@@ -54,6 +77,9 @@ def main() -> None:
             )
             if res.get("status") != "complete":
                 print(summary(res), flush=True)
+            if "counts" in res:
+                res["independent"] = _independent(res)
+                print(f"stats.uplift from the scenario's own counts: {res['independent']}")
             runs.append(res)
         return runs
 

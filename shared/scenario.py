@@ -19,7 +19,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +31,9 @@ from shared import demo
 RECEIVED = frozenset({"sent", "delivered", "opened", "clicked"})  # the message went out
 SETTLED = RECEIVED | {"failed", "bounced", "expired", "in_doubt"}
 CONVERSION_EVENT = "scenario.pack_bought"
+REPORT_PATH = "/v1/campaigns/{campaign_id}/report"
+RESPONSES_PATH = "/v1/responses"
+OUTBOX_PATH = "/v1/outbox"
 CLICK_PATH = re.compile(r"/t/[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+")
 
 
@@ -47,12 +50,13 @@ class Model:
 
 @dataclass
 class Contact:
-    """One of the campaign's contacts as the 360° view shows it."""
+    """One of the campaign's contacts: who, which message, and whether it went out."""
 
     customer_id: str
-    tracking_id: str
+    tracking_id: str | None
     control: bool
     status: str | None
+    links: list[str] = field(default_factory=list)  # public click paths, when known
 
 
 class ScenarioError(Exception):
@@ -114,16 +118,32 @@ class Api:
             await asyncio.sleep(0.2)
         raise ScenarioError(f"run {run_id} still running after {timeout:.0f}s")
 
-    # -- needs feedback --------------------------------------------------------------------
     async def serves(self, path: str) -> bool:
         """Whether the gateway's OpenAPI document has this path (a part not built yet has
         none)."""
         doc = _check(await self.c.get("/openapi.json"), 200)
         return path in (doc.get("paths") or {})
 
+    # -- needs dispatch --------------------------------------------------------------------
+    async def outbox(self, campaign_id: str, after: int) -> tuple[list[dict[str, Any]], int]:
+        """The campaign's messages in the local outbox after a cursor (``GET /v1/outbox``,
+        where messages go while no provider is configured), and the next cursor."""
+        page = _check(await self.c.get("/v1/outbox", params={"after": after, "limit": 1000}), 200)
+        items = [i for i in page["items"] if i["campaign_id"] == campaign_id]
+        return items, int(page["next_after"])
+
+    async def message_links(self, tracking_id: str) -> list[str]:
+        """The public click paths (``/t/{token}``) of one message, found anywhere in
+        ``GET /v1/messages/{tracking_id}`` (its rendered content); empty when it has none."""
+        r = await self.c.get(f"/v1/messages/{tracking_id}")
+        if r.status_code != 200:
+            return []
+        return sorted(set(CLICK_PATH.findall(r.text)))
+
+    # -- needs feedback --------------------------------------------------------------------
     async def report(self, campaign_id: str) -> dict[str, Any] | None:
-        """The campaign's report (feedback, ``GET /v1/campaigns/{id}/report``); None while
-        feedback does not know the campaign yet."""
+        """The campaign's report (``GET /v1/campaigns/{id}/report``); None while feedback
+        does not know the campaign yet."""
         r = await self.c.get(f"/v1/campaigns/{campaign_id}/report")
         if r.status_code == 404:
             return None
@@ -142,28 +162,18 @@ class Api:
             if c.get("campaign_id") == campaign_id
         ]
 
+    async def follow(self, path: str) -> bool:
+        """Open a public click link as a mail client would (no key); True on the redirect."""
+        r = await self.c.get(path, headers={"authorization": ""}, follow_redirects=False)
+        return r.status_code == 302
+
     async def record_click(self, tracking_id: str) -> None:
-        """Record a click without a link (``POST /v1/responses``), as an app would for push
+        """Record a click without a link (``POST /v1/responses``), as an app does for push
         or in-app content."""
         r = await self.c.post(
             "/v1/responses", json={"tracking_id": tracking_id, "outcome": "clicked"}
         )
         _check(r, 202)
-
-    # -- needs dispatch --------------------------------------------------------------------
-    async def click_links(self, tracking_id: str) -> list[str]:
-        """The public click paths (``/t/{token}``) of one message, found anywhere in
-        ``GET /v1/messages/{tracking_id}`` (its rendered content or a list of links); empty
-        when dispatch does not show them."""
-        r = await self.c.get(f"/v1/messages/{tracking_id}")
-        if r.status_code != 200:
-            return []
-        return sorted(set(CLICK_PATH.findall(r.text)))
-
-    async def follow(self, path: str) -> bool:
-        """Open a public link as a mail client would: no key, expect the redirect."""
-        r = await self.c.get(path, headers={"authorization": ""}, follow_redirects=False)
-        return r.status_code == 302
 
     # -- events ----------------------------------------------------------------------------
     async def send_events(self, events: list[dict[str, Any]]) -> None:
@@ -174,8 +184,11 @@ class Api:
 
 
 def population(n: int, seed: int, tag: str, prefix: str) -> list[dict[str, Any]]:
-    """n generated telecom customers, each reachable by e-mail and tagged for this run (so
-    the campaign's reach does not depend on consent: see the README's note on control)."""
+    """n generated telecom customers, tagged for this run, each reachable by e-mail.
+
+    Everyone is reachable because decision draws the control group before it checks
+    consent and reachability: with unreachable customers the control group would hold
+    people the targets exclude, and the comparison would no longer be like for like."""
     rng = random.Random(seed)
     people = []
     for i in range(n):
@@ -239,15 +252,19 @@ async def run_scenario(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the proof against a running suite; the figures and whether the report's 95 %
-    interval contains the true uplift. Stops early (``status`` says where) when a part of the
-    suite it needs does not answer yet."""
+    interval contains the true uplift. Goes as far as the suite allows: ``status`` says
+    where it stopped when a part it needs (dispatch, feedback) does not answer yet."""
     say = log or (lambda _: None)
     u = uuid.uuid4().hex[:6]
     cid, oid, tag = f"scn-{u}", f"scn-offer-{u}", f"scenario:{u}"
-    out: dict[str, Any] = {"campaign_id": cid, "customers": customers, "seed": seed}
-    out["model"] = asdict(model)
     timings: dict[str, float] = {}
-    out["seconds"] = timings
+    out: dict[str, Any] = {
+        "campaign_id": cid,
+        "customers": customers,
+        "seed": seed,
+        "model": asdict(model),
+        "seconds": timings,
+    }
     audience = {"all": [{"tag": tag}, {"attr": "age", "op": "gte", "value": 18}]}
     headers = {"authorization": f"Bearer {api_key}"}
     async with httpx.AsyncClient(base_url=gateway, headers=headers, timeout=60) as client:
@@ -266,39 +283,8 @@ async def run_scenario(
         say(f"imported {customers:,} customers, {len(in_audience):,} in the audience")
 
         t0 = time.monotonic()
-        await api.put(
-            f"/v1/offers/{oid}",
-            {
-                "name": "Roaming pack",
-                "value": 4.0,
-                "link": f"https://shop.example.com/roaming?offer={oid}",
-                "content": {
-                    "default": {"title": "Roaming pack", "body": "Hi {{ attributes.first_name }}"},
-                    "email": {
-                        "subject": "Your roaming pack, {{ attributes.first_name }}",
-                        "text": "Travel without bill shock: https://shop.example.com/roaming",
-                        "html": '<p>Travel without bill shock: <a href="https://shop.example.com/roaming">book it</a></p>',
-                    },
-                },
-            },
-        )
-        await api.put(
-            f"/v1/campaigns/{cid}",
-            {
-                "name": f"Scenario {u}: roaming pack",
-                "type": "batch",
-                "audience": audience,
-                "channels": ["email"],
-                "treatments": [{"id": "A", "offer": oid, "weight": 1}],
-                "control_group": model.control_group,
-                "reentry": {"max": 1, "per": "30d"},
-                "conversion": {"event": CONVERSION_EVENT, "within": "3d"},
-                "approval_required": False,
-            },
-        )
-        await api.activate(cid)
+        await _define(api, cid, oid, audience, model)
         timings["define_and_activate"] = round(time.monotonic() - t0, 2)
-
         t0 = time.monotonic()
         run = await api.run(cid, timeout)
         timings["run"] = round(time.monotonic() - t0, 2)
@@ -306,60 +292,159 @@ async def run_scenario(
             k: run.get(k) for k in ("run_id", "selected", "control", "suppressed", "dispatched")
         }
         say(
-            f"run: {run['selected']:,} selected, {run['control']:,} control, {run['dispatched']:,} dispatched"
+            f"run: {run['selected']:,} selected, {run['control']:,} control, "
+            f"{run['dispatched']:,} dispatched"
         )
         out["status"] = "run completed"
 
-        # -- from here on dispatch and feedback must be there -------------------------------
+        feedback = await api.serves(REPORT_PATH)
         try:
-            for needed in ("/v1/campaigns/{campaign_id}/report", "/v1/responses"):
-                if not await api.serves(needed):
-                    raise Unavailable(f"the gateway does not serve {needed} yet")
             t0 = time.monotonic()
-            contacts_expected = int(run["control"]) + int(run["dispatched"])
-            await _settle(
-                api,
-                cid,
-                lambda t: int(t.get("targeted", 0)) + int(t.get("control", 0)) >= contacts_expected,
-                timeout,
-            )
-            await _settle(
-                api,
-                cid,
-                lambda t: (
-                    sum(int(t.get(k, 0)) for k in ("delivered", "failed")) >= int(run["dispatched"])
-                ),
-                timeout,
+            contacts, out["groups_from"] = await _groups(
+                api, cid, run, in_audience, feedback=feedback, timeout=timeout
             )
             timings["messages_out"] = round(time.monotonic() - t0, 2)
-            found = await _gather(lambda c: api.contacts(c, cid), in_audience, 64)
         except Unavailable as exc:
             out["status"] = f"stopped after the run: {exc}"
             return out
-        contacts = [c for cs in found for c in cs]
-        if not contacts:
-            out["status"] = "stopped after the run: no contact of the campaign in the 360° view"
+        out["status"] = "messages out"
+        sim = await _simulate(api, contacts, people, model, seed, timings)
+        out.update(sim)
+        out["status"] = "simulated"
+        if not feedback:
+            out["status"] = f"simulated; no report: the gateway does not serve {REPORT_PATH} yet"
             return out
-        out.update(
-            await _simulate(api, cid, contacts, people, in_audience, model, seed, timings, timeout)
-        )
+        t0 = time.monotonic()
+        want = sim["counts"]["x_t"] + sim["counts"]["x_c"]
+        rep = await _settle(api, cid, lambda t: int(t.get("converted", 0)) >= want, timeout)
+        timings["report"] = round(time.monotonic() - t0, 2)
+        out.update(_judge(rep, sim))
         say(summary(out))
         return out
 
 
-async def _simulate(
+async def _define(api: Api, cid: str, oid: str, audience: dict[str, Any], model: Model) -> None:
+    """The offer (with a link) and the batch campaign (control group, conversion rule),
+    activated."""
+    await api.put(
+        f"/v1/offers/{oid}",
+        {
+            "name": "Roaming pack",
+            "value": 4.0,
+            "link": f"https://shop.example.com/roaming?offer={oid}",
+            "content": {
+                "default": {"title": "Roaming pack", "body": "Hi {{ attributes.first_name }}"},
+                "email": {
+                    "subject": "Your roaming pack, {{ attributes.first_name }}",
+                    "text": "Travel without bill shock: https://shop.example.com/roaming",
+                    "html": '<p>Travel without bill shock: <a href="https://shop.example.com'
+                    '/roaming">book it</a></p>',
+                },
+            },
+        },
+    )
+    await api.put(
+        f"/v1/campaigns/{cid}",
+        {
+            "name": f"Scenario {cid}: roaming pack",
+            "type": "batch",
+            "audience": audience,
+            "channels": ["email"],
+            "treatments": [{"id": "A", "offer": oid, "weight": 1}],
+            "control_group": model.control_group,
+            "reentry": {"max": 1, "per": "30d"},
+            "conversion": {"event": CONVERSION_EVENT, "within": "3d"},
+            "approval_required": False,
+        },
+    )
+    await api.activate(cid)
+
+
+async def _groups(
     api: Api,
     cid: str,
+    run: dict[str, Any],
+    in_audience: list[str],
+    *,
+    feedback: bool,
+    timeout: float,
+) -> tuple[list[Contact], str]:
+    """Who is target and who control, and which targets' messages went out, once they have.
+
+    With feedback, from its records (the report's totals to wait, then each customer's
+    360° view): that works with any provider. Without it, from dispatch's local outbox: a
+    target is a message there, and when the run suppressed nobody the rest of the audience
+    is the control group."""
+    dispatched = int(run["dispatched"])
+    if feedback:
+        expected = int(run["control"]) + dispatched
+        await _settle(
+            api,
+            cid,
+            lambda t: int(t.get("targeted", 0)) + int(t.get("control", 0)) >= expected,
+            timeout,
+        )
+        await _settle(
+            api,
+            cid,
+            lambda t: int(t.get("delivered", 0)) + int(t.get("failed", 0)) >= dispatched,
+            timeout,
+        )
+        found = await _gather(lambda c: api.contacts(c, cid), in_audience, 64)
+        contacts = [c for cs in found for c in cs]
+        if not contacts:
+            raise Unavailable("no contact of the campaign in the 360° view")
+        return contacts, "feedback: the 360° view"
+    if not await api.serves(OUTBOX_PATH):
+        raise Unavailable(f"the gateway serves neither {REPORT_PATH} nor {OUTBOX_PATH}")
+    if sum((run.get("suppressed") or {}).values()) or int(run["selected"]) != len(in_audience):
+        raise Unavailable("the run suppressed customers: only feedback tells control apart")
+    items: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        # Read from the start each time: a message is listed under the sequence number it
+        # got on intake, once sent, so a cursor kept between reads would skip the ones sent
+        # after it passed them (and would miss their delivery).
+        after, items = 0, {}
+        while True:
+            page, nxt = await api.outbox(cid, after)
+            items.update({i["customer_id"]: i for i in page})
+            if nxt == after:
+                break
+            after = nxt
+        pending = [i for i in items.values() if i.get("delivered_at") is None]
+        if len(items) >= dispatched and not pending:
+            break
+        await asyncio.sleep(1.0)
+    if not items:
+        raise Unavailable("no message of the campaign in the local outbox (providers set?)")
+    contacts = [
+        Contact(
+            i["customer_id"],
+            i["tracking_id"],
+            False,
+            "delivered" if i.get("delivered_at") else "queued",
+            sorted(set(CLICK_PATH.findall(orjson.dumps(i.get("content")).decode()))),
+        )
+        for i in items.values()
+    ]
+    contacts += [Contact(c, None, True, "control") for c in in_audience if c not in items]
+    if len(contacts) - len(items) != int(run["control"]):
+        raise ScenarioError(
+            f"the outbox holds {len(items)} of {dispatched} messages after {timeout:.0f}s"
+        )
+    return contacts, "dispatch: the local outbox and the audience"
+
+
+async def _simulate(
+    api: Api,
     contacts: list[Contact],
     people: list[dict[str, Any]],
-    in_audience: list[str],
     model: Model,
     seed: int,
     timings: dict[str, float],
-    timeout: float,
 ) -> dict[str, Any]:
-    """Clicks and conversions with the model's probabilities, then the report against the
-    truth."""
+    """Clicks and conversions with the model's probabilities; the counts and the truth."""
     rng = random.Random(seed * 1_000_003 + 1)
     by_customer = {c.customer_id: c for c in contacts}
     targets = [c for c in contacts if not c.control]
@@ -367,23 +452,29 @@ async def _simulate(
     received = [c for c in targets if c.status in RECEIVED]
 
     t0 = time.monotonic()
-    clicks = {"link": 0, "response": 0, "link_failed": 0}
+    clicks = {"link": 0, "link_failed": 0, "response": 0, "not_recorded": 0}
     clickers = [c for c in received if rng.random() < model.click]
+    can_respond = await api.serves(RESPONSES_PATH)
 
     async def click(c: Contact) -> None:
-        paths = await api.click_links(c.tracking_id)
+        assert c.tracking_id is not None
+        paths = c.links or await api.message_links(c.tracking_id)
         if paths:
-            clicks["link" if await api.follow(paths[0]) else "link_failed"] += 1
-        else:
+            if await api.follow(paths[0]):
+                clicks["link"] += 1
+                return
+            clicks["link_failed"] += 1  # nothing recorded: the app's way below
+        if can_respond:
             await api.record_click(c.tracking_id)
             clicks["response"] += 1
+        else:
+            clicks["not_recorded"] += 1
 
     await _gather(click, clickers, 32)
     timings["clicks"] = round(time.monotonic() - t0, 2)
 
-    # Conversions: everyone in the population converts at the baseline, a target whose
-    # message went out at the offer's rate; people outside the campaign convert too and
-    # must not count for it.
+    # Everyone converts at the baseline, a target whose message went out at the offer's
+    # rate; customers outside the campaign convert too and must not count for it.
     t0 = time.monotonic()
     events: list[dict[str, Any]] = []
     conv = {"target": 0, "control": 0, "not_contacted": 0}
@@ -392,8 +483,8 @@ async def _simulate(
     for p in people:
         pid = p["customer_id"]
         c = by_customer.get(pid)
-        rate = model.with_offer if c and not c.control and c.status in RECEIVED else model.baseline
-        if rng.random() >= rate:
+        offered = c is not None and not c.control and c.status in RECEIVED
+        if rng.random() >= (model.with_offer if offered else model.baseline):
             continue
         value = round(rng.uniform(*model.value), 2)
         group = "not_contacted" if c is None else ("control" if c.control else "target")
@@ -409,8 +500,6 @@ async def _simulate(
             }
         )
     await api.send_events(events)
-    want = conv["target"] + conv["control"]
-    rep = await _settle(api, cid, lambda t: int(t.get("converted", 0)) >= want, timeout)
     timings["conversions"] = round(time.monotonic() - t0, 2)
 
     n_t, n_c = len(targets), len(control)
@@ -420,53 +509,68 @@ async def _simulate(
         else 0.0
     )
     truth = true_t - model.baseline
-    up = rep.get("uplift") or {}
-    lo, hi = (up.get("ci95") or [None, None])[:2]
-    mean_value = sum(model.value) / 2
     return {
-        "status": "complete",
-        "contacts": {
-            "target": n_t,
-            "control": n_c,
-            "received": len(received),
-            "audience": len(in_audience),
-        },
+        "contacts": {"target": n_t, "control": n_c, "received": len(received)},
         "clicks": clicks,
         "conversions_sent": conv,
-        "revenue_sent": {k: round(v, 2) for k, v in revenue.items()},
-        "report_totals": rep.get("totals"),
-        "counted_as_sent": {
-            "converted": (rep.get("totals") or {}).get("converted") == want,
-            "clicked": (rep.get("totals") or {}).get("clicked") == len(clickers),
+        # What the report's uplift must be computed from: the scenario's own tally.
+        "counts": {
+            "x_t": conv["target"],
+            "n_t": n_t,
+            "x_c": conv["control"],
+            "n_c": n_c,
+            "revenue_t": round(revenue["target"], 2),
+            "revenue_c": round(revenue["control"], 2),
+            "clicked": len(clickers),
         },
         "true": {
             "target_rate": true_t,
             "control_rate": model.baseline,
             "absolute": truth,
-            "incremental_revenue": truth * n_t * mean_value,
+            "incremental_revenue": truth * n_t * sum(model.value) / 2,
         },
+    }
+
+
+def _judge(rep: dict[str, Any], sim: dict[str, Any]) -> dict[str, Any]:
+    """The report against the truth and against the scenario's own counts."""
+    up = rep.get("uplift") or {}
+    totals = rep.get("totals") or {}
+    counts = sim["counts"]
+    lo, hi = (list(up.get("ci95") or []) + [None, None])[:2]
+    truth = sim["true"]["absolute"]
+    return {
+        "status": "complete",
+        "report_totals": totals,
         "estimate": up,
+        "counted_as_sent": {
+            "targeted": totals.get("targeted") == counts["n_t"],
+            "control": totals.get("control") == counts["n_c"],
+            "converted": totals.get("converted") == counts["x_t"] + counts["x_c"],
+            "clicked": totals.get("clicked") == counts["clicked"],
+        },
         "ci95_contains_truth": lo is not None and hi is not None and lo <= truth <= hi,
     }
 
 
 def summary(res: dict[str, Any]) -> str:
-    """A few lines a person reads: truth against the report."""
+    """A few lines a person reads: the truth against the report."""
     if res.get("status") != "complete":
         return f"scenario {res.get('campaign_id')}: {res.get('status')}"
     t, e = res["true"], res["estimate"]
-    ci = e.get("ci95") or [float("nan"), float("nan")]
+    nan = float("nan")
+    ci = list(e.get("ci95") or [nan, nan])
     c = res["contacts"]
     return "\n".join(
         [
-            f"campaign {res['campaign_id']}: {c['target']:,} targets ({c['received']:,} received), "
-            f"{c['control']:,} control",
-            f"true uplift      {t['absolute']:+.4f}  ({t['target_rate']:.4f} vs {t['control_rate']:.4f})",
-            f"report estimate  {e.get('absolute', float('nan')):+.4f}  ({e.get('target_rate', 0):.4f} vs "
-            f"{e.get('control_rate', 0):.4f}), p = {e.get('p_value', float('nan')):.3g}",
+            f"campaign {res['campaign_id']}: {c['target']:,} targets ({c['received']:,} "
+            f"received), {c['control']:,} control",
+            f"true uplift      {t['absolute']:+.4f}  ({t['target_rate']:.4f} vs "
+            f"{t['control_rate']:.4f})",
+            f"report estimate  {e.get('absolute', nan):+.4f}  ({e.get('target_rate', nan):.4f}"
+            f" vs {e.get('control_rate', nan):.4f}), p = {e.get('p_value', nan):.3g}",
             f"95 % interval    [{ci[0]:+.4f}, {ci[1]:+.4f}]  "
             f"{'contains' if res['ci95_contains_truth'] else 'DOES NOT contain'} the true uplift",
-            f"conversions counted as sent: {res['counted_as_sent']['converted']}; "
-            f"clicks: {res['clicks']}",
+            f"report counts equal what was sent: {res['counted_as_sent']}; clicks: {res['clicks']}",
         ]
     )
