@@ -29,7 +29,6 @@ import orjson
 from shared import demo
 
 RECEIVED = frozenset({"sent", "delivered", "opened", "clicked"})  # the message went out
-SETTLED = RECEIVED | {"failed", "bounced", "expired", "in_doubt"}
 CONVERSION_EVENT = "scenario.pack_bought"
 REPORT_PATH = "/v1/campaigns/{campaign_id}/report"
 RESPONSES_PATH = "/v1/responses"
@@ -164,7 +163,9 @@ class Api:
 
     async def follow(self, path: str) -> bool:
         """Open a public click link as a mail client would (no key); True on the redirect."""
-        r = await self.c.get(path, headers={"authorization": ""}, follow_redirects=False)
+        req = self.c.build_request("GET", path)
+        del req.headers["authorization"]  # a public link: the mail client has no key
+        r = await self.c.send(req, follow_redirects=False)
         return r.status_code == 302
 
     async def record_click(self, tracking_id: str) -> None:
