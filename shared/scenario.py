@@ -19,7 +19,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,7 +55,7 @@ class Contact:
     tracking_id: str | None
     control: bool
     status: str | None
-    links: list[str] = field(default_factory=list)  # public click paths, when known
+    links: list[str] | None = None  # its public click paths (None: not read yet)
 
 
 class ScenarioError(Exception):
@@ -77,6 +77,18 @@ class Api:
 
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.c = client
+
+    async def get(self, path: str, **kw: Any) -> httpx.Response:
+        """A GET, tried again on a dropped connection (a server closing an idle keep-alive
+        connection as the client reuses it is a race, not an answer)."""
+        for attempt in range(3):
+            try:
+                return await self.c.get(path, **kw)
+            except httpx.TransportError:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.1 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     async def import_customers(self, lines: list[bytes]) -> dict[str, Any]:
         """Import NDJSON customers (``POST /v1/customers:import``)."""
@@ -108,7 +120,7 @@ class Api:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info: dict[str, Any] = _check(
-                await self.c.get(f"/v1/campaigns/{campaign_id}/runs/{run_id}"), 200
+                await self.get(f"/v1/campaigns/{campaign_id}/runs/{run_id}"), 200
             )
             if info["status"] != "running":
                 if info["status"] != "completed":
@@ -120,21 +132,21 @@ class Api:
     async def serves(self, path: str) -> bool:
         """Whether the gateway's OpenAPI document has this path (a part not built yet has
         none)."""
-        doc = _check(await self.c.get("/openapi.json"), 200)
+        doc = _check(await self.get("/openapi.json"), 200)
         return path in (doc.get("paths") or {})
 
     # -- needs dispatch --------------------------------------------------------------------
     async def outbox(self, campaign_id: str, after: int) -> tuple[list[dict[str, Any]], int]:
         """The campaign's messages in the local outbox after a cursor (``GET /v1/outbox``,
         where messages go while no provider is configured), and the next cursor."""
-        page = _check(await self.c.get("/v1/outbox", params={"after": after, "limit": 1000}), 200)
+        page = _check(await self.get("/v1/outbox", params={"after": after, "limit": 1000}), 200)
         items = [i for i in page["items"] if i["campaign_id"] == campaign_id]
         return items, int(page["next_after"])
 
     async def message_links(self, tracking_id: str) -> list[str]:
         """The public click paths (``/t/{token}``) of one message, found anywhere in
         ``GET /v1/messages/{tracking_id}`` (its rendered content); empty when it has none."""
-        r = await self.c.get(f"/v1/messages/{tracking_id}")
+        r = await self.get(f"/v1/messages/{tracking_id}")
         if r.status_code != 200:
             return []
         return sorted(set(CLICK_PATH.findall(r.text)))
@@ -143,7 +155,7 @@ class Api:
     async def report(self, campaign_id: str) -> dict[str, Any] | None:
         """The campaign's report (``GET /v1/campaigns/{id}/report``); None while feedback
         does not know the campaign yet."""
-        r = await self.c.get(f"/v1/campaigns/{campaign_id}/report")
+        r = await self.get(f"/v1/campaigns/{campaign_id}/report")
         if r.status_code == 404:
             return None
         doc: dict[str, Any] = _check(r, 200)
@@ -152,7 +164,7 @@ class Api:
     async def contacts(self, customer_id: str, campaign_id: str) -> list[Contact]:
         """The customer's contacts from this campaign (the 360° view's ``contacts``, kept by
         feedback; newest 50, plenty for one campaign)."""
-        doc = _check(await self.c.get(f"/v1/customers/{customer_id}"), 200)
+        doc = _check(await self.get(f"/v1/customers/{customer_id}"), 200)
         if "feedback" in (doc.get("missing") or []):
             raise Unavailable("the 360° view is missing feedback's contacts")
         return [
@@ -459,7 +471,7 @@ async def _simulate(
 
     async def click(c: Contact) -> None:
         assert c.tracking_id is not None
-        paths = c.links or await api.message_links(c.tracking_id)
+        paths = c.links if c.links is not None else await api.message_links(c.tracking_id)
         if paths:
             if await api.follow(paths[0]):
                 clicks["link"] += 1
