@@ -429,7 +429,10 @@ async def _groups(
         await _settle(
             api,
             cid,
-            lambda t: int(t.get("delivered", 0)) + int(t.get("failed", 0)) >= dispatched,
+            lambda t: (
+                sum(int(t.get(k, 0)) for k in ("delivered", "failed", "bounced", "expired"))
+                >= dispatched
+            ),
             timeout,
         )
         if await api.serves(EXPORT_PATH):
@@ -503,16 +506,27 @@ async def _simulate(
     clickers = [c for c in received if rng.random() < model.click]
     can_respond = await api.serves(RESPONSES_PATH)
 
+    waits: dict[str, list[float]] = {"message_view": [], "link": [], "response": []}
+
+    async def timed(kind: str, call: Awaitable[Any]) -> Any:
+        t = time.perf_counter()
+        try:
+            return await call
+        finally:
+            waits[kind].append(time.perf_counter() - t)
+
     async def click(c: Contact) -> None:
         assert c.tracking_id is not None
-        paths = c.links if c.links is not None else await api.message_links(c.tracking_id)
+        paths = c.links
+        if paths is None:
+            paths = await timed("message_view", api.message_links(c.tracking_id))
         if paths:
-            if await api.follow(paths[0]):
+            if await timed("link", api.follow(paths[0])):
                 clicks["link"] += 1
                 return
             clicks["link_failed"] += 1  # nothing recorded: the app's way below
         if can_respond:
-            await api.record_click(c.tracking_id)
+            await timed("response", api.record_click(c.tracking_id))
             clicks["response"] += 1
         else:
             clicks["not_recorded"] += 1
@@ -559,6 +573,7 @@ async def _simulate(
     return {
         "contacts": {"target": n_t, "control": n_c, "received": len(received)},
         "clicks": clicks,
+        "click_calls_ms": {k: _pcts(v) for k, v in waits.items() if v},
         "conversions_sent": conv,
         # What the report's uplift must be computed from: the scenario's own tally.
         "counts": {
@@ -576,6 +591,15 @@ async def _simulate(
             "absolute": truth,
             "incremental_revenue": truth * n_t * sum(model.value) / 2,
         },
+    }
+
+
+def _pcts(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    return {
+        "n": len(xs),
+        "p50": round(xs[len(xs) // 2] * 1000, 1),
+        "p99": round(xs[min(len(xs) - 1, int(0.99 * len(xs)))] * 1000, 1),
     }
 
 
