@@ -81,8 +81,7 @@ def main() -> None:
                     log=lambda line: print(line, flush=True),
                 )
             )
-            if res.get("status") != "complete":
-                print(summary(res), flush=True)
+            print(summary(res), flush=True)
             if "counts" in res:
                 res["independent"] = _independent(res)
                 print(f"stats.uplift from the scenario's own counts: {res['independent']}")

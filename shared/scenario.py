@@ -360,7 +360,6 @@ async def run_scenario(
         rep = await _settle(api, cid, lambda t: int(t.get("converted", 0)) >= want, timeout)
         timings["report"] = round(time.monotonic() - t0, 2)
         out.update(_judge(rep, sim))
-        say(summary(out))
         return out
 
 
