@@ -239,7 +239,8 @@ def population(n: int, seed: int, tag: str, prefix: str) -> list[dict[str, Any]]
         doc["consents"] = {**doc["consents"], "email": True}
         doc["identities"] = {
             "email": f"{cid}@example.com",
-            "msisdn": f"+4916{seed % 1000:03d}{i:07d}",
+            # Numbers are unique per run too: a profile knows a customer by them.
+            "msisdn": f"+4916{int(prefix.encode().hex(), 16) % 100_000:05d}{i:06d}",
         }
         people.append(doc)
     return people
