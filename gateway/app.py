@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from gateway import catalog, customers, events, segments
+from gateway import catalog, customers, events, feedback, links, segments
 from gateway.upstream import Upstreams
 from shared.auth import dev_key_path, load_keyring
 from shared.service import Runtime, create_service_app
@@ -32,7 +32,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = create_service_app(
         "gateway",
         schema=None,
-        routers=[events.router, customers.router, segments.router, catalog.router],
+        routers=[
+            events.router,
+            customers.router,
+            segments.router,
+            catalog.router,
+            feedback.router,
+            links.router,
+        ],
         setup=setup,
         settings=cfg,
         body_overrides={"/v1/customers:import": cfg.import_max_bytes},
