@@ -95,6 +95,15 @@ async def test_unsubscribe_needs_the_button(
     assert consents["sms"] is True
     rep = await report(gw, cmp)
     assert rep["totals"]["unsubscribed"] == 1
+    # The 360° view shows the contact with its status and the response, from feedback.
+    view = (await gw.get(f"/v1/customers/{cust}")).json()
+    assert view["missing"] == []
+    assert [(x["tracking_id"], x["status"], x["channel"]) for x in view["contacts"]] == [
+        (c.tracking_id, "offered", "email")
+    ]
+    assert [(x["tracking_id"], x["outcome"]) for x in view["responses"]] == [
+        (c.tracking_id, "unsubscribed")
+    ]
 
 
 async def test_get_alone_changes_nothing(
