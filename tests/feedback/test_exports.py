@@ -3,9 +3,13 @@ without losing or repeating a row; bad formats and ranges; selection's internal 
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+import os
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import orjson
@@ -13,6 +17,7 @@ import pyarrow.parquet as pq
 
 from shared.bus import Bus
 from shared.stack import Stack
+from tests.conftest import KEYS
 from tests.feedback.conftest import contact, publish, uid
 from tests.helpers import eventually
 
@@ -150,3 +155,44 @@ async def test_internal_contacts_for_selection(stack: Stack, bus: Bus) -> None:
         assert sorted(c["customer_id"] for c in got) == sorted(c.customer_id for c in targets)
         r = await svc.get("/internal/contacts", params={"since": at.isoformat(), "after": "%%%"})
         assert r.status_code == 422
+
+
+async def test_kairos_export_command(
+    gw: httpx.AsyncClient, stack: Stack, bus: Bus, tmp_path: Path
+) -> None:
+    u = uid()
+    at = datetime(2023, 3, 3, tzinfo=UTC)
+    mine = [contact(f"cli-{i}-{u}", f"cmp-cli-{u}", at=at) for i in range(3)]
+    await publish(bus, *mine)
+    window = {"since": at.isoformat(), "until": (at + timedelta(days=1)).isoformat()}
+
+    async def count() -> int:
+        r = await gw.get("/v1/exports/contacts", params=window)
+        return len(r.text.splitlines())
+
+    await eventually(count, lambda n: n >= 3)
+    out = tmp_path / "contacts.parquet"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "shared.cli",
+        "export",
+        "contacts",
+        "--out",
+        str(out),
+        "--since",
+        window["since"],
+        "--until",
+        window["until"],
+        "--format",
+        "parquet",
+        "--gateway",
+        stack.url("gateway"),
+        env={**os.environ, "KAIROS_API_KEY": KEYS["admin"]},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await proc.communicate()
+    assert proc.returncode == 0, output.decode()
+    table = pq.read_table(out)
+    assert sorted(table.column("customer_id").to_pylist()) == sorted(c.customer_id for c in mine)

@@ -125,3 +125,33 @@ async def test_delivery_statuses_show_in_history_and_report(
     t = rep["totals"]
     assert (t["targeted"], t["sent"], t["delivered"], t["bounced"]) == (2, 2, 1, 1)
     assert rep["by_channel"]["email"]["delivered"] == 1
+
+
+async def test_a_real_touchpoint_decision_is_recorded_and_answered(
+    gw: httpx.AsyncClient, stack: Stack
+) -> None:
+    from tests.decision.test_decisions import _campaign, _offer
+
+    u = uid()
+    tp, cmp, cust = f"pos_{u}", f"cmp-{u}", f"c-{u}"
+    offer = await _offer(gw, u)
+    await _campaign(gw, cmp, tp, offer)
+
+    async def decide() -> dict[str, object]:
+        r = await gw.post("/v1/decisions", json={"customer_id": cust, "touchpoint": tp})
+        assert r.status_code == 200, r.text
+        doc: dict[str, object] = r.json()
+        return doc
+
+    got = await eventually(decide, lambda d: bool(d["offers"]))
+    tracking = got["offers"][0]["tracking_id"]  # type: ignore[index]
+    # Answered at once: feedback waits for the contact if it is still on its way.
+    r = await gw.post("/v1/responses", json={"tracking_id": tracking, "outcome": "accepted"})
+    assert r.status_code == 202, r.text
+    rep = await report(gw, cmp)
+    assert (rep["totals"]["targeted"], rep["totals"]["offered"], rep["totals"]["accepted"]) == (
+        1,
+        1,
+        1,
+    )
+    assert rep["by_treatment"]["A"]["accepted"] == 1
