@@ -12,6 +12,7 @@ from services.feedback import exports
 from services.feedback.consumers import consumers
 from services.feedback.history import endpoints as history
 from services.feedback.history import service
+from services.feedback.history.batcher import ResponseBatcher
 from services.feedback.reports import endpoints as reports
 from shared.events import utcnow
 from shared.service import Runtime, create_service_app
@@ -32,7 +33,12 @@ async def _prune(rt: Runtime) -> None:
 
 
 async def _setup(rt: Runtime) -> None:
+    assert rt.db is not None
     rt.extras["feedback"] = service.State()
+    batcher = ResponseBatcher(rt.db, rt.extras["feedback"])
+    batcher.start()
+    rt.extras["responses"] = batcher
+    rt.closers.append(batcher.stop)
     if rt.settings.run_consumers:
         rt.consumers = consumers(rt)
         for c in rt.consumers:

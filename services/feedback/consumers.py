@@ -140,10 +140,12 @@ def consumers(rt: Runtime) -> list[Consumer]:
     """The durable consumers this process runs."""
     h = Handlers(rt)
     s = rt.settings
+    # History is written set-based: under a backlog, bigger batches mean fewer statements.
+    big = max(s.consumer_batch, 2000)
     spec: list[tuple[str, list[str], str, Callable[[Batch], Awaitable[list[Msg] | None]], int]] = [
-        ("feedback-contacts", ["contact.recorded"], "CONTACT", h.contacts, s.consumer_batch),
-        ("feedback-delivery", ["delivery.>"], "DELIVERY", h.delivery, s.consumer_batch),
-        ("feedback-responses", ["response.received"], "RESPONSE", h.responses, s.consumer_batch),
+        ("feedback-contacts", ["contact.recorded"], "CONTACT", h.contacts, big),
+        ("feedback-delivery", ["delivery.>"], "DELIVERY", h.delivery, big),
+        ("feedback-responses", ["response.received"], "RESPONSE", h.responses, big),
         ("feedback-events", ["events.>"], "EVENTS", h.events, s.consumer_batch),
         ("feedback-erasure", ["profile.erased"], "PROFILE", h.erasure, 50),
     ]

@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query
 
 from services.feedback.history import service
+from services.feedback.history.batcher import ResponseBatcher
 from services.feedback.history.reads import HistoryReads, decode_cursor, encode_cursor
 from shared.contracts.bus import ResponseReceived
 from shared.contracts.customers import CUSTOMER_ID_PATTERN
@@ -45,7 +46,6 @@ def database(rt: Runtime) -> Database:
 @router.post("/v1/responses", response_model=ResponseAccepted, status_code=202)
 async def post_response(body: ResponseIn, rt: RuntimeDep) -> ResponseAccepted:
     """Record a response to a contact; the same (tracking_id, outcome) counts once."""
-    db = database(rt)
     item = ResponseReceived(
         tracking_id=body.tracking_id,
         outcome=body.outcome,
@@ -53,13 +53,13 @@ async def post_response(body: ResponseIn, rt: RuntimeDep) -> ResponseAccepted:
         value=body.value,
         source="api",
     )
+    batcher: ResponseBatcher = rt.extras["responses"]
     deadline = time.monotonic() + CONTACT_WAIT_S
     while True:
-        async with db.transaction() as uow:
-            done = await service.record_responses(db, uow, state(rt), [item])
-        if not done.unknown:
+        outcome = await batcher.submit(item)
+        if outcome != "unknown":
             return ResponseAccepted(
-                tracking_id=body.tracking_id, outcome=body.outcome, recorded=bool(done.stored)
+                tracking_id=body.tracking_id, outcome=body.outcome, recorded=outcome == "stored"
             )
         if time.monotonic() >= deadline:
             raise NotFound(f"No contact has the tracking id '{body.tracking_id}'.")

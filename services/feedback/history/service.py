@@ -66,6 +66,8 @@ class Recorded:
     stored: list[ResponseRecorded] = field(default_factory=list)
     duplicates: list[ResponseReceived] = field(default_factory=list)
     unknown: list[ResponseReceived] = field(default_factory=list)
+    # Per input item, in order: "stored", "duplicate" or "unknown".
+    outcome: list[str] = field(default_factory=list)
 
 
 def contact_row(msg: ContactRecorded) -> ContactRow:
@@ -147,9 +149,9 @@ async def record_responses(
     """Store responses once per (tracking id, outcome) and announce each new one."""
     repo = HistoryRepository(uow.session)
     contexts = await repo.contexts([i.tracking_id for i in items])
-    out = Recorded()
+    out = Recorded(outcome=["unknown"] * len(items))
     rows: list[ResponseRow] = []
-    given: list[ResponseReceived] = []
+    given: list[int] = []
     for n, item in enumerate(items):
         ctx = contexts.get(item.tracking_id)
         if ctx is None:
@@ -169,7 +171,7 @@ async def record_responses(
                 event_id=(event_ids or {}).get(n),
             )
         )
-        given.append(item)
+        given.append(n)
     if not rows:
         return out
     await state.partitions.ensure(db.engine, [r.at for r in rows])
@@ -182,12 +184,15 @@ async def record_responses(
         ]
     )
     announced: set[tuple[str, str]] = set()
-    for r, item in zip(rows, given, strict=True):
+    for r, n in zip(rows, given, strict=True):
+        item = items[n]
         key = (r.ctx.tracking_id, r.outcome)
         if key not in new or key in announced:
             out.duplicates.append(item)
+            out.outcome[n] = "duplicate"
             continue
         announced.add(key)
+        out.outcome[n] = "stored"
         rec = ResponseRecorded(
             tracking_id=r.ctx.tracking_id,
             customer_id=r.ctx.customer_id,

@@ -44,6 +44,8 @@ DDL = [
         failed_at TIMESTAMPTZ,
         bounced_at TIMESTAMPTZ,
         expired_at TIMESTAMPTZ,
+        -- When the row was written: its lag behind the contact is what operators watch.
+        recorded_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
         PRIMARY KEY (tracking_id, at)
     ) PARTITION BY RANGE (at)""",
     f"CREATE INDEX ix_contacts_customer ON {S}.contacts (customer_id, at DESC)",
