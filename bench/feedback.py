@@ -188,10 +188,13 @@ async def _report(st: Stack, headers: dict[str, str], cmp: str) -> dict[str, Any
     def make(_: int) -> tuple[str, str, bytes]:
         return "GET", f"/v1/campaigns/{cmp}/report", b""
 
-    res = await closed_loop(
-        "127.0.0.1", st.ports["gateway"], headers, make, concurrency=8, duration=6
+    one = await closed_loop(
+        "127.0.0.1", st.ports["gateway"], headers, make, concurrency=1, duration=5
     )
-    return res.summary()
+    eight = await closed_loop(
+        "127.0.0.1", st.ports["gateway"], headers, make, concurrency=8, duration=5
+    )
+    return {"one_client": one.summary(), "eight_clients": eight.summary()}
 
 
 async def _seed_history(engine: AsyncEngine, rows: int) -> None:
@@ -257,18 +260,28 @@ async def feedback(st: Stack, key: str, run: int, args: argparse.Namespace) -> d
     await bus.connect(ensure_streams=False)
     engine = create_async_engine(st.env["KAIROS_DATABASE_URL"])
     out: dict[str, Any] = {}
+    parts = set(args.only.split(",")) if args.only else None
+
+    def want(part: str) -> bool:
+        return parts is None or part in parts
+
     try:
         out["contacts_at_10k_per_s"] = await _contacts(bus, engine, args.contacts, 10_000)
-        out["contacts_at_max"] = await _contacts(bus, engine, args.contacts, 1_000_000)
         cmp = out["contacts_at_10k_per_s"]["campaign"]
-        out["responses_bus"] = await _responses_bus(bus, engine, cmp, args.contacts)
-        out["responses_http"] = await _responses_http(st, headers, cmp, args.contacts)
-        out["click_redirect_1000rps"] = await _clicks(st, cmp, args.contacts)
-        big = f"bench-10m-{run}"
-        await _seed_aggregates(engine, big, 10_000_000)
-        out["report_10m_contacts"] = await _report(st, headers, big)
-        await _seed_history(engine, args.export_rows)
-        out["export_parquet"] = await _export(st, headers, args.export_rows)
+        if want("max"):
+            out["contacts_at_max"] = await _contacts(bus, engine, args.contacts, 1_000_000)
+        if want("responses"):
+            out["responses_bus"] = await _responses_bus(bus, engine, cmp, args.contacts)
+            out["responses_http"] = await _responses_http(st, headers, cmp, args.contacts)
+        if want("clicks"):
+            out["click_redirect_1000rps"] = await _clicks(st, cmp, args.contacts)
+        if want("report"):
+            big = f"bench-10m-{run}"
+            await _seed_aggregates(engine, big, 10_000_000)
+            out["report_10m_contacts"] = await _report(st, headers, big)
+        if want("export"):
+            await _seed_history(engine, args.export_rows)
+            out["export_parquet"] = await _export(st, headers, args.export_rows)
     finally:
         await bus.close()
         await engine.dispose()
@@ -282,6 +295,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--contacts", type=int, default=200_000)
     ap.add_argument("--export-rows", type=int, default=2_000_000)
+    ap.add_argument("--only", default="", help="max,responses,clicks,report,export")
     args = ap.parse_args()
     key = "bench-" + uuid.uuid4().hex
     runs = []

@@ -31,7 +31,12 @@ Reporter = Annotated[Principal, Depends(require("reports:read"))]
 CampaignId = Annotated[str, Path(pattern=ID_PATTERN)]
 
 
-@router.post("/v1/responses", response_model=ResponseAccepted, status_code=202)
+@router.post(
+    "/v1/responses",
+    response_model=ResponseAccepted,
+    status_code=202,
+    responses={404: {"description": "No contact has this tracking id"}},
+)
 async def post_response(
     request: Request, body: ResponseIn, principal: Responder, rt: RuntimeDep
 ) -> Response:

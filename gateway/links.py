@@ -26,6 +26,9 @@ router = APIRouter(tags=["links"])
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
 Token = Annotated[str, Path(max_length=MAX_TOKEN, description="A signed link token")]
 PUBLIC: dict[str, Any] = {"security": []}
+BAD_TOKEN: dict[int | str, dict[str, Any]] = {
+    404: {"description": "A forged, truncated or foreign token (problem+json)"}
+}
 PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 NO_STORE = {"cache-control": "no-store, max-age=0", "pragma": "no-cache"}
 PUBLISH_TIMEOUT_S = 2.0
@@ -67,7 +70,13 @@ async def _record(rt: Runtime, link: Link, outcome: Outcome) -> None:
         raise Unavailable("The link could not be recorded; try again shortly.") from exc
 
 
-@router.get("/t/{token}", status_code=302, openapi_extra=PUBLIC, response_class=RedirectResponse)
+@router.get(
+    "/t/{token}",
+    status_code=302,
+    openapi_extra=PUBLIC,
+    response_class=RedirectResponse,
+    responses=BAD_TOKEN,
+)
 async def click(token: Token, rt: RuntimeDep) -> Response:
     """Record a click and redirect to the link's target."""
     link = _verify(rt, "t", token)
@@ -81,7 +90,7 @@ async def click(token: Token, rt: RuntimeDep) -> Response:
     "/o/{token}",
     openapi_extra=PUBLIC,
     response_class=Response,
-    responses={200: {"content": {"image/gif": {}}}},
+    responses={200: {"content": {"image/gif": {}}}, **BAD_TOKEN},
 )
 async def opened(token: Token, rt: RuntimeDep) -> Response:
     """The e-mail open pixel: a 1×1 GIF that records ``opened``."""
@@ -99,7 +108,7 @@ def _page(title: str, body: str) -> str:
     )
 
 
-@router.get("/u/{token}", openapi_extra=PUBLIC, response_class=HTMLResponse)
+@router.get("/u/{token}", openapi_extra=PUBLIC, response_class=HTMLResponse, responses=BAD_TOKEN)
 async def unsubscribe_page(token: Token, rt: RuntimeDep) -> HTMLResponse:
     """A page with a confirm button; changes nothing (mail scanners prefetch links)."""
     link = _verify(rt, "u", token)
@@ -112,7 +121,7 @@ async def unsubscribe_page(token: Token, rt: RuntimeDep) -> HTMLResponse:
     return HTMLResponse(_page("Unsubscribe", body), headers=NO_STORE)
 
 
-@router.post("/u/{token}", openapi_extra=PUBLIC, response_class=HTMLResponse)
+@router.post("/u/{token}", openapi_extra=PUBLIC, response_class=HTMLResponse, responses=BAD_TOKEN)
 async def unsubscribe(token: Token, rt: RuntimeDep) -> HTMLResponse:
     """Withdraw the consent of the link's channel (the button, or RFC 8058 one-click)."""
     link = _verify(rt, "u", token)

@@ -14,6 +14,8 @@ from shared.events import utcnow
 TRACKING_ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,128}$"
 # A response may be stamped by a client whose clock runs a little ahead; not further.
 MAX_FUTURE_SKEW = timedelta(minutes=5)
+# Nor long before any contact still worth reporting (each month of history is a partition).
+MAX_AGE = timedelta(days=400)
 COUNTS = (
     "targeted",
     "control",
@@ -47,6 +49,8 @@ class ResponseIn(BaseModel):
     def _not_in_future(cls, v: datetime | None) -> datetime | None:
         if v is not None and v > utcnow() + MAX_FUTURE_SKEW:
             raise ValueError("time lies in the future (more than 5 minutes ahead of the server)")
+        if v is not None and v < utcnow() - MAX_AGE:
+            raise ValueError("time lies more than 400 days in the past")
         return v
 
 

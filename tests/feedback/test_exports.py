@@ -21,7 +21,8 @@ from tests.conftest import KEYS
 from tests.feedback.conftest import contact, publish, uid
 from tests.helpers import eventually
 
-START = datetime(2023, 6, 1, tzinfo=UTC)
+# Twenty days back: inside the time a response may carry, and no other test's contacts.
+START = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=20)
 END = START + timedelta(days=1)
 
 

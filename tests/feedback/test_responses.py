@@ -67,6 +67,8 @@ async def test_bad_input_names_the_field(gw: httpx.AsyncClient) -> None:
         ({"tracking_id": "t-1", "outcome": "accepted", "value": True}, "value"),
         ({"tracking_id": "t-1", "outcome": "accepted", "time": future}, "time"),
         ({"tracking_id": "t-1", "outcome": "accepted", "time": "yesterday"}, "time"),
+        ({"tracking_id": "t-1", "outcome": "accepted", "time": "2001-01-01T00:00:00Z"}, "time"),
+        ({"tracking_id": "t-1", "outcome": "accepted", "time": "2026-01-01T00:00:00"}, "time"),
         ({"outcome": "accepted"}, "tracking_id"),
     ]
     for body, field in cases:
