@@ -34,7 +34,8 @@ async def _prune(rt: Runtime) -> None:
 
 async def _setup(rt: Runtime) -> None:
     assert rt.db is not None
-    rt.extras["feedback"] = service.State()
+    # Pseudonyms are keyed with the link secret: irreversible without it, stable with it.
+    rt.extras["feedback"] = service.State(secret=rt.settings.link_signer_secret())
     batcher = ResponseBatcher(rt.db, rt.extras["feedback"])
     batcher.start()
     rt.extras["responses"] = batcher

@@ -28,7 +28,7 @@ MAX_WAITS = 60
 
 
 def _transient(exc: Exception) -> bool:
-    if isinstance(exc, _TRANSIENT):
+    if isinstance(exc, _TRANSIENT) or service.retryable(exc):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
@@ -67,7 +67,6 @@ class Handlers:
         assert rt.db is not None
         self.db: Database = rt.db
         self.state: service.State = rt.extras["feedback"]
-        self.secret = rt.settings.link_signer_secret()
 
     async def _tx(self, work: Callable[[], Awaitable[list[Msg] | None]]) -> list[Msg] | None:
         try:
@@ -131,7 +130,7 @@ class Handlers:
         async def work() -> None:
             async with self.db.transaction() as uow:
                 for e in erased:
-                    await service.erase(uow, secret=self.secret, ids=[e.customer_id, *e.ids])
+                    await service.erase(uow, self.state, ids=[e.customer_id, *e.ids])
 
         return await self._tx(work)
 

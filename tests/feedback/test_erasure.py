@@ -118,5 +118,13 @@ async def test_erasure_leaves_no_personal_data_and_keeps_counts(
     after = await report(gw, cmp)
     assert after["totals"] == before["totals"]
     assert after["uplift"] == before["uplift"]
+
     hist = await gw.get(f"/v1/customers/{cust}")
     assert hist.status_code == 404
+
+    # A contact still in flight when the customer was erased is stored under the pseudonym.
+    late = contact(cust, cmp, channel="push", treatment="A", conversion=(etype, "1d"))
+    await publish(bus, late)
+    await publish_event(bus, cust, etype, utcnow(), value=3)
+    await eventually(lambda: report(gw, cmp), lambda r: r["totals"]["targeted"] == 3)
+    assert await _traces(stack, [cust, email, msisdn]) == {}

@@ -19,6 +19,7 @@ from shared.db import Database
 log = logging.getLogger("kairos.feedback.batcher")
 MAX_BATCH = 500
 WORKERS = 2  # one builds its statement while the other commits
+ATTEMPTS = 3  # a deadlock with a consumer's transaction is tried again
 
 
 class ResponseBatcher:
@@ -48,16 +49,23 @@ class ResponseBatcher:
         self._queue.put_nowait((item, fut))
         return await fut
 
+    async def _record(self, items: list[ResponseReceived]) -> service.Recorded:
+        for attempt in range(ATTEMPTS):
+            try:
+                async with self.db.transaction() as uow:
+                    return await service.record_responses(self.db, uow, self.state, items)
+            except Exception as exc:
+                if attempt == ATTEMPTS - 1 or not service.retryable(exc):
+                    raise
+        raise AssertionError("unreachable")
+
     async def _loop(self) -> None:
         while True:
             batch = [await self._queue.get()]
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                async with self.db.transaction() as uow:
-                    done = await service.record_responses(
-                        self.db, uow, self.state, [item for item, _ in batch]
-                    )
+                done = await self._record([item for item, _ in batch])
             except Exception as exc:  # every waiting request answers with the failure
                 log.warning("recording %d responses failed: %r", len(batch), exc)
                 for _, fut in batch:

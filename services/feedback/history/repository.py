@@ -471,9 +471,23 @@ class HistoryRepository:
         )
 
     # -- erasure ----------------------------------------------------------------------
+    async def any_erased(self) -> bool:
+        return bool(await self.session.scalar(sa.text(f"SELECT EXISTS (SELECT 1 FROM {S}.erased)")))
+
+    async def erased(self, pseudonyms: Sequence[str]) -> set[str]:
+        """Which of these pseudonyms belong to erased customers."""
+        rows = await self.session.execute(
+            sa.text(f"SELECT pseudonym FROM {S}.erased WHERE pseudonym = ANY(CAST(:p AS text[]))"),
+            {"p": list(pseudonyms)},
+        )
+        return {r[0] for r in rows.all()}
+
     async def erase(self, customer_id: str, pseudonym: str) -> None:
         """Replace a customer id by its pseudonym everywhere; drop free texts and events."""
         p = {"c": customer_id, "p": pseudonym}
+        await self.session.execute(
+            sa.text(f"INSERT INTO {S}.erased (pseudonym) VALUES (:p) ON CONFLICT DO NOTHING"), p
+        )
         for table in ("contacts", "open_windows", "contact_pressure"):
             await self.session.execute(
                 sa.text(f"UPDATE {S}.{table} SET customer_id = :p WHERE customer_id = :c"), p

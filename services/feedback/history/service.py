@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,6 +36,20 @@ SOURCE = "kairos/feedback"
 TYPES_TTL_S = 2.0
 
 
+# Two transactions that increment the same report rows can deadlock (a contact batch that
+# also records conversions touches them in two statements); Postgres aborts one of them.
+RETRYABLE_SQLSTATES = ("40P01", "40001")
+
+
+def retryable(exc: BaseException) -> bool:
+    """A deadlock or serialization failure: the same work succeeds when tried again."""
+    orig = getattr(exc, "orig", None)
+    state = getattr(orig, "sqlstate", None) or getattr(
+        getattr(orig, "__cause__", None), "sqlstate", None
+    )
+    return state in RETRYABLE_SQLSTATES
+
+
 def parse_time(text: str) -> datetime:
     """An RFC 3339 time as an aware datetime (naive times are UTC)."""
     t = datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -46,9 +60,25 @@ def parse_time(text: str) -> datetime:
 class State:
     """Per-process caches: partitions that exist, event types some conversion rule names."""
 
+    secret: str = ""
     partitions: PartitionCache = field(default_factory=PartitionCache)
     types: dict[str, int] = field(default_factory=dict)
     types_loaded: float = 0.0
+    any_erased: bool = True
+    erased_checked: float = 0.0
+
+    async def pseudonymise(self, uow: UnitOfWork, customers: Sequence[str]) -> dict[str, str]:
+        """Erased customers among these, with their pseudonyms (none is the usual answer,
+        checked without hashing anything while nobody was ever erased)."""
+        repo = HistoryRepository(uow.session)
+        if time.monotonic() - self.erased_checked > TYPES_TTL_S:
+            self.any_erased = await repo.any_erased()
+            self.erased_checked = time.monotonic()
+        if not self.any_erased or not customers:
+            return {}
+        names = {c: pseudonym(self.secret, c) for c in set(customers)}
+        gone = await repo.erased(list(names.values()))
+        return {c: p for c, p in names.items() if p in gone}
 
     async def conversion_types(self, uow: UnitOfWork) -> dict[str, int]:
         """The conversion event types, refreshed from the database every couple of seconds
@@ -106,6 +136,9 @@ async def record_contacts(
     """Store contacts (once per tracking id), open their conversion windows and attribute
     conversion events that arrived before them."""
     await state.partitions.ensure(db.engine, [r.at for r in rows])
+    gone = await state.pseudonymise(uow, [r.customer_id for r in rows])
+    if gone:
+        rows = [replace(r, customer_id=gone.get(r.customer_id, r.customer_id)) for r in rows]
     repo = HistoryRepository(uow.session)
     new = await repo.insert_contacts(rows)
     learnt: dict[str, int] = {}
@@ -271,6 +304,9 @@ async def attribute_events(
     """Keep events of conversion types and convert the open windows they fall in."""
     types = await state.conversion_types(uow)
     kept = [e for e in events if e.type in types]
+    if kept:
+        gone = await state.pseudonymise(uow, [e.customer_id for e in kept])
+        kept = [e for e in kept if e.customer_id not in gone]
     if not kept:
         return 0
     repo = HistoryRepository(uow.session)
@@ -286,11 +322,12 @@ def pseudonym(secret: str, customer_id: str) -> str:
     return "erased:" + mac[:32]
 
 
-async def erase(uow: UnitOfWork, *, secret: str, ids: Sequence[str]) -> None:
+async def erase(uow: UnitOfWork, state: State, *, ids: Sequence[str]) -> None:
     """Drop the personal data of a customer (and the ids folded into it) from every row."""
     repo = HistoryRepository(uow.session)
     for cid in dict.fromkeys(ids):
-        await repo.erase(cid, pseudonym(secret, cid))
+        await repo.erase(cid, pseudonym(state.secret, cid))
+    state.any_erased = True
 
 
 async def prune(uow: UnitOfWork, state: State, now: datetime) -> None:

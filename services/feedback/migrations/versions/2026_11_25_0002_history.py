@@ -136,6 +136,10 @@ DDL = [
         revenue DOUBLE PRECISION)""",
     f"CREATE INDEX ix_recent_events_customer ON {S}.recent_events (customer_id, event_type, at)",
     f"CREATE INDEX ix_recent_events_at ON {S}.recent_events (at)",
+    # Pseudonyms of erased customers: a contact still in flight when its customer was erased
+    # is stored under the pseudonym (the id itself is not kept anywhere).
+    f"""CREATE TABLE {S}.erased (
+        pseudonym TEXT PRIMARY KEY, at TIMESTAMPTZ NOT NULL DEFAULT now())""",
     # Monthly partitions, created idempotently (by the writer before a batch of a month it
     # has not seen, and here for the months around now).
     f"""CREATE OR REPLACE FUNCTION {S}.ensure_partitions(months DATE[]) RETURNS void
@@ -170,6 +174,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     for table in (
+        "erased",
         "recent_events",
         "open_windows",
         "conversion_types",
