@@ -7,10 +7,11 @@ import asyncio
 from datetime import timedelta
 
 import httpx
+import nats
 
 from shared.bus import Bus
-from shared.contracts.bus import DeliveryReported
-from shared.events import iso, utcnow
+from shared.contracts.bus import DeliveryReported, ResponseReceived, ResponseRecorded, Reward
+from shared.events import CloudEvent, iso, utcnow
 from shared.stack import Stack
 from tests.feedback.conftest import contact, history, publish, report, stored, uid
 from tests.helpers import eventually
@@ -157,3 +158,63 @@ async def test_a_real_touchpoint_decision_is_recorded_and_answered(
         1,
     )
     assert rep["by_treatment"]["A"]["accepted"] == 1
+
+
+async def _recorded(stack: Stack, tracking_ids: set[str], n: int) -> list[ResponseRecorded]:
+    """The ``response.recorded`` messages of these contacts, read back from JetStream."""
+    nc = await nats.connect(stack.env["KAIROS_NATS_URL"])
+    out: list[ResponseRecorded] = []
+    try:
+        sub = await nc.jetstream().subscribe(
+            f"{stack.env['KAIROS_BUS_PREFIX']}.response.recorded", ordered_consumer=True
+        )
+        while len(out) < n:
+            msg = await sub.next_msg(timeout=10)
+            rec = ResponseRecorded.parse(CloudEvent.from_bytes(msg.data))
+            if rec.tracking_id in tracking_ids:
+                out.append(rec)
+    finally:
+        await nc.close()
+    return out
+
+
+async def test_bus_responses_are_announced_with_their_contact(
+    gw: httpx.AsyncClient, stack: Stack, bus: Bus
+) -> None:
+    cust, cmp = f"c-{uid()}", f"cmp-{uid()}"
+    reward = Reward(type="bonus_points", amount=500)
+    target = contact(
+        cust, cmp, channel="sms", treatment="B", offer_id="off-9", reward=reward, value=4.0
+    )
+    ctrl = contact(cust, cmp, control=True, reward=reward)
+    await publish(bus, target, ctrl)
+    await stored(gw, stack, cust, 2)
+    replies = [
+        ResponseReceived(
+            tracking_id=target.tracking_id, outcome="replied", text="2", choice="2", source="sms"
+        ),
+        # The same reply delivered twice by the SMS gateway: recorded once.
+        ResponseReceived(
+            tracking_id=target.tracking_id, outcome="replied", text="2", choice="2", source="sms"
+        ),
+        ResponseReceived(tracking_id=ctrl.tracking_id, outcome="converted", value=9.5),
+    ]
+    await bus.publish_many([r.to_event(source="kairos/dispatch") for r in replies])
+    got = await _recorded(stack, {target.tracking_id, ctrl.tracking_id}, 2)
+    by = {r.tracking_id: r for r in got}
+    t = by[target.tracking_id]
+    assert (t.customer_id, t.campaign_id, t.offer_id, t.treatment, t.channel) == (
+        cust,
+        cmp,
+        "off-9",
+        "B",
+        "sms",
+    )
+    assert (t.outcome, t.choice, t.control, t.reward) == ("replied", "2", False, reward)
+    c = by[ctrl.tracking_id]
+    # A control contact was offered nothing: its conversion grants no reward.
+    assert (c.outcome, c.control, c.value, c.reward) == ("converted", True, 9.5, None)
+    rep = await eventually(
+        lambda: report(gw, cmp), lambda r: r["uplift"]["control"]["converted"] == 1
+    )
+    assert rep["totals"]["converted"] == 1
