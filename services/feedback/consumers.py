@@ -81,8 +81,10 @@ class Handlers:
         rows = [service.contact_row(m) for m in _parse(ContactRecorded, batch)]
 
         async def work() -> None:
+            self.state.pending.clear()
             async with self.db.transaction() as uow:
                 await service.record_contacts(self.db, uow, self.state, rows)
+            self.state.learn()
 
         return await self._tx(work)
 

@@ -66,6 +66,14 @@ class State:
     types_loaded: float = 0.0
     any_erased: bool = True
     erased_checked: float = 0.0
+    # Conversion types noted by a transaction not yet committed.
+    pending: dict[str, int] = field(default_factory=dict)
+
+    def learn(self) -> None:
+        """The transaction that noted ``pending`` types committed: use them from now on."""
+        for t, w in self.pending.items():
+            self.types[t] = max(w, self.types.get(t, 0))
+        self.pending.clear()
 
     async def pseudonymise(self, uow: UnitOfWork, customers: Sequence[str]) -> dict[str, str]:
         """Erased customers among these, with their pseudonyms (none is the usual answer,
@@ -149,7 +157,8 @@ async def record_contacts(
                 learnt[r.conversion_event] = r.conversion_within_s
     if learnt:
         await repo.note_conversion_types(learnt)
-        state.types.update(learnt)
+        # Known to this process's event consumer at once (once committed: see ``learn``).
+        state.pending.update(learnt)
     with_rule = [r.tracking_id for r in new if r.conversion_event]
     if with_rule:
         await _convert(db, uow, state, await repo.first_conversions(tracking_ids=with_rule))
