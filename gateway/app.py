@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from gateway import catalog, customers, dispatch, events, rewards, segments
+from gateway import catalog, customers, dispatch, events, feedback, links, rewards, segments
 from gateway.upstream import Upstreams
 from shared.auth import dev_key_path, load_keyring
 from shared.service import Runtime, create_service_app
@@ -39,6 +39,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             customers.router,
             segments.router,
             catalog.router,
+            feedback.router,
+            links.router,
         ],
         setup=setup,
         settings=cfg,

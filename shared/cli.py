@@ -256,6 +256,49 @@ def demo_generate(
         console.print(f"wrote {m:,} events to {events}")
 
 
+@app.command("export")
+def export(
+    kind: Annotated[str, typer.Argument(help="contacts or responses")],
+    out: Annotated[Path, typer.Option(help="Output file")],
+    since: Annotated[str | None, typer.Option(help="RFC 3339, inclusive")] = None,
+    until: Annotated[str | None, typer.Option(help="RFC 3339, exclusive")] = None,
+    format: Annotated[str, typer.Option(help="ndjson, csv or parquet")] = "ndjson",  # noqa: A002
+    gateway: Annotated[
+        str | None, typer.Option(help="Gateway URL (default: .run/stack.json)")
+    ] = None,
+) -> None:
+    """Stream the contact or response history to a file, with a progress bar."""
+    if kind not in ("contacts", "responses"):
+        raise typer.BadParameter("contacts or responses", param_hint="KIND")
+    url = gateway or str(_stack_doc()["gateway"])
+    params = {"format": format}
+    params |= {"since": since} if since else {}
+    params |= {"until": until} if until else {}
+    columns = (TextColumn(f"[bold]export {kind}"), DownloadColumn(), TransferSpeedColumn())
+    started = time.monotonic()
+    with (
+        Progress(*columns, console=console) as progress,
+        httpx.stream(
+            "GET",
+            f"{url}/v1/exports/{kind}",
+            params=params,
+            headers={"authorization": f"Bearer {_api_key()}"},
+            timeout=httpx.Timeout(None, connect=5),
+        ) as resp,
+    ):
+        if resp.status_code != 200:
+            resp.read()
+            console.print(f"[red]export failed ({resp.status_code})[/]: {resp.text}")
+            raise typer.Exit(1)
+        task = progress.add_task("export", total=None)
+        with out.open("wb") as fh:
+            for chunk in resp.iter_bytes():
+                fh.write(chunk)
+                progress.update(task, advance=len(chunk))
+    size = out.stat().st_size
+    console.print(f"wrote {size:,} bytes to {out} in {time.monotonic() - started:.1f}s")
+
+
 def main() -> None:
     app()
 
