@@ -6,8 +6,6 @@ response is announced as ``response.recorded`` through the outbox of that same t
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -30,6 +28,7 @@ from shared.contracts.bus import (
 )
 from shared.db import Database, UnitOfWork
 from shared.events import CloudEvent, iso
+from shared.privacy import pseudonym
 from shared.rules import parse_duration
 
 SOURCE = "kairos/feedback"
@@ -323,12 +322,6 @@ async def attribute_events(
     firsts = await repo.first_conversions(customers=[e.customer_id for e in kept])
     await _convert(db, uow, state, firsts)
     return len(firsts)
-
-
-def pseudonym(secret: str, customer_id: str) -> str:
-    """An irreversible stand-in for an erased customer's id (stable, so counts still add up)."""
-    mac = hmac.new(secret.encode(), customer_id.encode(), hashlib.sha256).hexdigest()
-    return "erased:" + mac[:32]
 
 
 async def erase(uow: UnitOfWork, state: State, *, ids: Sequence[str]) -> None:
