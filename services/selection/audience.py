@@ -24,7 +24,7 @@ import pickle
 import re
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,6 +50,8 @@ M = TypeVar("M", bound=BusMessage)
 FORMAT = 1
 MAX_PROJECTION_WAITS = 30
 EXPORT_PAGE = 5000
+# How far back ``contacted`` rules can look once the CONTACT stream (7 days) has aged out.
+CONTACT_HISTORY_DAYS = 400
 INDEX_CUSTOMERS = Gauge("kairos_selection_index_customers", "Customers in the audience index")
 INDEX_LAG = Histogram(
     "kairos_selection_index_lag_seconds",
@@ -104,12 +106,16 @@ class Audience:
                 self.state, self.loaded_from = "ready", str(self.path)
                 self.load_seconds = time.perf_counter() - t0
                 log.info("audience index loaded: %d customers", self.pop.total)
+        backfill = False
         if rebuild:
             self.pop = Population()
             self.pop.seq = profile_last
             self.contact_seq = 0
-            if contact_last and contact_first > 1:
-                log.warning("contact history before CONTACT seq %d has aged out", contact_first)
+        if contact_last and contact_first > self.contact_seq + 1:
+            # The stream no longer holds every contact this index is missing: the older ones
+            # come from feedback's history (what the stream still has is read as usual).
+            self.contact_seq = contact_first - 1
+            backfill = True
         cfg = self.rt.settings
         profile = Consumer(
             self.rt.bus,
@@ -138,6 +144,11 @@ class Audience:
             await c.start()
         if rebuild:
             self._tasks.append(asyncio.create_task(self._rebuild(t0), name="audience-rebuild"))
+        if backfill:
+            until = await self._first_time("CONTACT", contact_first)
+            self._tasks.append(
+                asyncio.create_task(self._contacts_from_feedback(until), name="contact-backfill")
+            )
         self._tasks.append(asyncio.create_task(self._save_loop(), name="audience-save"))
 
     async def stop(self) -> None:
@@ -155,6 +166,54 @@ class Audience:
         except NotFoundError:
             return 1, 0
         return int(info.state.first_seq), int(info.state.last_seq)
+
+    async def _first_time(self, stream: str, seq: int) -> datetime | None:
+        """When the oldest message still in a stream was stored."""
+        try:
+            msg = await self.rt.bus.js.get_msg(self.rt.bus.stream(stream), seq)
+        except Exception as exc:  # purged meanwhile: the backfill overlaps a little
+            log.warning("first %s message not readable: %s", stream, exc)
+            return None
+        return _when(CloudEvent.from_bytes(msg.data or b"{}").time) if msg.data else None
+
+    async def _contacts_from_feedback(self, until: datetime | None) -> None:
+        """Contacts older than the CONTACT stream, from feedback's history (the last
+        ``CONTACT_HISTORY_DAYS``), for ``contacted`` rules."""
+        base = self.rt.settings.url_of("feedback")
+        since = datetime.now(UTC) - timedelta(days=CONTACT_HISTORY_DAYS)
+        cursor: str | None = None
+        n, tries = 0, 0
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while True:
+                params = {"since": since.isoformat(), "limit": "50000"}
+                if cursor:
+                    params["after"] = cursor
+                try:
+                    async with http.get(f"{base}/internal/contacts", params=params) as resp:
+                        resp.raise_for_status()
+                        doc = await resp.json(loads=orjson.loads)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    tries += 1
+                    if tries > 60:
+                        log.error("contact history from feedback abandoned: %s", exc)
+                        return
+                    await asyncio.sleep(min(10.0, 0.5 * tries))
+                    continue
+                tries = 0
+                for row in doc["contacts"]:
+                    at = _when(row["at"])
+                    if at is None or (until is not None and at >= until):
+                        continue  # the stream has it
+                    self.pop.contacted(
+                        str(row["customer_id"]), str(row["campaign_id"]), at.timestamp()
+                    )
+                    n += 1
+                cursor = doc.get("next_cursor")
+                if not cursor:
+                    break
+        self.changes += 1
+        log.info("contact history: %d contacts older than the stream loaded from feedback", n)
 
     # -- rebuild ------------------------------------------------------------------------
     async def _rebuild(self, t0: float) -> None:
