@@ -30,7 +30,7 @@ import httpx
 import orjson
 
 from bench.__main__ import RESULTS, start_stack
-from bench.loadgen import closed_loop, open_loop
+from bench.loadgen import open_loop
 from shared.stack import Stack
 
 TRIGGER = "dl.roaming"
@@ -93,18 +93,21 @@ class Bench:
             assert r.status_code == 200, r.text
         imported = time.perf_counter() - t0
 
-        def device(i: int) -> tuple[str, str, bytes]:
-            n = (i - 1) % self.customers
-            body = {"platform": "ios", "token": token(n), "app_id": "com.example.app"}
-            return "POST", f"/v1/customers/d-{n:07d}/devices", orjson.dumps(body)
-
         t1 = time.perf_counter()
-        done = 0
-        while done < self.customers:  # closed loop until every customer has a device
-            res = await closed_loop(
-                "127.0.0.1", self.port, self.headers, device, concurrency=32, duration=5
-            )
-            done += sum(v for k, v in res.statuses.items() if k in (200, 201))
+        sem = asyncio.Semaphore(48)
+        async with self.client() as c:
+
+            async def device(n: int) -> None:
+                body = {"platform": "ios", "token": token(n), "app_id": "com.example.app"}
+                async with sem:
+                    for _ in range(5):
+                        r = await c.post(f"/v1/customers/d-{n:07d}/devices", json=body)
+                        if r.status_code in (200, 201):
+                            return
+                        await asyncio.sleep(0.2)
+                raise RuntimeError(f"device of d-{n:07d}: {r.status_code} {r.text}")
+
+            await asyncio.gather(*(device(n) for n in range(self.customers)))
         devices = time.perf_counter() - t1
         async with self.client() as c:
             offer = {
@@ -311,6 +314,7 @@ class Bench:
 
 async def measure(b: Bench, run: int) -> dict[str, Any]:
     return {
+        "event_to_push_100": await b.triggers(100, run + 200),
         "event_to_push_500": await b.triggers(500, run),
         "batch_alone": await b.batch_alone(run),
         "event_to_push_500_during_batch": await b.triggers_during_batch(run),

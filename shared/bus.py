@@ -38,6 +38,7 @@ STREAMS: dict[str, list[str]] = {
     "DLQ": ["dlq.>"],
 }
 DUPLICATE_WINDOW_S = 120.0
+GATHER_S = 0.005  # how long a consumer lingers for more after its first message
 
 CONSUMED = Counter("kairos_bus_messages_total", "Messages handled", ["consumer", "outcome"])
 PUBLISHED = Counter("kairos_bus_published_total", "Messages published", ["stream"])
@@ -279,11 +280,17 @@ class Consumer:
 
     async def _fetch(self) -> list[Msg]:
         """Wait for the first message only, then take whatever else is ready: asking nats-py
-        for a full batch would make it linger until the batch fills (up to the timeout)."""
+        for a full batch would make it linger until the batch fills (up to the timeout).
+
+        The second fetch's timeout is what it may linger: nats-py first asks with ``no_wait``
+        (everything already stored comes at once, so a backlog still fills the batch), but
+        when that finds nothing it sends a lingering pull and collects arrivals until the
+        batch is full or the timeout ends. With 250 ms every hop of a trickle of traffic cost
+        up to 250 ms (measured: event → push p50 0.9 s at 500 events/s); a few ms bound it."""
         msgs: list[Msg] = await self._sub.fetch(1, timeout=1.0)
         if self.batch > 1:
             with contextlib.suppress(Exception):
-                msgs += await self._sub.fetch(self.batch - 1, timeout=0.25)
+                msgs += await self._sub.fetch(self.batch - 1, timeout=GATHER_S)
         return msgs
 
     async def _loop(self) -> None:
