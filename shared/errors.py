@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
+import fastapi.responses
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -146,8 +147,10 @@ def install(app: FastAPI) -> None:
         return problem(500, "An unexpected error occurred; it has been logged.")
 
 
-class JSONResponse(Response):
-    """JSON rendered with orjson (FastAPI's ORJSONResponse is deprecated)."""
+class JSONResponse(fastapi.responses.JSONResponse):
+    """JSON rendered with orjson (FastAPI's ORJSONResponse is deprecated). It subclasses
+    FastAPI's JSONResponse: FastAPI documents a route's ``response_model`` only for JSON
+    response classes it knows, and gave every response a ``string`` schema before."""
 
     media_type = "application/json"
 
