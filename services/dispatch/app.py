@@ -38,10 +38,21 @@ async def _setup(rt: Runtime) -> None:
     rt.extras.update(providers=providers, sender=sender, intake=intake, links=links)
     if cfg.run_consumers:
         rt.consumers += [
+            # Two lanes from the stream on: realtime requests are taken in by their own
+            # consumer, whatever backlog a batch run has left in the other.
             Consumer(
                 rt.bus,
                 "dispatch-requests",
-                ["dispatch.requested.>"],
+                ["dispatch.requested.*"],
+                "DISPATCH",
+                intake.handle,
+                batch=cfg.consumer_batch,
+                max_deliver=cfg.consumer_max_deliver,
+            ),
+            Consumer(
+                rt.bus,
+                "dispatch-requests-batch",
+                ["dispatch.requested.*.batch"],
                 "DISPATCH",
                 intake.handle,
                 batch=cfg.consumer_batch,

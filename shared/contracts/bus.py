@@ -4,7 +4,7 @@ who consumes them parses them here.
 | subject | class | publisher | consumers |
 |---|---|---|---|
 | ``contact.recorded`` | :class:`ContactRecorded` | decision | feedback, selection, decision |
-| ``dispatch.requested.<channel>`` | :class:`DispatchRequested` | decision | dispatch |
+| ``dispatch.requested.<channel>[.batch]`` | :class:`DispatchRequested` | decision | dispatch |
 | ``dispatch.receipt.<channel>`` | :class:`ProviderReceipt` | dispatch (webhooks) | dispatch |
 | ``delivery.<status>`` | :class:`DeliveryReported` | dispatch | feedback, profile |
 | ``response.received`` | :class:`ResponseReceived` | dispatch, gateway (links) | feedback |
@@ -178,7 +178,16 @@ class DispatchRequested(BusMessage):
     run_id: str | None = None
 
     def subject_name(self) -> str:
-        return f"dispatch.requested.{self.channel}"
+        """``dispatch.requested.<channel>``, with ``.batch`` appended for batch-run traffic:
+        dispatch reads the two lanes with their own consumers, so a trigger's request never
+        waits behind a run's backlog in the stream (``dispatch.requested.>`` sees both)."""
+        lane = ".batch" if self.lane == "batch" else ""
+        return f"dispatch.requested.{self.channel}{lane}"
+
+    def to_event(self, *, source: str, id_: str | None = None) -> tuple[str, CloudEvent]:
+        subject, ev = super().to_event(source=source, id_=id_)
+        ev.type = f"dispatch.requested.{self.channel}"  # the lane is in the subject only
+        return subject, ev
 
     def event_id_(self) -> str:
         """The envelope id (``Nats-Msg-Id``): stable per tracking id."""

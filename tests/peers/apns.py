@@ -81,6 +81,7 @@ class _Server:
         self.expired: set[str] = set()
         self.connections = 0
         self.live: set[_Protocol] = set()
+        self.log: Any = None  # standalone: a file every request is written to, a line each
 
     def check_token(self, token: str) -> tuple[str | None, float]:
         """(refusal reason or None, iat) of a provider token; signatures verified once."""
@@ -213,6 +214,19 @@ class _Protocol(asyncio.Protocol):
             )
             with self.s.lock:
                 self.s.received.append(record)
+                if self.s.log is not None:
+                    alert = ((payload or {}).get("aps") or {}).get("alert") or {}
+                    self.s.log.write(
+                        json.dumps(
+                            {
+                                "at": record.at,
+                                "status": status,
+                                "token": record.token,
+                                "body": alert.get("body") if isinstance(alert, dict) else None,
+                            }
+                        )
+                        + "\n"
+                    )
         if status == 200:
             self.h2.send_headers(sid, out, end_stream=True)
             return
@@ -366,7 +380,12 @@ def start(tmp: Path) -> ApnsPeer:
 
 
 if __name__ == "__main__":
+    # Standalone (benchmarks: the peer on its own CPU): ``python -m tests.peers.apns DIR
+    # [LOG]``; with LOG every request is appended there as a JSON line (time.monotonic() is
+    # the machine's CLOCK_MONOTONIC, comparable across processes).
     peer = start(Path(sys.argv[1]))
+    if len(sys.argv) > 2:
+        peer._server.log = open(sys.argv[2], "a", buffering=1)  # noqa: SIM115
     print(json.dumps(peer.env), flush=True)  # noqa: T201
     sys.stdin.read()  # serve until the parent closes our stdin
     print(json.dumps({"received": len(peer.received)}), flush=True)  # noqa: T201

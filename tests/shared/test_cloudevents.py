@@ -112,7 +112,9 @@ def test_every_bus_message_is_a_structured_cloudevent(msg: BusMessage) -> None:
     assert sdk.get_specversion() == "1.0"
     assert sdk.get_id() == "ev-1"
     assert sdk.get_source() == "kairos/test"
-    assert sdk.get_type() == subject == msg.subject_name()
+    # The type is the subject, but for a batch request's lane suffix (subject only).
+    assert subject == msg.subject_name()
+    assert sdk.get_type() == subject.removesuffix(".batch")
     assert sdk.get_time() == datetime.fromisoformat(ev.time.replace("Z", "+00:00"))
     assert sdk.get_subject() == msg.customer()  # the customer, or no attribute at all
     assert sdk.get_datacontenttype() == "application/json"
@@ -162,7 +164,9 @@ def test_outbound_and_touchpoint_contacts_carry_the_same_fields() -> None:
         it.treatment, it.offer = {"id": "A", "offer": "o-1"}, offer
         subject, ev = planner._dispatch(it, "sms", {"text": "hi"}, now)
         req = DispatchRequested.parse(ev)
-        assert subject == "dispatch.requested.sms" and ev.id == "dispatch-" + it.tracking
+        wire = "dispatch.requested.sms" + (".batch" if lane == "batch" else "")
+        assert subject == wire and ev.type == "dispatch.requested.sms"
+        assert ev.id == "dispatch-" + it.tracking
         assert req.lane == lane and req.address == Address(msisdn="+4915")
         assert req.reward == Reward(type="points", amount=100) and req.priority == 70
         _, ev = planner._contact(it, "sms", now)
