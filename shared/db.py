@@ -13,6 +13,7 @@ from typing import Any, Generic, TypeVar
 import orjson
 import sqlalchemy as sa
 from fastapi import Request
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -25,6 +26,18 @@ from shared.bus import Bus
 from shared.events import CloudEvent
 
 log = logging.getLogger("kairos.db")
+
+# A dependency being unavailable (the database, the network): worth waiting for, never a
+# reason to dead-letter a message.
+_UNAVAILABLE = (OperationalError, InterfaceError, ConnectionError, TimeoutError, OSError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Postgres (or the network) is unavailable: retry later rather than give up."""
+    if isinstance(exc, _UNAVAILABLE):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",

@@ -20,7 +20,7 @@ from services.decision.policy.ledger import Ledger
 from services.decision.runs.endpoints import router as runs_router
 from services.decision.runs.service import Runs
 from services.decision.triggers import Triggers
-from shared.bus import Consumer
+from shared.bus import Bus, Consumer
 from shared.events import CloudEvent
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
@@ -58,8 +58,19 @@ async def _setup(rt: Runtime) -> None:
             )
         )
     triggers = Triggers(eng, rt.db, rt.redis, rt.keys, rt.bus)
+    # A run publishes pages of thousands of messages with their acks pipelined; on the
+    # process's one connection a trigger's request would queue behind them. Runs get their own.
+    runs_bus = Bus(cfg.nats_url, prefix=cfg.bus_prefix, source="kairos/decision")
+    await runs_bus.connect(ensure_streams=False)
+    rt.closers.append(runs_bus.close)
     runs = Runs(
-        eng, rt.db, rt.bus, selection, name, on_timers=triggers.wake.set, page=cfg.decision_run_page
+        eng,
+        rt.db,
+        runs_bus,
+        selection,
+        name,
+        on_timers=triggers.wake.set,
+        page=cfg.decision_run_page,
     )
     rt.extras["triggers"] = triggers
     rt.extras["runs"] = runs

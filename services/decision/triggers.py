@@ -43,7 +43,6 @@ from nats.errors import Error as NatsError
 from prometheus_client import Counter, Histogram
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from services.decision.engine import Engine
 from services.decision.messages import parse
@@ -51,7 +50,7 @@ from services.decision.outbound import Item, Outcome, Planner, tracking_id
 from shared import rules
 from shared.bus import Bus, TransientError
 from shared.contracts.bus import ResponseRecorded
-from shared.db import Database
+from shared.db import Database, is_transient
 from shared.events import CloudEvent, iso
 from shared.redis import APPLIED_TTL_S, Keys, read_projections
 
@@ -481,18 +480,8 @@ class Triggers:
 
 def _transient(exc: Exception) -> bool:
     """Redis, Postgres or NATS unavailable: worth waiting for, never a reason to give up."""
-    return isinstance(
-        exc,
-        (
-            ConnectionError,
-            TimeoutError,
-            OSError,
-            RedisConnectionError,
-            RedisTimeoutError,
-            OperationalError,
-            InterfaceError,
-            NatsError,
-        ),
+    return is_transient(exc) or isinstance(
+        exc, (RedisConnectionError, RedisTimeoutError, NatsError)
     )
 
 

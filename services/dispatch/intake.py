@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 
 from nats.aio.msg import Msg
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from services.dispatch import store
 from services.dispatch.sender import SOURCE, Sender, final_events
@@ -27,13 +26,12 @@ from shared.contracts.bus import (
     ProfileErased,
     ProviderReceipt,
 )
-from shared.db import Database
+from shared.db import Database, is_transient
 from shared.events import CloudEvent, utcnow
 from shared.privacy import pseudonym
 
 log = logging.getLogger("kairos.dispatch.intake")
 Batch = Sequence[tuple[Msg, CloudEvent]]
-_TRANSIENT = (OperationalError, InterfaceError, ConnectionError, TimeoutError, OSError)
 
 
 def _when(text: str | None) -> datetime | None:
@@ -128,9 +126,7 @@ class Intake:
                     provider="inbox",
                 )
         except Exception as exc:
-            if isinstance(exc, _TRANSIENT) or (
-                isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
-            ):
+            if is_transient(exc):
                 raise TransientError(str(exc)) from exc
             raise
         for r in unique:
@@ -169,9 +165,7 @@ class Intake:
                     ).to_event(source=SOURCE, id_=f"delivery-{req.tracking_id}-{r.status}")
                     uow.emit(subject, ev)
         except Exception as exc:
-            if isinstance(exc, _TRANSIENT) or (
-                isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
-            ):
+            if is_transient(exc):
                 raise TransientError(str(exc)) from exc
             raise
 

@@ -9,28 +9,24 @@ from typing import TypeVar
 
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from services.feedback.history import service
 from shared.bus import Consumer, PoisonMessage, TransientError
 from shared.contracts.bus import ContactRecorded, DeliveryReported, ProfileErased, ResponseReceived
-from shared.db import Database
+from shared.db import Database, is_transient
 from shared.events import CloudEvent
 from shared.service import Runtime
 
 log = logging.getLogger("kairos.feedback.consumers")
 Batch = Sequence[tuple[Msg, CloudEvent]]
 M = TypeVar("M", bound=BaseModel)
-_TRANSIENT = (OperationalError, InterfaceError, ConnectionError, TimeoutError, OSError)
 # A delivery report or response whose contact is not stored yet comes back later; after
 # this many deliveries (about a minute) its contact is not coming and it is dropped, logged.
 MAX_WAITS = 60
 
 
 def _transient(exc: Exception) -> bool:
-    if isinstance(exc, _TRANSIENT) or service.retryable(exc):
-        return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    return is_transient(exc) or service.retryable(exc)
 
 
 def _parse(cls: type[M], batch: Batch) -> list[M]:

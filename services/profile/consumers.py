@@ -9,7 +9,6 @@ from typing import TypeVar
 
 from nats.aio.msg import Msg
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from services.profile.customers import service
 from services.profile.customers.endpoints import projection, reproject
@@ -20,19 +19,14 @@ from shared.contracts.bus import (
     DeliveryReported,
     ResponseRecorded,
 )
+from shared.db import is_transient
 from shared.events import CloudEvent, utcnow
 from shared.service import Runtime
 
 log = logging.getLogger("kairos.profile.consumers")
 Batch = Sequence[tuple[Msg, CloudEvent]]
 
-_TRANSIENT = (OperationalError, InterfaceError, ConnectionError, TimeoutError, OSError)
-
-
-def _transient(exc: Exception) -> bool:
-    if isinstance(exc, _TRANSIENT):
-        return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+_transient = is_transient
 
 
 async def handle_events(rt: Runtime, batch: Sequence[tuple[Msg, CloudEvent]]) -> None:

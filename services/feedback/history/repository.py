@@ -17,19 +17,11 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
+from shared.contracts.bus import OUTCOMES
+
 S = "feedback"
 DELIVERY = ("sent", "delivered", "failed", "bounced", "expired")
-RESPONSE_COUNTS = (
-    "impression",
-    "opened",
-    "clicked",
-    "accepted",
-    "declined",
-    "dismissed",
-    "converted",
-    "replied",
-    "unsubscribed",
-)
+RESPONSE_COUNTS = OUTCOMES  # every response outcome has its own count in the report rows
 AGG_KEY = "campaign_id, day, treatment, channel, control, control_kind"
 
 
