@@ -11,6 +11,7 @@ message's expiry or ``KAIROS_DISPATCH_MAX_AGE_S``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -167,10 +168,8 @@ class Sender:
                 await asyncio.sleep(0.5)
                 continue
             if n == 0:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ev.wait(), IDLE_POLL_S)
-                except TimeoutError:
-                    pass
 
     async def round(self, channel: str, lane: str, size: int) -> int:
         """Claim, send and record one batch; returns how many were claimed."""

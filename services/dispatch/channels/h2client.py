@@ -10,6 +10,7 @@ h2 (which walks every stream before opening one); and request headers are HPACK-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -282,11 +283,9 @@ class Connection(asyncio.Protocol):
             except BaseException:
                 if not st.future.done() and not self.dead:
                     # Timed out or cancelled: tell the server we no longer wait.
-                    try:
+                    with contextlib.suppress(H2Error):
                         self._h2.reset_stream(sid)
                         self._schedule_flush()
-                    except H2Error:
-                        pass
                 raise
             finally:
                 del self._streams[sid]
@@ -299,9 +298,7 @@ class Connection(asyncio.Protocol):
     def close(self) -> None:
         self.dead = True
         if self._transport is not None:
-            try:
+            with contextlib.suppress(H2Error):
                 self._h2.close_connection()
                 self._flush()
-            except H2Error:
-                pass
             self._transport.close()
