@@ -32,9 +32,22 @@ log = logging.getLogger("kairos.db")
 _UNAVAILABLE = (OperationalError, InterfaceError, ConnectionError, TimeoutError, OSError)
 
 
+# Two transactions that met (a deadlock, a serialization failure): the loser was rolled
+# back whole and succeeds when run again.
+_RETRY_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """The transaction lost a deadlock or a serialization conflict to another one."""
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Postgres (or the network) is unavailable: retry later rather than give up."""
+    """Postgres (or the network) is unavailable, or the transaction lost a deadlock or a
+    serialization conflict: retry later rather than give up."""
     if isinstance(exc, _UNAVAILABLE):
+        return True
+    if is_conflict(exc):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
