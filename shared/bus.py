@@ -229,8 +229,12 @@ class Consumer:
     # A read model that knows its stream position (a persisted index) starts there; the
     # consumer is then recreated at that sequence, and removed by the server when idle.
     start_seq: int | None = None
+    # A consumer of this process alone (named after it, e.g. by its pid): the server removes
+    # it after this long without a pull (a process that was killed), and ``stop`` removes it
+    # at once (a process that shuts down), so restarts leave none behind.
     inactive_threshold_s: float | None = None
     _task: asyncio.Task[None] | None = field(default=None, init=False)
+    _sub: Any = field(default=None, init=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     healthy: bool = field(default=False, init=False)
 
@@ -267,16 +271,40 @@ class Consumer:
         self._sub = await self.bus.js.pull_subscribe_bind(durable, stream=stream)
         self._task = asyncio.create_task(self._loop(), name=f"consumer:{self.name}")
 
+    @property
+    def per_process(self) -> bool:
+        """This process's own consumer (shared durables have no inactive threshold)."""
+        return self.inactive_threshold_s is not None
+
     async def stop(self) -> None:
-        """Finish the batch in hand, then stop fetching (SIGTERM drain)."""
+        """Finish the batch in hand, then stop fetching (SIGTERM drain); a per-process
+        consumer is then removed from the server (nothing else would ever read it)."""
         self._stopping.set()
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, 15)
             except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
-        with contextlib.suppress(Exception):
-            await self._sub.unsubscribe()
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        if self.per_process:
+            await self.remove()
+
+    async def remove(self) -> bool:
+        """Delete this consumer on the server; False if it was not there (or the server could
+        not be reached: the inactive threshold then removes it)."""
+        try:
+            return bool(
+                await self.bus.js.delete_consumer(
+                    self.bus.stream(self.stream), self.bus.durable(self.name)
+                )
+            )
+        except NotFoundError:
+            return False
+        except Exception as exc:
+            log.warning("consumer %s: could not remove it: %s", self.name, exc)
+            return False
 
     async def _fetch(self) -> list[Msg]:
         """Wait for the first message only, then take whatever else is ready: asking nats-py
