@@ -135,7 +135,8 @@ def consumers(rt: Runtime) -> list[Consumer]:
             ["events.>"],
             "EVENTS",
             bind(handle_events),
-            batch=s.consumer_batch,
+            batch=s.profile_events_batch,
+            in_flight=s.profile_events_in_flight,
             max_deliver=s.consumer_max_deliver,
         ),
         Consumer(
