@@ -123,7 +123,12 @@ def create_service_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(name, level=cfg.log_level, as_json=cfg.log_json)
-        bus = Bus(cfg.nats_url, prefix=cfg.bus_prefix, source=f"kairos/{name}")
+        bus = Bus(
+            cfg.nats_url,
+            prefix=cfg.bus_prefix,
+            source=f"kairos/{name}",
+            replicas=cfg.stream_replicas,
+        )
         rt = Runtime(name, cfg, bus, make_redis(cfg.redis_url), Keys(cfg.redis_prefix))
         if schema is not None:
             rt.db = Database(cfg.database_url, schema)
