@@ -52,6 +52,21 @@ def test_production_has_every_process_and_component() -> None:
     assert {o["metadata"].get("namespace") for o in objs} == {"kairos"}
 
 
+def test_the_migration_can_be_applied_first() -> None:
+    """README: `kubectl apply -k ... -l 'app.kubernetes.io/component in (config,migrate)'`."""
+    first = {
+        (o["kind"], o["metadata"]["name"])
+        for o in build(PRODUCTION)
+        if o["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+        in ("config", "migrate")
+    }
+    assert first == {
+        ("ConfigMap", "kairos-config"),
+        ("ServiceAccount", "kairos-migrate"),
+        ("Job", "kairos-migrate"),
+    }
+
+
 def test_pods_are_hardened() -> None:
     objs = build(PRODUCTION)
     config = by_kind(objs, "ConfigMap")["kairos-config"]["data"]

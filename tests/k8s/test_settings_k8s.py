@@ -51,7 +51,7 @@ def test_settings_come_from_secret_files(tmp_path: Path, clean_env: pytest.Monke
         {
             "KAIROS_DATABASE_URL": "postgresql+asyncpg://kairos:pw@db-rw:5432/kairos",
             "KAIROS_API_KEYS": keys,
-            "KAIROS_TRACKING_SECRET": "a-real-secret-from-the-volume",
+            "KAIROS_TRACKING_SECRET": "a-real-secret-from-the-volume\n",  # a file's newline
         },
     )
     clean_env.setenv("KAIROS_ENV", "prod")
