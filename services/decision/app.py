@@ -24,7 +24,15 @@ from services.decision.runs.service import Runs
 from services.decision.timers.service import Timers
 from services.decision.triggers import Triggers
 from shared.bus import Bus, Consumer, PoisonMessage
-from shared.contracts.bus import BusMessage, CatalogChanged, SegmentChanged, SegmentDeleted
+from shared.contracts.bus import (
+    BusMessage,
+    CatalogChanged,
+    ContactRecorded,
+    EventOccurred,
+    ResponseRecorded,
+    SegmentChanged,
+    SegmentDeleted,
+)
 from shared.events import CloudEvent
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
@@ -55,8 +63,8 @@ async def _setup(rt: Runtime) -> None:
     # Every replica reloads on every change: its own consumers, starting at "now".
     name = re.sub(r"[^A-Za-z0-9_-]", "_", f"decision-{cfg.instance_id}-{os.getpid()}")
     for stream, subjects in (
-        ("CATALOG", ["catalog.>"]),
-        ("SEGMENT", ["segment.changed", "segment.deleted"]),
+        ("CATALOG", [CatalogChanged.TYPE]),
+        ("SEGMENT", [SegmentChanged.TYPE, SegmentDeleted.TYPE]),
     ):
         info = await rt.bus.js.stream_info(rt.bus.stream(stream))
         rt.consumers.append(
@@ -94,7 +102,7 @@ async def _setup(rt: Runtime) -> None:
             Consumer(
                 rt.bus,
                 "decision-triggers",
-                ["events.>"],
+                [f"{EventOccurred.TYPE}.>"],
                 "EVENTS",
                 triggers.handle_events,
                 batch=cfg.consumer_batch,
@@ -105,7 +113,7 @@ async def _setup(rt: Runtime) -> None:
             Consumer(
                 rt.bus,
                 "decision-trigger-responses",
-                ["response.recorded"],
+                [ResponseRecorded.TYPE],
                 "RESPONSE",
                 triggers.handle_responses,
                 max_deliver=cfg.consumer_max_deliver,
@@ -119,9 +127,11 @@ async def _setup(rt: Runtime) -> None:
         learning = Learning(rt.redis, rt.keys, unanswered_s=cfg.decision_unanswered_s)
         rt.consumers += [
             Consumer(
-                rt.bus, "decision-propensity", ["response.recorded"], "RESPONSE", learning.handle
+                rt.bus, "decision-propensity", [ResponseRecorded.TYPE], "RESPONSE", learning.handle
             ),
-            Consumer(rt.bus, "decision-offered", ["contact.recorded"], "CONTACT", learning.handle),
+            Consumer(
+                rt.bus, "decision-offered", [ContactRecorded.TYPE], "CONTACT", learning.handle
+            ),
         ]
         rt.background.append(asyncio.create_task(learning.sweep_forever()))
     try:

@@ -91,7 +91,7 @@ class Engine:
         campaigns = cat.by_touchpoint.get(req.touchpoint, ())
         (seen,) = await self.contacted([req.customer_id], campaigns, now)
         who = Customer.of(req.customer_id, doc, now, contacted=seen)
-        considered: list[api.Considered] = []
+        considered: list[tuple[Campaign, Outcome, float | None]] = []
         candidates: list[Candidate] = []
         controls: list[Candidate] = []
         for camp in campaigns:
@@ -154,20 +154,27 @@ class Engine:
             records.append(self._record(req, decision_id, cand, secrets.token_urlsafe(16), now))
         if records and not dry_run:
             await self.bus.publish_many(records)
+        counts.observe_many("decision", (out for _, out, _ in considered))
         return api.DecisionResponse(
             decision_id=decision_id,
             customer_id=req.customer_id,
             touchpoint=req.touchpoint,
             offers=offers,
-            explain=considered if explain else None,
+            explain=(
+                [counts.considered(c.campaign_id, o, score) for c, o, score in considered]
+                if explain
+                else None
+            ),
         )
 
     @staticmethod
     def _considered(
-        into: list[api.Considered], camp: Campaign, out: Outcome, score: float | None = None
+        into: list[tuple[Campaign, Outcome, float | None]],
+        camp: Campaign,
+        out: Outcome,
+        score: float | None = None,
     ) -> None:
-        counts.observe("decision", out)
-        into.append(counts.considered(camp.campaign_id, out, score))
+        into.append((camp, out, score))
 
     @staticmethod
     def _record(

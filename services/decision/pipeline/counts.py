@@ -3,6 +3,7 @@ reason counted by a run is the reason a trigger's metric shows and a decision ex
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from prometheus_client import Counter
@@ -19,9 +20,30 @@ OUTCOMES = Counter(
 )
 
 
+_CHILDREN: dict[tuple[str, str, str], Any] = {}
+
+
 def observe(flow: Flow, out: Outcome) -> None:
-    """Count one outcome in the metrics."""
-    OUTCOMES.labels(flow, out.status, out.reason).inc()
+    """Count one outcome in the metrics (the labelled child looked up once per label set:
+    a touchpoint decision observes one outcome per campaign considered)."""
+    key = (flow, out.status, out.reason)
+    child = _CHILDREN.get(key)
+    if child is None:
+        child = _CHILDREN[key] = OUTCOMES.labels(*key)
+    child.inc()
+
+
+def observe_many(flow: Flow, outs: Iterable[Outcome]) -> None:
+    """Count many outcomes, one increment per distinct (status, reason)."""
+    seen: dict[tuple[str, str], int] = {}
+    for o in outs:
+        seen[(o.status, o.reason)] = seen.get((o.status, o.reason), 0) + 1
+    for (status, reason), n in seen.items():
+        key = (flow, status, reason)
+        child = _CHILDREN.get(key)
+        if child is None:
+            child = _CHILDREN[key] = OUTCOMES.labels(*key)
+        child.inc(n)
 
 
 def empty() -> dict[str, Any]:
