@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 from nats.aio.msg import Msg
 
+from services.decision import erasure
 from services.decision.catalog.endpoints import router as catalog_router
 from services.decision.decisions.endpoints import router as decisions_router
 from services.decision.engine import Engine, load_catalog, refresh_forever
@@ -22,6 +23,7 @@ from services.decision.runs.service import Runs
 from services.decision.triggers import Triggers
 from shared.bus import Bus, Consumer
 from shared.events import CloudEvent
+from shared.privacy import any_customer
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
 
@@ -90,7 +92,7 @@ async def _setup(rt: Runtime) -> None:
             Consumer(
                 rt.bus,
                 "decision-trigger-responses",
-                ["response.recorded"],
+                [any_customer("response.recorded")],
                 "RESPONSE",
                 triggers.handle_responses,
                 max_deliver=cfg.consumer_max_deliver,
@@ -104,9 +106,20 @@ async def _setup(rt: Runtime) -> None:
         learning = Learning(rt.redis, rt.keys, unanswered_s=cfg.decision_unanswered_s)
         rt.consumers += [
             Consumer(
-                rt.bus, "decision-propensity", ["response.recorded"], "RESPONSE", learning.handle
+                rt.bus,
+                "decision-propensity",
+                [any_customer("response.recorded")],
+                "RESPONSE",
+                learning.handle,
             ),
-            Consumer(rt.bus, "decision-offered", ["contact.recorded"], "CONTACT", learning.handle),
+            Consumer(
+                rt.bus,
+                "decision-offered",
+                [any_customer("contact.recorded")],
+                "CONTACT",
+                learning.handle,
+            ),
+            erasure.consumer(rt),
         ]
         rt.background.append(asyncio.create_task(learning.sweep_forever()))
     try:

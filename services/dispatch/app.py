@@ -13,6 +13,7 @@ from services.dispatch.ratelimit import RateLimiter, parse_limits
 from services.dispatch.sender import Sender
 from shared.bus import Consumer
 from shared.links import signer_from
+from shared.privacy import any_customer
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
 
@@ -43,7 +44,7 @@ async def _setup(rt: Runtime) -> None:
             Consumer(
                 rt.bus,
                 "dispatch-requests",
-                ["dispatch.requested.*"],
+                [any_customer("dispatch.requested.*")],
                 "DISPATCH",
                 intake.handle,
                 batch=cfg.consumer_batch,
@@ -52,7 +53,7 @@ async def _setup(rt: Runtime) -> None:
             Consumer(
                 rt.bus,
                 "dispatch-requests-batch",
-                ["dispatch.requested.*.batch"],
+                [any_customer("dispatch.requested.*.batch")],
                 "DISPATCH",
                 intake.handle,
                 batch=cfg.consumer_batch,
@@ -70,7 +71,7 @@ async def _setup(rt: Runtime) -> None:
             Consumer(
                 rt.bus,
                 "dispatch-erasure",
-                ["profile.erased"],
+                [any_customer("profile.erased")],
                 "PROFILE",
                 intake.erase,
                 max_deliver=cfg.consumer_max_deliver,

@@ -3,13 +3,17 @@ who consumes them parses them here.
 
 | subject | class | publisher | consumers |
 |---|---|---|---|
-| ``contact.recorded`` | :class:`ContactRecorded` | decision | feedback, selection, decision |
-| ``dispatch.requested.<channel>[.batch]`` | :class:`DispatchRequested` | decision | dispatch |
+| ``contact.recorded.<t>`` | :class:`ContactRecorded` | decision | feedback, selection, decision |
+| ``dispatch.requested.<channel>[.batch].<t>`` | :class:`DispatchRequested` | decision | dispatch |
 | ``dispatch.receipt.<channel>`` | :class:`ProviderReceipt` | dispatch (webhooks) | dispatch |
-| ``delivery.<status>`` | :class:`DeliveryReported` | dispatch | feedback, profile |
-| ``response.received`` | :class:`ResponseReceived` | dispatch, gateway (links) | feedback |
-| ``response.recorded`` | :class:`ResponseRecorded` | feedback | profile, decision, dispatch |
-| ``profile.erased`` | :class:`ProfileErased` | profile | every service holding personal data |
+| ``delivery.<status>.<t>`` | :class:`DeliveryReported` | dispatch | feedback, profile |
+| ``response.received.<t>`` | :class:`ResponseReceived` | dispatch, gateway (links) | feedback |
+| ``response.recorded.<t>`` | :class:`ResponseRecorded` | feedback | profile, decision, dispatch |
+| ``profile.erased.<t>`` | :class:`ProfileErased` | profile | every service holding personal data |
+
+``<t>`` is the customer token (``shared.privacy.customer_token``): every subject that carries
+personal data ends with it, so erasure purges a customer's messages by subject. The envelope's
+``type`` is the subject without the token.
 
 Parsing ignores fields it does not know (a newer publisher may add some); it never guesses a
 field from another's name. Every envelope is a CloudEvents 1.0 structured event
@@ -25,6 +29,7 @@ from typing import Any, ClassVar, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.events import CloudEvent, iso, utcnow
+from shared.privacy import customer_subject
 
 Lane = Literal["realtime", "batch"]
 Platform = Literal["ios", "android", "web"]
@@ -49,20 +54,24 @@ class BusMessage(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     TYPE: ClassVar[str]
+    # Messages about a customer carry the customer token as their subject's last token.
+    PERSONAL: ClassVar[bool] = True
 
     def subject_name(self) -> str:
-        """The logical NATS subject this message is published on."""
+        """The message's kind: its subject without the customer token (the envelope type)."""
         return self.TYPE
 
     def customer(self) -> str | None:
         return getattr(self, "customer_id", None)
 
     def to_event(self, *, source: str, id_: str | None = None) -> tuple[str, CloudEvent]:
-        """(subject, envelope) ready for ``Bus.publish_many`` or a unit of work's outbox."""
-        subject = self.subject_name()
+        """(subject, envelope) ready for ``Bus.publish_many`` or a unit of work's outbox: the
+        subject ends with the customer token (erasure purges by it)."""
+        kind = self.subject_name()
+        subject = customer_subject(kind, self.customer()) if self.PERSONAL else kind
         ev = CloudEvent.new(
             source=source,
-            type=subject,
+            type=kind,
             subject=self.customer(),
             data=self.model_dump(mode="json", exclude_none=True),
             id_=id_,
@@ -178,9 +187,10 @@ class DispatchRequested(BusMessage):
     run_id: str | None = None
 
     def subject_name(self) -> str:
-        """``dispatch.requested.<channel>``, with ``.batch`` appended for batch-run traffic:
-        dispatch reads the two lanes with their own consumers, so a trigger's request never
-        waits behind a run's backlog in the stream (``dispatch.requested.>`` sees both)."""
+        """``dispatch.requested.<channel>``, with ``.batch`` appended for batch-run traffic
+        (and the customer token after it on the wire): dispatch reads the two lanes with their
+        own consumers, so a trigger's request never waits behind a run's backlog in the stream
+        (``dispatch.requested.>`` sees both)."""
         lane = ".batch" if self.lane == "batch" else ""
         return f"dispatch.requested.{self.channel}{lane}"
 
@@ -239,6 +249,7 @@ class ProviderReceipt(BusMessage):
     ``dispatch.receipt.<channel>``, taken in by dispatch in batches."""
 
     TYPE: ClassVar[str] = "dispatch.receipt"
+    PERSONAL: ClassVar[bool] = False  # a tracking id and a status: nobody's personal data
     tracking_id: str
     channel: str
     status: Literal["delivered", "failed"]

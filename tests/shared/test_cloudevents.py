@@ -38,6 +38,7 @@ from shared.contracts.bus import (
     Reward,
 )
 from shared.events import CloudEvent
+from shared.privacy import customer_subject
 from shared.stack import Stack
 from tests.conftest import auth
 from tests.helpers import eventually
@@ -198,7 +199,7 @@ class Capture:
         async def keep(msg: Any) -> None:
             self.msgs.append(msg)
 
-        for subject in ("dispatch.requested.>", "contact.recorded", "dlq.>"):
+        for subject in ("dispatch.requested.>", "contact.recorded.*", "dlq.>"):
             await js.subscribe(
                 f"{prefix}.{subject}",
                 cb=keep,
@@ -340,7 +341,7 @@ async def test_a_payload_that_does_not_parse_is_dead_lettered_by_each_consumer(
         js = nc.jetstream()
         for subject, data in bad.items():
             ev = CloudEvent.new(source="test", type=subject, subject=marker, data=data)
-            await js.publish(f"{prefix}.{subject}", ev.to_bytes())
+            await js.publish(f"{prefix}.{customer_subject(subject, marker)}", ev.to_bytes())
     finally:
         await nc.close()
     want = {

@@ -48,6 +48,7 @@ from shared.db import Database
 from shared.errors import Conflict, NotFound, Unavailable
 from shared.events import CloudEvent, iso
 from shared.paging import encode_cursor
+from shared.privacy import events_of_type
 from shared.redis import read_projections
 
 log = logging.getLogger("kairos.decision.runs")
@@ -578,7 +579,7 @@ class Runs:
         since = datetime.now(UTC) - timedelta(days=1)
         js = self.bus.js
         sub = await js.pull_subscribe(
-            self.bus.subject(f"events.{event_type}"),
+            self.bus.subject(events_of_type(event_type)),
             stream=self.bus.stream("EVENTS"),
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.BY_START_TIME,
