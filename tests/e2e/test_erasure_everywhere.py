@@ -186,8 +186,8 @@ async def _campaigns(gw: httpx.AsyncClient, u: str) -> str:
     assert r.status_code == 200, r.text
     for cmp, body in (
         (f"push-{u}", {"type": "triggered", "trigger": {"event": f"roamed.{u}"}}),
-        (f"sms-{u}", {"type": "triggered", "trigger": {"event": f"roamed.{u}"}}),
-        (f"tp-{u}", {"type": "realtime", "touchpoints": [f"app-{u}"]}),
+        (f"sms-{u}", {"type": "triggered", "trigger": {"event": f"landed.{u}"}}),
+        (f"tp-{u}", {"type": "realtime", "touchpoints": [f"app_{u}"]}),
     ):
         channels = {"push": ["push"], "sms-": ["sms"]}
         extra = next((v for k, v in channels.items() if cmp.startswith(k)), None)
@@ -271,16 +271,17 @@ async def test_an_erased_customer_is_gone_from_every_store(
             json={"type": "app.opened", "customer_id": cid, "anonymous_id": anon},
         )
         assert r.status_code == 202, r.text
-        r = await app.post(
-            "/v1/events",
-            json={"type": f"roamed.{u}", "customer_id": cid, "properties": {"country": "FR"}},
-        )
-        assert r.status_code == 202, r.text
+        for trigger in (f"roamed.{u}", f"landed.{u}"):  # one sends a push, one an SMS
+            r = await app.post(
+                "/v1/events",
+                json={"type": trigger, "customer_id": cid, "properties": {"country": "FR"}},
+            )
+            assert r.status_code == 202, r.text
     async with httpx.AsyncClient(base_url=stack.url("gateway"), headers=auth("pos")) as pos:
         r = await pos.post(
             "/v1/decisions",
             headers={"Idempotency-Key": f"decide-{u}"},
-            json={"customer_id": cid, "touchpoint": f"app-{u}"},
+            json={"customer_id": cid, "touchpoint": f"app_{u}"},
         )
         assert r.status_code == 200, r.text
         assert r.json()["offers"], r.text
