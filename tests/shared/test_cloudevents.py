@@ -113,9 +113,10 @@ def test_every_bus_message_is_a_structured_cloudevent(msg: BusMessage) -> None:
     assert sdk.get_specversion() == "1.0"
     assert sdk.get_id() == "ev-1"
     assert sdk.get_source() == "kairos/test"
-    # The type is the subject, but for a batch request's lane suffix (subject only).
-    assert subject == msg.subject_name()
-    assert sdk.get_type() == subject.removesuffix(".batch")
+    # The type is the subject without the customer token (and a batch request's lane).
+    kind = msg.subject_name()
+    assert subject == (customer_subject(kind, msg.customer()) if msg.PERSONAL else kind)
+    assert sdk.get_type() == kind.removesuffix(".batch")
     assert sdk.get_time() == datetime.fromisoformat(ev.time.replace("Z", "+00:00"))
     assert sdk.get_subject() == msg.customer()  # the customer, or no attribute at all
     assert sdk.get_datacontenttype() == "application/json"
@@ -165,7 +166,9 @@ def test_outbound_and_touchpoint_contacts_carry_the_same_fields() -> None:
         it.treatment, it.offer = {"id": "A", "offer": "o-1"}, offer
         subject, ev = planner._dispatch(it, "sms", {"text": "hi"}, now)
         req = DispatchRequested.parse(ev)
-        wire = "dispatch.requested.sms" + (".batch" if lane == "batch" else "")
+        wire = customer_subject(
+            "dispatch.requested.sms" + (".batch" if lane == "batch" else ""), "c-1"
+        )
         assert subject == wire and ev.type == "dispatch.requested.sms"
         assert ev.id == "dispatch-" + it.tracking
         assert req.lane == lane and req.address == Address(msisdn="+4915")
