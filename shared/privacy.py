@@ -20,6 +20,7 @@ import hmac
 NO_CUSTOMER = "_"
 ANON_PREFIX = "anon:"  # the profile id of an anonymous id's history
 TOKEN_LEN = 16
+_HEX = frozenset("0123456789abcdef")
 
 # (stream, subject pattern with ``{t}`` for the token): every place a customer's messages are
 # kept on the bus. ``profile.erased.<t>`` is among them: erasure purges PROFILE only below the
@@ -61,6 +62,15 @@ def event_subject(event_type: str, customer_id: str | None, anonymous_id: str | 
     profile its anonymous id makes (``anon:<id>``, which erasure names among the folded ids)."""
     owner = customer_id or (ANON_PREFIX + anonymous_id if anonymous_id else None)
     return f"events.{customer_token(owner)}.{event_type}"
+
+
+def with_token(subject: str, customer_id: str | None) -> str:
+    """A contract subject stored before subjects carried the token (a timer's records from an
+    older version): the same subject with the token, so today's consumers read it."""
+    last = subject.rsplit(".", 1)[-1]
+    if last == NO_CUSTOMER or (len(last) == TOKEN_LEN and all(c in _HEX for c in last)):
+        return subject
+    return customer_subject(subject, customer_id)
 
 
 def events_of_type(event_type: str) -> str:

@@ -52,6 +52,7 @@ from shared.bus import Bus, TransientError
 from shared.contracts.bus import ResponseRecorded
 from shared.db import Database, is_transient
 from shared.events import CloudEvent, iso
+from shared.privacy import with_token
 from shared.redis import APPLIED_TTL_S, Keys, read_projections
 
 log = logging.getLogger("kairos.decision.triggers")
@@ -436,8 +437,10 @@ class Triggers:
                 continue
             p = r["payload"]
             if r["kind"] == "send":
+                sent = [CloudEvent.model_validate(ev) for _, ev in p["records"]]
                 records += [
-                    (subject, CloudEvent.model_validate(ev)) for subject, ev in p["records"]
+                    (with_token(subject, ev.subject), ev)
+                    for (subject, _), ev in zip(p["records"], sent, strict=True)
                 ]
                 FIRED.labels("dispatched", "deferred_send").inc()
                 continue

@@ -25,6 +25,7 @@ from shared.privacy import (
     event_subject,
     events_of_type,
     purge_subjects,
+    with_token,
 )
 
 
@@ -159,3 +160,11 @@ def test_idempotent_answers_are_indexed_by_the_customers_they_name() -> None:
     assert customers_of("/v1/decisions", b'{"decision_id":"d","customer_id":"c-3"}') == {"c-3"}
     assert customers_of("/v1/events", b'{"accepted":1,"ids":["e"]}') == set()
     assert customers_of("/v1/decisions", b"not json") == set()
+
+
+def test_subjects_stored_without_a_token_get_it() -> None:
+    t = customer_token("c-1")
+    assert with_token("dispatch.requested.sms", "c-1") == f"dispatch.requested.sms.{t}"
+    assert with_token("contact.recorded", "c-1") == f"contact.recorded.{t}"
+    assert with_token(f"contact.recorded.{t}", "c-1") == f"contact.recorded.{t}"
+    assert with_token("response.received._", None) == "response.received._"
