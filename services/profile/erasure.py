@@ -47,6 +47,7 @@ log = logging.getLogger("kairos.profile.erasure")
 Batch = Sequence[tuple[Msg, CloudEvent]]
 
 NAME = "profile-erasure"
+PATIENCE = 4  # deliveries of one erasure waiting for the other consumers (~40 s)
 STREAMS = tuple(dict.fromkeys(s for s, _ in CUSTOMER_SUBJECTS))
 ERASURE_SECONDS = Histogram(
     "kairos_erasure_seconds",
@@ -85,22 +86,26 @@ class Erasure:
                 erased = ProfileErased.parse(ev)
             except ValidationError as exc:
                 raise PoisonMessage(f"not a profile.erased payload: {exc}") from exc
-            seq = msg.metadata.sequence.stream if msg.metadata and msg.metadata.sequence else None
-            if not await self.erase(erased, seq):
+            meta = msg.metadata
+            seq = meta.sequence.stream if meta and meta.sequence else None
+            # A consumer that stays behind for good (a lagging service under load) does not
+            # hold the erasure back forever: after a few rounds it goes ahead without it.
+            patient = (meta.num_delivered or 1) < PATIENCE if meta else True
+            if not await self.erase(erased, seq, patient=patient):
                 later.append(msg)
         return later
 
-    async def erase(self, erased: ProfileErased, seq: int | None) -> bool:
+    async def erase(self, erased: ProfileErased, seq: int | None, *, patient: bool = True) -> bool:
         """Erase one customer from the bus and Redis; False if other consumers have not
         caught up within ``wait_s`` (nothing is lost: the message comes back and the steps
-        run again)."""
+        run again); not ``patient``: go ahead anyway."""
         t0 = time.perf_counter()
         ids = list(dict.fromkeys([erased.customer_id, *erased.ids]))
         tokens = [customer_token(i) for i in ids]
         traces = await self._traces(tokens)
         # Unknown position of the erasure (never on JetStream): keep every PROFILE message.
         marks = await self._purge(tokens, profile_below=seq or 1)
-        settled = await self._settled(marks)
+        settled = await self._settled(marks) or not patient
         traces = traces.merge(await self._traces(tokens))  # what came in while waiting
         if settled:
             await self._purge(tokens, profile_below=None)
@@ -147,7 +152,9 @@ class Erasure:
                     break
         finally:
             with contextlib.suppress(Exception):
+                name = (await sub.consumer_info()).name
                 await sub.unsubscribe()
+                await self.bus.js.delete_consumer(self.bus.stream(stream), name)
         return out
 
     async def _traces(self, tokens: Sequence[str]) -> Traces:

@@ -54,7 +54,7 @@ class Listener:
             self.contacts.append(CloudEvent.from_bytes(msg.data))
 
         await js.subscribe(f"{prefix}.dispatch.requested.>", cb=on_dispatch, ordered_consumer=True)
-        await js.subscribe(f"{prefix}.contact.recorded", cb=on_contact, ordered_consumer=True)
+        await js.subscribe(f"{prefix}.contact.recorded.*", cb=on_contact, ordered_consumer=True)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
