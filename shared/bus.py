@@ -388,9 +388,16 @@ class Consumer:
             await self.bus.js.add_consumer(stream, config)
         else:
             try:
-                await self.bus.js.consumer_info(stream, durable)
+                info = await self.bus.js.consumer_info(stream, durable)
             except NotFoundError:
                 await self.bus.js.add_consumer(stream, config)
+            else:
+                old = info.config.filter_subjects or [info.config.filter_subject]
+                if sorted(s for s in old if s) != sorted(wire):
+                    # Its subjects changed (an upgrade): the server updates a durable's
+                    # filter in place, keeping its position.
+                    log.info("consumer %s: filter %s -> %s", self.name, old, wire)
+                    await self.bus.js.add_consumer(stream, config)
         self._sub = await self.bus.js.pull_subscribe_bind(durable, stream=stream)
         self._task = asyncio.create_task(self._loop(), name=f"consumer:{self.name}")
 
