@@ -20,6 +20,7 @@ from opentelemetry import propagate, trace
 from prometheus_client import Counter
 
 from shared.events import CloudEvent
+from shared.settings import get_settings
 from shared.telemetry import tracing_enabled
 
 log = logging.getLogger("kairos.bus")
@@ -55,10 +56,14 @@ class PoisonMessage(Exception):
 class Bus:
     """One NATS connection with JetStream, names namespaced by ``prefix``."""
 
-    def __init__(self, url: str, *, prefix: str = "", source: str = "kairos") -> None:
+    def __init__(
+        self, url: str, *, prefix: str = "", source: str = "kairos", replicas: int | None = None
+    ) -> None:
         self.url = url
         self.prefix = prefix
         self.source = source
+        # Every process converges the streams to the same replica count (KAIROS_STREAM_REPLICAS).
+        self.replicas = replicas if replicas is not None else get_settings().stream_replicas
         self.nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._acks: _Acks | None = None
@@ -111,12 +116,15 @@ class Bus:
                 subjects=[self.subject(s) for s in subjects],
                 duplicate_window=DUPLICATE_WINDOW_S,
                 max_age=7 * 24 * 3600.0,
+                num_replicas=self.replicas,
             )
             try:
                 await self.js.add_stream(cfg)
             except Exception:  # already exists with another config: converge it
-                with contextlib.suppress(Exception):
+                try:
                     await self.js.update_stream(cfg)
+                except Exception as exc:
+                    log.error("stream %s (replicas %d): %s", cfg.name, self.replicas, exc)
 
     async def close(self) -> None:
         """Drain: finish in-flight work, flush publishes, then close."""
@@ -395,9 +403,16 @@ class Consumer:
             await self.bus.js.add_consumer(stream, config)
         else:
             try:
-                await self.bus.js.consumer_info(stream, durable)
+                info = await self.bus.js.consumer_info(stream, durable)
             except NotFoundError:
                 await self.bus.js.add_consumer(stream, config)
+            else:
+                old = info.config.filter_subjects or [info.config.filter_subject]
+                if sorted(s for s in old if s) != sorted(wire):
+                    # Its subjects changed (an upgrade): the server updates a durable's
+                    # filter in place, keeping its position.
+                    log.info("consumer %s: filter %s -> %s", self.name, old, wire)
+                    await self.bus.js.add_consumer(stream, config)
         self._sub = await self.bus.js.pull_subscribe_bind(durable, stream=stream)
         self._task = asyncio.create_task(self._loop(), name=f"consumer:{self.name}")
 

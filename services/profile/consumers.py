@@ -21,6 +21,7 @@ from shared.contracts.bus import (
 )
 from shared.db import is_conflict, is_transient
 from shared.events import CloudEvent, utcnow
+from shared.privacy import any_customer
 from shared.service import Runtime
 
 log = logging.getLogger("kairos.profile.consumers")
@@ -151,7 +152,7 @@ def consumers(rt: Runtime) -> list[Consumer]:
         Consumer(
             rt.bus,
             "profile-responses",
-            ["response.recorded"],
+            [any_customer("response.recorded")],
             "RESPONSE",
             bind(handle_responses),
             batch=100,

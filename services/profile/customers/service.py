@@ -29,9 +29,9 @@ from shared.contracts.customers import (
 from shared.db import UnitOfWork
 from shared.errors import Conflict, NotFound, Unprocessable
 from shared.events import CloudEvent, iso
+from shared.privacy import ANON_PREFIX, customer_subject
 
 SOURCE = "kairos/profile"
-ANON_PREFIX = "anon:"
 
 
 def _event(type_: str, customer_id: str, data: dict[str, Any]) -> CloudEvent:
@@ -43,7 +43,7 @@ def _changed(
 ) -> None:
     data = {"customer_id": customer_id, "version": version, "changed": changed, **extra}
     uow.emit_envelope(
-        "profile.changed",
+        customer_subject("profile.changed", customer_id),
         CloudEvent.envelope(source=SOURCE, type="profile.changed", subject=customer_id, data=data),
     )
 
@@ -348,7 +348,7 @@ async def merge(
         ["attributes", "tags", "consents", "identities", "devices", "counters"],
     )
     uow.emit(
-        "profile.merged",
+        customer_subject("profile.merged", target),
         _event(
             "profile.merged",
             target,
