@@ -142,7 +142,9 @@ def main() -> None:
                 else [s for s in args.scenario if s != "rules"]
             )
             for name in todo:
-                if name == "selection":
+                if name == "ingest":
+                    from bench.ingest import ingest as fn
+                elif name == "selection":
                     from bench.selection import selection as fn
                 elif name == "decision":
                     from bench.decision import decision as fn

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.dispatch import rewards
+from services.dispatch import rewards, store
 from services.dispatch.endpoints import router
 from services.dispatch.intake import Intake
 from services.dispatch.providers import Providers
 from services.dispatch.ratelimit import RateLimiter, parse_limits
 from services.dispatch.sender import Sender
+from shared import metrics
 from shared.bus import Consumer
+from shared.contracts.bus import CHANNELS
 from shared.links import signer_from
 from shared.privacy import any_customer
 from shared.service import Runtime, create_service_app
@@ -79,6 +81,14 @@ async def _setup(rt: Runtime) -> None:
         ]
         rt.background += sender.tasks()
     await rewards.setup(rt)
+
+    async def backlog() -> None:
+        db = rt.db
+        assert db is not None
+        async with db.sessions() as session:
+            metrics.set_backlog(await store.backlog(session), CHANNELS)
+
+    metrics.add_sampler(rt, backlog)
     for c in rt.consumers:
         await c.start()
 

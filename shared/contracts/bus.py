@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.events import CloudEvent, iso, utcnow
-from shared.privacy import customer_subject
+from shared.privacy import customer_subject, event_subject
 
 Lane = Literal["realtime", "batch"]
 Platform = Literal["ios", "android", "web"]
@@ -313,3 +313,108 @@ class ProfileErased(BusMessage):
     TYPE: ClassVar[str] = "profile.erased"
     customer_id: str
     ids: list[str] = Field(default_factory=list)  # the customer's ids, folded ones included
+
+
+class EventOccurred(BusMessage):
+    """A behavioural event as the gateway accepted it (``events.<type>``); the envelope's
+    CloudEvents type is ``kairos.event.<type>``."""
+
+    TYPE: ClassVar[str] = "events"
+    type: str
+    customer_id: str | None = None
+    anonymous_id: str | None = None
+    time: str = Field(default_factory=lambda: iso(utcnow()))
+    properties: dict[str, Any] = Field(default_factory=dict)
+    received_at: str | None = None
+    principal: str | None = None
+
+    def subject_name(self) -> str:
+        return f"events.{self.type}"
+
+    def customer(self) -> str | None:
+        return self.customer_id or self.anonymous_id
+
+    def to_event(self, *, source: str, id_: str | None = None) -> tuple[str, CloudEvent]:
+        """``events.<token>.<type>``: the token right after ``events`` (see shared.privacy)."""
+        _, ev = super().to_event(source=source, id_=id_)
+        ev.type = f"kairos.event.{self.type}"
+        return event_subject(self.type, self.customer_id, self.anonymous_id), ev
+
+    def who(self) -> str | None:
+        """The customer before identity resolution: the id, else ``anon:<anonymous id>``."""
+        if self.customer_id:
+            return self.customer_id
+        return f"anon:{self.anonymous_id}" if self.anonymous_id else None
+
+    def as_fired(self, ev: CloudEvent) -> dict[str, Any]:
+        """What rules (``prop``), templates (``event``) and timers read of the event."""
+        return {"id": ev.id, "type": self.type, "time": self.time, "properties": self.properties}
+
+
+class CatalogChanged(BusMessage):
+    """An offer, a campaign or the contact policy changed (``catalog.changed``): every
+    decision replica reloads its catalog."""
+
+    TYPE: ClassVar[str] = "catalog.changed"
+    PERSONAL: ClassVar[bool] = False  # about the catalog, not a customer
+    kind: Literal["offer", "campaign", "contact_policy"]
+    id: str
+    version: int
+    state: str | None = None  # campaigns: the state it is in now
+
+    def customer(self) -> str | None:
+        return self.id  # the envelope's subject names the changed object
+
+
+class SegmentChanged(BusMessage):
+    """A segment was created or its rule replaced (``segment.changed``)."""
+
+    TYPE: ClassVar[str] = "segment.changed"
+    PERSONAL: ClassVar[bool] = False  # about the catalog, not a customer
+    segment_id: str
+    version: int
+    rule: dict[str, Any]
+
+    def customer(self) -> str | None:
+        return self.segment_id
+
+
+class SegmentDeleted(BusMessage):
+    """A segment was deleted (``segment.deleted``)."""
+
+    TYPE: ClassVar[str] = "segment.deleted"
+    PERSONAL: ClassVar[bool] = False  # about the catalog, not a customer
+    segment_id: str
+
+    def customer(self) -> str | None:
+        return self.segment_id
+
+
+class SegmentSnapshotReady(BusMessage):
+    """A segment's (or a campaign audience's) membership was frozen
+    (``segment.snapshot.ready``)."""
+
+    TYPE: ClassVar[str] = "segment.snapshot.ready"
+    PERSONAL: ClassVar[bool] = False  # about the catalog, not a customer
+    snapshot_id: str
+    segment_id: str | None = None
+    segment_version: int = 0
+    count: int = 0
+
+    def customer(self) -> str | None:
+        return self.segment_id
+
+
+class TimerFailed(BusMessage):
+    """A decision timer that kept failing, dead-lettered (``dlq.decision-timers``)."""
+
+    TYPE: ClassVar[str] = "dlq.decision-timers"
+    timer_id: str
+    kind: str
+    due: str
+    customer_id: str
+    campaign_id: str
+    unless_event: str | None = None
+    payload: dict[str, Any] = Field(default_factory=dict)
+    attempts: int = 0
+    error: str = ""

@@ -21,9 +21,9 @@ from cloudevents.v1.http import from_http as legacy_from_http
 from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
-from services.decision import arbitration
-from services.decision.engine import Live
-from services.decision.outbound import Item, Planner, tracking_id
+from services.decision import arbitration, messages
+from services.decision.outbound import tracking_id
+from services.decision.pipeline.model import Campaign, Offer, Treatment
 from shared.contracts.bus import (
     Address,
     BusMessage,
@@ -155,35 +155,57 @@ def test_provider_timestamps_are_kept_as_rfc3339() -> None:
 def test_outbound_and_touchpoint_contacts_carry_the_same_fields() -> None:
     """One builder: lane from the origin, control kind, the offer's reward and value, the
     campaign's conversion rule typed, ids stable per tracking id."""
-    body = {"priority": 70, "conversion": {"event": "pack.bought", "within": "3d"}}
-    live = Live("k-1", body, None, None, [], [{"id": "A", "offer": "o-1"}], None, None)
-    offer = {"value": 2.5, "reward": {"type": "points", "amount": 100}, "link": "https://x"}
+    camp = Campaign("k-1", priority=70, conversion=Conversion(event="pack.bought", within="3d"))
+    treatment = Treatment("A", "o-1")
+    offer = Offer("o-1", value=2.5, reward=Reward(type="points", amount=100), link="https://x")
     doc = {"customer_id": "c-1", "identities": {"msisdn": "+4915"}, "locale": "de"}
-    planner = Planner(None)  # type: ignore[arg-type]  # building messages needs no engine
     now = datetime.now(UTC)
+    common: dict[str, Any] = {"customer_id": "c-1", "campaign": camp, "treatment": treatment}
     for origin, lane in (({"run_id": "r-1"}, "batch"), ({"event_id": "e-1"}, "realtime")):
-        it = Item("c-1", doc, live, tracking_id("x", str(origin)), origin=origin)
-        it.treatment, it.offer = {"id": "A", "offer": "o-1"}, offer
-        subject, ev = planner._dispatch(it, "sms", {"text": "hi"}, now)
+        tracking = tracking_id("x", str(origin))
+        subject, ev = messages.dispatch_requested(
+            tracking_id=tracking,
+            doc=doc,
+            offer=offer,
+            channel="sms",
+            content={"text": "hi"},
+            at=now,
+            origin=origin,
+            **common,
+        )
         req = DispatchRequested.parse(ev)
         wire = customer_subject(
             "dispatch.requested.sms" + (".batch" if lane == "batch" else ""), "c-1"
         )
         assert subject == wire and ev.type == "dispatch.requested.sms"
-        assert ev.id == "dispatch-" + it.tracking
+        assert ev.id == "dispatch-" + tracking
         assert req.lane == lane and req.address == Address(msisdn="+4915")
         assert req.reward == Reward(type="points", amount=100) and req.priority == 70
-        _, ev = planner._contact(it, "sms", now)
+        _, ev = messages.contact_recorded(
+            tracking_id=tracking,
+            offer=offer,
+            channel="sms",
+            at=now,
+            origin=origin,
+            envelope_id="contact-" + tracking,
+            **common,
+        )
         c = ContactRecorded.parse(ev)
-        assert ev.id == "contact-" + it.tracking and c.tracking_id == it.tracking
+        assert ev.id == "contact-" + tracking and c.tracking_id == tracking
         assert c.control is False and c.control_kind is None and c.status == "offered"
         assert c.value == 2.5 and c.reward == req.reward
         assert c.conversion == Conversion(event="pack.bought", within="3d")
-        _, ev = planner._contact(it, None, now, control="campaign")
+        _, ev = messages.contact_recorded(
+            tracking_id=tracking,
+            offer=offer,
+            channel=None,
+            at=now,
+            control_kind="campaign",
+            **common,
+        )
         held = ContactRecorded.parse(ev)
         assert held.control and held.control_kind == "campaign" and held.status == "control"
-        assert held.tracking_id == tracking_id(it.tracking, "control")
-        assert ev.id == "contact-" + held.tracking_id
+        assert held.channel is None and held.run_id is None
 
 
 # -- from a running stack ---------------------------------------------------------------------
