@@ -409,6 +409,9 @@ class TimerFailed(BusMessage):
     """A decision timer that kept failing, dead-lettered (``dlq.decision-timers``)."""
 
     TYPE: ClassVar[str] = "dlq.decision-timers"
+    # Dead letters keep the DLQ's naming (``dlq.<name>``); erasure finds a customer's dead
+    # letters by their content, not by subject.
+    PERSONAL: ClassVar[bool] = False
     timer_id: str
     kind: str
     due: str
