@@ -174,3 +174,16 @@ def test_subjects_stored_without_a_token_get_it() -> None:
     assert with_token("contact.recorded", "c-1") == f"contact.recorded.{t}"
     assert with_token(f"contact.recorded.{t}", "c-1") == f"contact.recorded.{t}"
     assert with_token("response.received._", None) == "response.received._"
+
+
+def test_erasure_waits_only_for_consumers_that_may_read_a_customer() -> None:
+    from services.profile.erasure import _overlap
+
+    assert not _overlap("dispatch.receipt.>", "dispatch.requested.*.*")
+    assert _overlap("delivery.>", "delivery.*.*")
+    assert _overlap("events.>", "events.*.>")
+    assert _overlap("dispatch.requested.*.*", "dispatch.requested.*.*")
+    assert not _overlap("dispatch.requested.*.*", "dispatch.requested.*.batch.*")
+    assert _overlap("dispatch.requested.*.batch.*", "dispatch.requested.*.batch.*")
+    assert _overlap("profile.erased.*", "profile.*.*")
+    assert not _overlap("segment.>", "profile.*.*")
