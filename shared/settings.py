@@ -117,6 +117,10 @@ class Settings(BaseSettings):
     dispatch_retention_days: int = Field(default=30, ge=8)
 
     consumer_batch: int = 500
+    # The profile's events consumer: larger batches (fewer round trips per event) and two
+    # batches in flight (one is in Postgres while the other is in Redis or being parsed).
+    profile_events_batch: int = Field(default=1000, ge=1, le=10_000)
+    profile_events_in_flight: int = Field(default=2, ge=1, le=8)
     consumer_max_deliver: int = 5
     run_consumers: bool = True
     log_level: str = "INFO"

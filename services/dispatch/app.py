@@ -15,6 +15,7 @@ from shared import metrics
 from shared.bus import Consumer
 from shared.contracts.bus import CHANNELS
 from shared.links import signer_from
+from shared.privacy import any_customer
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
 
@@ -45,7 +46,7 @@ async def _setup(rt: Runtime) -> None:
             Consumer(
                 rt.bus,
                 "dispatch-requests",
-                ["dispatch.requested.*"],
+                [any_customer("dispatch.requested.*")],
                 "DISPATCH",
                 intake.handle,
                 batch=cfg.consumer_batch,
@@ -54,7 +55,7 @@ async def _setup(rt: Runtime) -> None:
             Consumer(
                 rt.bus,
                 "dispatch-requests-batch",
-                ["dispatch.requested.*.batch"],
+                [any_customer("dispatch.requested.*.batch")],
                 "DISPATCH",
                 intake.handle,
                 batch=cfg.consumer_batch,
@@ -72,7 +73,7 @@ async def _setup(rt: Runtime) -> None:
             Consumer(
                 rt.bus,
                 "dispatch-erasure",
-                ["profile.erased"],
+                [any_customer("profile.erased")],
                 "PROFILE",
                 intake.erase,
                 max_deliver=cfg.consumer_max_deliver,
