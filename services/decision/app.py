@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 from nats.aio.msg import Msg
 
+from services.decision import erasure
 from services.decision.catalog.endpoints import router as catalog_router
 from services.decision.decisions.endpoints import router as decisions_router
 from services.decision.engine import Engine
@@ -34,6 +35,7 @@ from shared.contracts.bus import (
     SegmentDeleted,
 )
 from shared.events import CloudEvent
+from shared.privacy import any_customer
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
 
@@ -113,7 +115,7 @@ async def _setup(rt: Runtime) -> None:
             Consumer(
                 rt.bus,
                 "decision-trigger-responses",
-                [ResponseRecorded.TYPE],
+                [any_customer(ResponseRecorded.TYPE)],
                 "RESPONSE",
                 triggers.handle_responses,
                 max_deliver=cfg.consumer_max_deliver,
@@ -127,11 +129,20 @@ async def _setup(rt: Runtime) -> None:
         learning = Learning(rt.redis, rt.keys, unanswered_s=cfg.decision_unanswered_s)
         rt.consumers += [
             Consumer(
-                rt.bus, "decision-propensity", [ResponseRecorded.TYPE], "RESPONSE", learning.handle
+                rt.bus,
+                "decision-propensity",
+                [any_customer(ResponseRecorded.TYPE)],
+                "RESPONSE",
+                learning.handle,
             ),
             Consumer(
-                rt.bus, "decision-offered", [ContactRecorded.TYPE], "CONTACT", learning.handle
+                rt.bus,
+                "decision-offered",
+                [any_customer(ContactRecorded.TYPE)],
+                "CONTACT",
+                learning.handle,
             ),
+            erasure.consumer(rt),
         ]
         rt.background.append(asyncio.create_task(learning.sweep_forever()))
     try:

@@ -38,6 +38,7 @@ from shared.contracts.bus import (
     Reward,
 )
 from shared.events import CloudEvent
+from shared.privacy import customer_subject
 from shared.stack import Stack
 from tests.conftest import auth
 from tests.helpers import eventually
@@ -112,9 +113,10 @@ def test_every_bus_message_is_a_structured_cloudevent(msg: BusMessage) -> None:
     assert sdk.get_specversion() == "1.0"
     assert sdk.get_id() == "ev-1"
     assert sdk.get_source() == "kairos/test"
-    # The type is the subject, but for a batch request's lane suffix (subject only).
-    assert subject == msg.subject_name()
-    assert sdk.get_type() == subject.removesuffix(".batch")
+    # The type is the subject without the customer token (and a batch request's lane).
+    kind = msg.subject_name()
+    assert subject == (customer_subject(kind, msg.customer()) if msg.PERSONAL else kind)
+    assert sdk.get_type() == kind.removesuffix(".batch")
     assert sdk.get_time() == datetime.fromisoformat(ev.time.replace("Z", "+00:00"))
     assert sdk.get_subject() == msg.customer()  # the customer, or no attribute at all
     assert sdk.get_datacontenttype() == "application/json"
@@ -172,7 +174,9 @@ def test_outbound_and_touchpoint_contacts_carry_the_same_fields() -> None:
             **common,
         )
         req = DispatchRequested.parse(ev)
-        wire = "dispatch.requested.sms" + (".batch" if lane == "batch" else "")
+        wire = customer_subject(
+            "dispatch.requested.sms" + (".batch" if lane == "batch" else ""), "c-1"
+        )
         assert subject == wire and ev.type == "dispatch.requested.sms"
         assert ev.id == "dispatch-" + tracking
         assert req.lane == lane and req.address == Address(msisdn="+4915")
@@ -220,7 +224,7 @@ class Capture:
         async def keep(msg: Any) -> None:
             self.msgs.append(msg)
 
-        for subject in ("dispatch.requested.>", "contact.recorded", "dlq.>"):
+        for subject in ("dispatch.requested.>", "contact.recorded.*", "dlq.>"):
             await js.subscribe(
                 f"{prefix}.{subject}",
                 cb=keep,
@@ -362,7 +366,7 @@ async def test_a_payload_that_does_not_parse_is_dead_lettered_by_each_consumer(
         js = nc.jetstream()
         for subject, data in bad.items():
             ev = CloudEvent.new(source="test", type=subject, subject=marker, data=data)
-            await js.publish(f"{prefix}.{subject}", ev.to_bytes())
+            await js.publish(f"{prefix}.{customer_subject(subject, marker)}", ev.to_bytes())
     finally:
         await nc.close()
     want = {

@@ -53,6 +53,7 @@ from shared.db import Database
 from shared.errors import Conflict, NotFound, Unavailable
 from shared.events import CloudEvent, iso
 from shared.paging import encode_cursor
+from shared.privacy import events_of_type
 
 log = logging.getLogger("kairos.decision.runs")
 PAGE = 5_000
@@ -426,7 +427,7 @@ class Runs:
         since = datetime.now(UTC) - timedelta(days=1)
         js = self.bus.js
         sub = await js.pull_subscribe(
-            self.bus.subject(EventOccurred(type=event_type).subject_name()),
+            self.bus.subject(events_of_type(event_type)),
             stream=self.bus.stream("EVENTS"),
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.BY_START_TIME,

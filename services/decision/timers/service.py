@@ -34,6 +34,7 @@ from shared.bus import Bus
 from shared.contracts.bus import TimerFailed
 from shared.db import Database, is_transient
 from shared.events import CloudEvent, iso
+from shared.privacy import with_token
 from shared.redis import read_projections
 
 log = logging.getLogger("kairos.decision.timers")
@@ -231,9 +232,10 @@ class Timers:
                 counts.observe("timer", Outcome("ineligible", "inactive"))
                 continue
             if t.kind == "send":
-                records += [
-                    (subject, CloudEvent.model_validate(ev)) for subject, ev in t.payload["records"]
-                ]
+                # records stored before subjects carried the customer token get it now
+                for subject, raw in t.payload["records"]:
+                    ev = CloudEvent.model_validate(raw)
+                    records.append((with_token(subject, ev.subject), ev))
                 counts.observe("timer", Outcome("dispatched", "deferred_send"))
                 continue
             if t.kind == "fire" and t.unless_event and answered(docs.get(t.customer_id), t):
