@@ -395,7 +395,6 @@ class SegmentSnapshotReady(BusMessage):
     (``segment.snapshot.ready``)."""
 
     TYPE: ClassVar[str] = "segment.snapshot.ready"
-    PERSONAL: ClassVar[bool] = False  # about a segment, not a customer
     PERSONAL: ClassVar[bool] = False  # about the catalog, not a customer
     snapshot_id: str
     segment_id: str | None = None
