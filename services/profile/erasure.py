@@ -47,7 +47,7 @@ log = logging.getLogger("kairos.profile.erasure")
 Batch = Sequence[tuple[Msg, CloudEvent]]
 
 NAME = "profile-erasure"
-PATIENCE = 4  # deliveries of one erasure waiting for the other consumers (~40 s)
+PATIENCE = 30  # deliveries of one erasure waiting for the other consumers (~90 s)
 STREAMS = tuple(dict.fromkeys(s for s, _ in CUSTOMER_SUBJECTS))
 ERASURE_SECONDS = Histogram(
     "kairos_erasure_seconds",
@@ -59,7 +59,7 @@ ERASURE_SECONDS = Histogram(
 class Erasure:
     """The ``profile-erasure`` consumer's work (one erasure at a time)."""
 
-    def __init__(self, rt: Runtime, *, wait_s: float = 8.0) -> None:
+    def __init__(self, rt: Runtime, *, wait_s: float = 1.0) -> None:
         self.rt = rt
         self.bus = rt.bus
         self.redis = rt.redis

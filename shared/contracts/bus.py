@@ -409,6 +409,8 @@ class TimerFailed(BusMessage):
     """A decision timer that kept failing, dead-lettered (``dlq.decision-timers``)."""
 
     TYPE: ClassVar[str] = "dlq.decision-timers"
+    # a dead letter like every other (dlq.<name>): erasure scans the small DLQ by content
+    PERSONAL: ClassVar[bool] = False
     timer_id: str
     kind: str
     due: str
