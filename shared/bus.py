@@ -266,6 +266,21 @@ class Bus:
         if futures:
             await asyncio.wait_for(asyncio.gather(*futures), timeout)
 
+    async def ack_all(self, msgs: Sequence[Msg]) -> None:
+        """Acknowledge JetStream messages in one write (an ack is an empty publish to the
+        message's reply subject); one ``Msg.ack`` each when disconnected (nats-py buffers)."""
+        msgs = [m for m in msgs if m.reply]  # an empty reply would break the protocol line
+        if not msgs:
+            return
+        if self.nc is None or not self.nc.is_connected:
+            for m in msgs:
+                await m.ack()
+            return
+        await self.nc._send_command(b"".join(b"PUB %s 0\r\n\r\n" % m.reply.encode() for m in msgs))
+        await self.nc._flush_pending()
+        for m in msgs:
+            m._ackd = True
+
     async def publish_raw(self, wire_subject: str, payload: bytes, headers: dict[str, str]) -> None:
         await self.js.publish(wire_subject, payload, headers=headers)
 
@@ -551,9 +566,9 @@ class Consumer:
                     CONSUMED.labels(self.name, "ok").inc()
             return
         wait = {id(m) for m in later or ()}
-        await asyncio.gather(
-            *(m.nak(delay=self.nak_delay_s) if id(m) in wait else m.ack() for m, _ in good)
-        )
+        for m in later or ():
+            await m.nak(delay=self.nak_delay_s)
+        await self.bus.ack_all([m for m, _ in good if id(m) not in wait])
         CONSUMED.labels(self.name, "ok").inc(len(good) - len(wait))
         if wait:
             CONSUMED.labels(self.name, "later").inc(len(wait))

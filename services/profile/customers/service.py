@@ -397,7 +397,7 @@ class EventData:
     @classmethod
     def from_cloudevent(cls, ev: CloudEvent) -> EventData:
         d = ev.data
-        t = datetime.fromisoformat(str(d.get("time") or ev.time).replace("Z", "+00:00"))
+        t = datetime.fromisoformat(str(d.get("time") or ev.time))  # "Z" is read since 3.11
         if t.tzinfo is None:
             t = t.replace(tzinfo=UTC)
         return cls(
