@@ -259,9 +259,16 @@ async def decision(ctx: Context, run: int) -> dict[str, Any]:
     for spy in spies:
         if spy is not None:
             spy.wait(30)
+    floor_pid = _listening_pid(ctx.floor_port)
+    floor_meter = CpuMeter({"floor": floor_pid} if floor_pid else {})
+    floor_meter.start()
     floor = await closed_loop(
         "127.0.0.1", ctx.floor_port, ctx.headers, _floor, concurrency=32, duration=secs
     )
+    # what one bare FastAPI request costs its process, for comparison with the split above
+    out["floor_cpu_us_per_request"] = floor_meter.per_request(len(floor.latencies))[
+        "other_processes"
+    ]
     out["gateway_saturated"] = sat.summary()
     out["floor_saturated"] = floor.summary()
     out["saturated_vs_floor"] = round(sat.rate / floor.rate, 3) if floor.rate else None
