@@ -132,7 +132,7 @@ async def test_a_decision_is_one_trace_from_the_client_through_gateway_and_decis
         async def on_contact(msg: Any) -> None:
             contacts.append(msg)
 
-        await js.subscribe(f"{prefix}.contact.recorded", cb=on_contact, ordered_consumer=True)
+        await js.subscribe(f"{prefix}.contact.recorded.>", cb=on_contact, ordered_consumer=True)
         header, trace_id, client_span = _traceparent()
         r = await tgw.post("/v1/decisions", json=ask, headers={"traceparent": header})
         assert r.status_code == 200, r.text
