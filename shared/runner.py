@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uvicorn
 
+from shared.deadlines import guarded_protocol
 from shared.settings import get_settings
 
 
@@ -19,4 +20,6 @@ def serve(name: str, factory: str) -> None:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=20,
+        # A slow-loris client gets a 408 instead of holding a connection open forever.
+        http=guarded_protocol(s.request_header_timeout_s),
     )

@@ -1,0 +1,176 @@
+"""Read deadlines for HTTP requests: a slow-loris client (headers or body trickled a byte at
+a time) gets a clear 408 and its connection closed, instead of holding a socket and memory.
+
+uvicorn times out idle keep-alive connections but not a request whose headers never finish,
+so the header deadline lives in the HTTP protocol (``GuardedHttpTools``, used by
+``shared.runner``). The body deadline is ASGI middleware (``BodyDeadline``): it counts only
+the time spent waiting on the client, so a long import the server reads slowly (its own
+back-pressure) is never cut short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from shared import errors
+
+
+def _raw_problem(status: int, reason: str, detail: str) -> bytes:
+    """A complete HTTP/1.1 problem+json response that closes the connection."""
+    body = orjson.dumps(
+        {
+            "type": f"https://kairos.dev/problems/{status}",
+            "title": reason,
+            "status": status,
+            "detail": detail,
+        }
+    )
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: {errors.PROBLEM}\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class GuardedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline and a size bound on request headers."""
+
+    header_timeout_s: float = 10.0
+    max_header_bytes: int = 65_536
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._header_bytes = 0
+        super().connection_made(transport)
+        self._arm()  # a connection that never sends a request is closed too
+
+    def _awaiting_headers(self) -> bool:
+        cycle = self.cycle
+        return cycle is None or bool(cycle.response_complete)
+
+    def _arm(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._expired)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def data_received(self, data: bytes) -> None:
+        waiting = self._awaiting_headers()
+        if waiting:
+            self._header_bytes += len(data)
+            self._arm()
+            if self._header_bytes > self.max_header_bytes:
+                self._refuse(
+                    431,
+                    "Request Header Fields Too Large",
+                    f"The request headers are larger than {self.max_header_bytes} bytes.",
+                )
+                return
+        super().data_received(data)
+        if waiting and not self._awaiting_headers():  # the headers are complete
+            self._disarm()
+            self._header_bytes = 0
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._header_bytes = 0  # the next request on this connection starts afresh
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _expired(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or not self._awaiting_headers():
+            return
+        self._refuse(
+            408,
+            "Request Timeout",
+            f"The request headers did not arrive within {self.header_timeout_s:g} s.",
+        )
+
+    def _refuse(self, status: int, reason: str, detail: str) -> None:
+        self._disarm()
+        if not self.transport.is_closing():
+            self.transport.write(_raw_problem(status, reason, detail))
+            self.transport.close()
+
+
+def guarded_protocol(header_timeout_s: float, max_header_bytes: int = 65_536) -> type[Any]:
+    """The protocol class for ``uvicorn.run(http=...)`` with these bounds."""
+    return type(
+        "GuardedHttpTools",
+        (GuardedHttpTools,),
+        {"header_timeout_s": header_timeout_s, "max_header_bytes": max_header_bytes},
+    )
+
+
+class BodyTimedOut(StarletteHTTPException):
+    """Raised from ``receive``: FastAPI passes an HTTPException from body parsing through
+    unchanged, and the problem+json handler renders it (a plain exception became a 400)."""
+
+    def __init__(self, idle_s: float, total_s: float) -> None:
+        super().__init__(
+            408,
+            "The request body did not arrive in time "
+            f"(at most {idle_s:g} s between chunks, {total_s:g} s in all).",
+            headers={"connection": "close"},
+        )
+
+
+class BodyDeadline:
+    """Answers 408 when a request body's client keeps the server waiting too long: more than
+    ``idle_s`` for one chunk, or more than ``total_s`` waiting in all (time the server spends
+    on its own work between reads does not count)."""
+
+    def __init__(self, app: ASGIApp, idle_s: float, total_s: float) -> None:
+        self.app = app
+        self.idle_s = idle_s
+        self.total_s = total_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        waited = 0.0
+        body_done = False
+        started = False
+
+        async def _receive() -> Message:
+            nonlocal waited, body_done
+            if body_done:  # after the body: waiting for a disconnect is the app's business
+                return await receive()
+            budget = min(self.idle_s, self.total_s - waited)
+            t0 = time.monotonic()
+            try:
+                msg = await asyncio.wait_for(receive(), max(budget, 0.0))
+            except TimeoutError:
+                raise BodyTimedOut(self.idle_s, self.total_s) from None
+            waited += time.monotonic() - t0
+            if msg["type"] != "http.request" or not msg.get("more_body", False):
+                body_done = True
+            return msg
+
+        async def _send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, _receive, _send)
+        except BodyTimedOut as exc:  # raised outside the app's own exception handling
+            if started:
+                return  # the response is under way; the connection simply ends
+            resp = errors.problem(408, str(exc.detail), headers={"connection": "close"})
+            await resp(scope, receive, send)
