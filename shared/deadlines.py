@@ -40,7 +40,11 @@ def _raw_problem(status: int, reason: str, detail: str) -> bytes:
 
 
 class GuardedHttpTools(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline and a size bound on request headers."""
+    """uvicorn's httptools protocol with a deadline and a size bound on request headers.
+
+    The clock starts when the connection opens and again when a request's first byte
+    arrives; it stops when that request's headers are complete. Header bytes are counted
+    in the parser's callbacks, so a body sent in the same packet never counts."""
 
     header_timeout_s: float = 10.0
     max_header_bytes: int = 65_536
@@ -48,12 +52,9 @@ class GuardedHttpTools(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._header_timer: asyncio.TimerHandle | None = None
         self._header_bytes = 0
+        self._in_headers = False
         super().connection_made(transport)
         self._arm()  # a connection that never sends a request is closed too
-
-    def _awaiting_headers(self) -> bool:
-        cycle = self.cycle
-        return cycle is None or bool(cycle.response_complete)
 
     def _arm(self) -> None:
         if self._header_timer is None:
@@ -64,26 +65,33 @@ class GuardedHttpTools(HttpToolsProtocol):
             self._header_timer.cancel()
             self._header_timer = None
 
-    def data_received(self, data: bytes) -> None:
-        waiting = self._awaiting_headers()
-        if waiting:
-            self._header_bytes += len(data)
-            self._arm()
-            if self._header_bytes > self.max_header_bytes:
-                self._refuse(
-                    431,
-                    "Request Header Fields Too Large",
-                    f"The request headers are larger than {self.max_header_bytes} bytes.",
-                )
-                return
-        super().data_received(data)
-        if waiting and not self._awaiting_headers():  # the headers are complete
-            self._disarm()
-            self._header_bytes = 0
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_headers = True
+        self._header_bytes = 0
+        self._arm()
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._header_bytes = 0  # the next request on this connection starts afresh
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self._header_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self._header_bytes += len(name) + len(value) + 4
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        self._disarm()
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._in_headers and self._header_bytes > self.max_header_bytes:
+            self._refuse(
+                431,
+                "Request Header Fields Too Large",
+                f"The request headers are larger than {self.max_header_bytes} bytes.",
+            )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -91,7 +99,7 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def _expired(self) -> None:
         self._header_timer = None
-        if self.transport.is_closing() or not self._awaiting_headers():
+        if self.transport.is_closing() or not (self._in_headers or self.cycle is None):
             return
         self._refuse(
             408,
@@ -101,6 +109,7 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def _refuse(self, status: int, reason: str, detail: str) -> None:
         self._disarm()
+        self._in_headers = False
         if not self.transport.is_closing():
             self.transport.write(_raw_problem(status, reason, detail))
             self.transport.close()
