@@ -53,6 +53,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._header_bytes = 0
         self._in_headers = False
+        self._refused = False
         super().connection_made(transport)
         self._arm()  # a connection that never sends a request is closed too
 
@@ -80,18 +81,34 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._header_bytes += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
+        if self._header_bytes > self.max_header_bytes:  # all of them came in one read
+            self._too_large()
+            return
         self._in_headers = False
         self._disarm()
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused:
+            super().on_message_complete()
+
+    def _too_large(self) -> None:
+        self._refuse(
+            431,
+            "Request Header Fields Too Large",
+            f"The request headers are larger than {self.max_header_bytes} bytes.",
+        )
+
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         super().data_received(data)
         if self._in_headers and self._header_bytes > self.max_header_bytes:
-            self._refuse(
-                431,
-                "Request Header Fields Too Large",
-                f"The request headers are larger than {self.max_header_bytes} bytes.",
-            )
+            self._too_large()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -110,6 +127,7 @@ class GuardedHttpTools(HttpToolsProtocol):
     def _refuse(self, status: int, reason: str, detail: str) -> None:
         self._disarm()
         self._in_headers = False
+        self._refused = True
         if not self.transport.is_closing():
             self.transport.write(_raw_problem(status, reason, detail))
             self.transport.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -130,9 +132,13 @@ class EventLoad:
         return {s: n for s, n in self.statuses.items() if s.startswith("5") and s != "503"}
 
 
-def _numbers(ids: list[str], u: str) -> dict[str, str]:
-    tail = str(int(u[:4], 16) % 100).zfill(2)
-    return {c: "+4917" + str(10**8 + i) + tail for i, c in enumerate(ids)}
+_BLOCKS = itertools.count(random.randrange(900))
+
+
+def numbers_for(ids: list[str]) -> dict[str, str]:
+    """Mobile numbers nobody else in this run has (a block of ten million per call)."""
+    block = next(_BLOCKS) % 1000
+    return {c: f"+4917{block:03d}{i:07d}" for i, c in enumerate(ids)}
 
 
 async def import_customers(
@@ -203,7 +209,7 @@ class Batch:
 async def batch_campaign(gw: httpx.AsyncClient, n: int) -> Batch:
     u = u8()
     ids = [f"b{u}-{i}" for i in range(n)]
-    numbers = _numbers(ids, u)
+    numbers = numbers_for(ids)
     await import_customers(gw, ids, f"batch:{u}", numbers)
     await sms_offer(gw, f"off-{u}")
     cmp = f"batch-{u}"

@@ -19,6 +19,7 @@ from tests.faults.flows import (
     contacts,
     final_run,
     import_customers,
+    numbers_for,
     run_state,
     settle_delivery,
     sms_counts,
@@ -72,7 +73,7 @@ async def test_kill_selection_mid_index_loses_no_customer(
     n = N_EVENTS
     u = u8()
     ids = [f"s{u}-{i}" for i in range(n)]
-    numbers = {c: "+4916" + str(10**8 + i) for i, c in enumerate(ids)}
+    numbers = numbers_for(ids)
     rule = {"rule": {"tag": f"sel:{u}"}}
 
     async def count() -> int:
