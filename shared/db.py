@@ -40,6 +40,7 @@ _UNAVAILABLE = (OperationalError, InterfaceError, ConnectionError, TimeoutError,
 # intervention (57P01-57P05: shutdown, crash recovery, "cannot connect now"). A statement
 # timeout (57014) is the caller's own bound and stays what it is.
 _TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57P")
+_UNAVAILABLE_ALL = (*_UNAVAILABLE, RedisConnectionError, RedisTimeoutError, BusyLoadingError)
 
 
 def _sqlstate(exc: BaseException) -> str | None:
@@ -56,7 +57,7 @@ def _sqlstate(exc: BaseException) -> str | None:
 def is_transient(exc: BaseException) -> bool:
     """A dependency (Postgres, Redis, the network) is unavailable: retry later rather than
     give up. The one rule behind both a consumer's nak and an HTTP 503 with Retry-After."""
-    if isinstance(exc, _UNAVAILABLE | RedisConnectionError | RedisTimeoutError | BusyLoadingError):
+    if isinstance(exc, _UNAVAILABLE_ALL):
         return True
     code = _sqlstate(exc)
     if code is not None and code.startswith(_TRANSIENT_SQLSTATE_PREFIXES):

@@ -116,7 +116,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> Response:
-        return problem(exc.status, exc.detail, title=exc.title, errors=exc.errors)
+        retry = {"retry-after": "1"} if exc.status == 503 else None  # says when to come back
+        return problem(exc.status, exc.detail, title=exc.title, errors=exc.errors, headers=retry)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Response:

@@ -57,17 +57,25 @@ class EventLoad:
         return [evs[i : i + self.batch] for i in range(0, len(evs), self.batch)]
 
     async def run(
-        self, fault: Callable[[], Awaitable[None]] | None = None, *, at: float = 0.3
+        self,
+        fault: Callable[[], Awaitable[None]] | None = None,
+        *,
+        at: float = 0.3,
+        min_duration_s: float = 8.0,
     ) -> float:
-        """Send everything; run ``fault`` once ``at`` of the batches were accepted.
-        Returns the seconds from the fault's start until the next batch was accepted."""
+        """Send everything, paced to last at least ``min_duration_s``, while a side worker
+        writes and reads customers (Postgres and Redis on the request path). Once ``at`` of
+        the batches were accepted, ``fault`` starts in the background: the load goes on
+        meanwhile. Returns the longest stretch without an accepted batch (seconds)."""
         queue: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue()
         for b in self._batches():
             queue.put_nowait(b)
         total = queue.qsize()
-        fired = asyncio.Event()
-        fault_started: list[float] = []
-        recovered: list[float] = []
+        pause = min_duration_s * self.workers / max(total, 1)
+        faults: list[asyncio.Task[None]] = []
+        last_ok = [time.monotonic()]
+        longest = [0.0]
+        done = asyncio.Event()
 
         async def worker() -> None:
             while True:
@@ -85,20 +93,48 @@ class EventLoad:
                     if status == "202":
                         break
                     await asyncio.sleep(0.1)
+                now = time.monotonic()
+                longest[0] = max(longest[0], now - last_ok[0])
+                last_ok[0] = now
                 for ev in b:
                     self.accepted[ev["customer_id"]] += 1
                 self.sent_batches += 1
-                if fault_started and not recovered:
-                    recovered.append(time.monotonic())
-                if fault is not None and not fired.is_set() and self.sent_batches >= total * at:
-                    fired.set()
-                    fault_started.append(time.monotonic())
-                    await fault()
+                if fault is not None and not faults and self.sent_batches >= total * at:
+                    faults.append(asyncio.create_task(fault()))
+                await asyncio.sleep(pause)
 
-        await asyncio.gather(*(worker() for _ in range(self.workers)))
-        if fault_started and recovered:
-            return round(recovered[0] - fault_started[0], 2)
-        return 0.0
+        async def side() -> None:
+            """Customer writes and reads next to the events: answers are 2xx or a 503."""
+            k = 0
+            while not done.is_set():
+                k += 1
+                cid = f"{self.prefix}-side-{k % 20}"
+                for method, what in (("PUT", "put"), ("GET", "get")):
+                    try:
+                        r = await self.gw.request(
+                            method,
+                            f"/v1/customers/{cid}",
+                            json={"attributes": {"k": k}} if method == "PUT" else None,
+                            timeout=30,
+                        )
+                        status = str(r.status_code)
+                        if status == "503":
+                            assert r.headers.get("retry-after"), r.headers
+                            assert r.headers["content-type"] == "application/problem+json"
+                    except httpx.HTTPError as exc:
+                        status = type(exc).__name__
+                    self.statuses[f"{what}:{status}"] += 1
+                await asyncio.sleep(0.05)
+
+        side_task = asyncio.create_task(side())
+        try:
+            await asyncio.gather(*(worker() for _ in range(self.workers)))
+            for t in faults:
+                await t
+        finally:
+            done.set()
+            await side_task
+        return round(longest[0], 2)
 
     async def counted(self) -> dict[str, int]:
         """Each customer's count of this load's event type, as the profile shows it."""
@@ -129,7 +165,11 @@ class EventLoad:
 
     def server_errors(self) -> dict[str, int]:
         """Answers a client cannot act on: any 5xx but a 503 (which says "retry")."""
-        return {s: n for s, n in self.statuses.items() if s.startswith("5") and s != "503"}
+        return {
+            s: n
+            for s, n in self.statuses.items()
+            if s.rpartition(":")[2].startswith("5") and s.rpartition(":")[2] != "503"
+        }
 
 
 _BLOCKS = itertools.count(random.randrange(900))

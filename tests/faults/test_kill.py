@@ -50,7 +50,7 @@ async def test_kill_mid_event_stream_loses_no_accepted_event(
     async def fault() -> None:
         ready.append(await _kill_and_restart(fstack, process))
 
-    await load.run(fault)
+    stalled = await load.run(fault)
     counts = await load.settle()
     lost, doubled = load.lost(counts), load.doubled(counts)
     figures.add(
@@ -61,6 +61,7 @@ async def test_kill_mid_event_stream_loses_no_accepted_event(
         duplicates=doubled,
         in_doubt="n/a",
         ready_s=ready[0],
+        stalled_s=stalled,
         answers=dict(load.statuses),
     )
     assert lost == 0 and doubled == 0, (lost, doubled)
