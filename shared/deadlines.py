@@ -39,6 +39,9 @@ def _raw_problem(status: int, reason: str, detail: str) -> bytes:
     return head.encode() + body
 
 
+LINGER_S = 2.0
+
+
 class GuardedHttpTools(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline and a size bound on request headers.
 
@@ -129,8 +132,13 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._in_headers = False
         self._refused = True
         if not self.transport.is_closing():
+            # A lingering close: the answer, then our FIN, while what the client still sends
+            # is read and dropped for a moment. Closing at once with unread input would
+            # send a reset, which can destroy the answer before the client reads it.
             self.transport.write(_raw_problem(status, reason, detail))
-            self.transport.close()
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
 
 
 def guarded_protocol(header_timeout_s: float, max_header_bytes: int = 65_536) -> type[Any]:
