@@ -32,8 +32,6 @@ N_BATCH = max(1_000, int(100_000 * SCALE))
 N_MESSAGES = max(200, int(10_000 * SCALE))
 HEADER_TIMEOUT_S = 2.0
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="session")
 def fstack(tmp_path_factory: pytest.TempPathFactory, peers: dict[str, Peer]) -> Iterator[Stack]:
