@@ -157,16 +157,21 @@ class BodyTimedOut(StarletteHTTPException):
     def __init__(self, idle_s: float, total_s: float) -> None:
         super().__init__(
             408,
-            "The request body did not arrive in time "
-            f"(at most {idle_s:g} s between chunks, {total_s:g} s in all).",
+            "The request body did not arrive in time (at most "
+            f"{idle_s:g} s between chunks; after {total_s:g} s at least "
+            f"{MIN_BODY_RATE // 1024} KiB/s).",
             headers={"connection": "close"},
         )
 
 
+MIN_BODY_RATE = 16 * 1024  # bytes/s a body must average once it has taken total_s
+
+
 class BodyDeadline:
     """Answers 408 when a request body's client keeps the server waiting too long: more than
-    ``idle_s`` for one chunk, or more than ``total_s`` waiting in all (time the server spends
-    on its own work between reads does not count)."""
+    ``idle_s`` for one chunk, or, after ``total_s`` spent waiting, averaging under
+    ``MIN_BODY_RATE`` (a trickle). Time the server spends on its own work between reads does
+    not count, and a large upload at a real rate is never cut short."""
 
     def __init__(self, app: ASGIApp, idle_s: float, total_s: float) -> None:
         self.app = app
@@ -178,20 +183,23 @@ class BodyDeadline:
             await self.app(scope, receive, send)
             return
         waited = 0.0
+        received = 0
         body_done = False
         started = False
 
         async def _receive() -> Message:
-            nonlocal waited, body_done
+            nonlocal waited, received, body_done
             if body_done:  # after the body: waiting for a disconnect is the app's business
                 return await receive()
-            budget = min(self.idle_s, self.total_s - waited)
+            if waited > self.total_s and received < MIN_BODY_RATE * waited:
+                raise BodyTimedOut(self.idle_s, self.total_s)
             t0 = time.monotonic()
             try:
-                msg = await asyncio.wait_for(receive(), max(budget, 0.0))
+                msg = await asyncio.wait_for(receive(), self.idle_s)
             except TimeoutError:
                 raise BodyTimedOut(self.idle_s, self.total_s) from None
             waited += time.monotonic() - t0
+            received += len(msg.get("body", b""))
             if msg["type"] != "http.request" or not msg.get("more_body", False):
                 body_done = True
             return msg

@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     upstream_timeout_s: float = 5.0
     max_body_bytes: int = 1_048_576
     # Slow clients: request headers must arrive within this (else 408 and the connection
-    # closes); a body may keep the server waiting at most idle_s per chunk, timeout_s in all.
+    # closes); a body may keep the server waiting at most idle_s per chunk, and after
+    # timeout_s of waiting it must average 16 KiB/s (shared.deadlines).
     request_header_timeout_s: float = 10.0
     request_body_idle_s: float = 10.0
     request_body_timeout_s: float = 60.0
