@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint format migrate bench clean
+.PHONY: install run test lint format migrate bench clean faults
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ run: install
 test: install
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+# The fault suite at the issue's sizes (FAULTS_SCALE=1; `make test` runs it at 0.02); the
+# figures go to bench/results/faults.json, `python -m tests.faults.table` renders them.
+faults: install
+	FAULTS_SCALE=$${FAULTS_SCALE:-1} FAULTS_OUT=$${FAULTS_OUT:-bench/results/faults.json} \
+		$(PY) -m pytest tests/faults -v $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff format --check .

@@ -11,7 +11,8 @@ import fastapi.responses
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
+from redis.exceptions import RedisError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -115,7 +116,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> Response:
-        return problem(exc.status, exc.detail, title=exc.title, errors=exc.errors)
+        retry = {"retry-after": "1"} if exc.status == 503 else None  # says when to come back
+        return problem(exc.status, exc.detail, title=exc.title, errors=exc.errors, headers=retry)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Response:
@@ -131,10 +133,19 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(RedisError)
     @app.exception_handler(ConnectionError)
     @app.exception_handler(TimeoutError)
+    @app.exception_handler(OSError)
     async def _unavailable(request: Request, exc: Exception) -> Response:
-        log.warning("dependency unavailable on %s %s: %s", request.method, request.url.path, exc)
+        # One rule (shared.db.is_transient) for "a dependency is down": Postgres restarting
+        # or out of connections, Redis or the network gone. Anything else is a real 500.
+        from shared.db import is_transient
+
+        if not is_transient(exc):
+            return await _unexpected(request, exc)
+        log.warning("dependency unavailable on %s %s: %r", request.method, request.url.path, exc)
         return problem(
             503,
             "A backing store is not reachable right now; nothing was changed. Retry shortly.",
