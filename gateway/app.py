@@ -6,8 +6,8 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 
+import gateway.openapi
 from gateway import catalog, customers, dispatch, events, feedback, links, rewards, segments
 from gateway.upstream import Upstreams
 from shared.auth import dev_key_path, load_keyring
@@ -52,16 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            doc = get_openapi(
-                title="Kairos",
-                version="1",
-                routes=app.routes,
-                description="Real-time campaign management: the public /v1 API.",
-            )
-            doc.setdefault("components", {}).setdefault("schemas", {}).update(events.EXTRA_SCHEMAS)
-            doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-            doc["security"] = [{"bearer": []}]
-            app.openapi_schema = doc
+            app.openapi_schema = gateway.openapi.build(app, cfg)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

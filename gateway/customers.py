@@ -18,7 +18,9 @@ from shared.contracts.customers import (
     CustomerPut,
     CustomerView,
     Device,
+    ErasureAccepted,
     ImportResult,
+    LookupResult,
     MergeList,
     MergeRecord,
     MergeRequest,
@@ -79,7 +81,7 @@ async def patch_customer(
     return await _forward(request, rt, principal, "PATCH", f"/v1/customers/{customer_id}", body)
 
 
-@router.delete("/v1/customers/{customer_id}", status_code=202)
+@router.delete("/v1/customers/{customer_id}", status_code=202, response_model=ErasureAccepted)
 async def erase_customer(
     request: Request, customer_id: CustomerId, principal: Writer, rt: RuntimeDep
 ) -> Response:
@@ -115,7 +117,7 @@ async def list_merges(
     return await _forward(request, rt, principal, "GET", f"/v1/customers/{customer_id}/merges")
 
 
-@router.get("/v1/customers:lookup")
+@router.get("/v1/customers:lookup", response_model=LookupResult)
 async def lookup_customer(
     principal: Reader,
     rt: RuntimeDep,

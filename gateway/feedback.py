@@ -19,6 +19,7 @@ from starlette.responses import Response, StreamingResponse
 from gateway.upstream import Upstreams, forward
 from shared.auth import Principal, require
 from shared.contracts.catalog import ID_PATTERN
+from shared.contracts.params import MONTH_PATTERN
 from shared.contracts.reports import CampaignReport, ProgrammeReport, ResponseAccepted, ResponseIn
 from shared.errors import Unavailable
 from shared.service import Runtime, runtime
@@ -73,7 +74,9 @@ async def programme_report(
     request: Request,
     principal: Reporter,
     rt: RuntimeDep,
-    month: Annotated[str | None, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$")] = None,
+    month: Annotated[
+        str | None, Query(pattern=MONTH_PATTERN, description="YYYY-MM, default now")
+    ] = None,
 ) -> Response:
     """The global control group against everyone treated, and contacts per customer."""
     params = {"month": month} if month else None

@@ -11,13 +11,43 @@ import fastapi.responses
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 log = logging.getLogger("kairos.errors")
 
 PROBLEM = "application/problem+json"
+PROBLEM_BASE = "https://kairos.dev/problems/"
+
+
+class ProblemIssue(BaseModel):
+    """One field at fault (a Kairos extension member of the problem document)."""
+
+    model_config = ConfigDict(extra="allow")
+    loc: list[str | int] = Field(
+        description="Where: the field's path in the body (or 'path'/'query'/'header' first)"
+    )
+    msg: str = Field(description="What is wrong with it, for a person")
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, the body of every error answer (``application/problem+json``)."""
+
+    model_config = ConfigDict(extra="allow", title="Problem")
+    type: str = Field(
+        description="A URI naming the kind of problem",
+        examples=[PROBLEM_BASE + "422"],
+        json_schema_extra={"format": "uri"},
+    )
+    title: str = Field(description="A short summary of the kind of problem")
+    status: int = Field(ge=400, le=599, description="The HTTP status code")
+    detail: str = Field(description="What went wrong this time, for a person to act on")
+    instance: str | None = Field(default=None, description="A URI for this occurrence")
+    errors: list[ProblemIssue] | None = Field(
+        default=None, description="Kairos: each field at fault, for 4xx answers about input"
+    )
 
 
 class DomainError(Exception):
@@ -77,7 +107,7 @@ def problem(
 ) -> Response:
     """Render one problem document."""
     body: dict[str, Any] = {
-        "type": f"https://kairos.dev/problems/{status}",
+        "type": f"{PROBLEM_BASE}{status}",
         "title": title or HTTPStatus(status).phrase,
         "status": status,
         "detail": detail,
@@ -141,10 +171,41 @@ def install(app: FastAPI) -> None:
             headers={"retry-after": "1"},
         )
 
+    @app.exception_handler(DataError)
+    async def _bad_value(request: Request, exc: DataError) -> Response:
+        return _value_problem(request, exc)
+
+    @app.exception_handler(DBAPIError)
+    async def _db(request: Request, exc: DBAPIError) -> Response:
+        if _is_value_error(exc):
+            return _value_problem(request, exc)
+        log.exception("database error on %s %s", request.method, request.url.path)
+        return problem(500, "An unexpected error occurred; it has been logged.")
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem(500, "An unexpected error occurred; it has been logged.")
+
+
+def _is_value_error(exc: DBAPIError) -> bool:
+    """Postgres refused a value (SQLSTATE class 22: out of range, bad text, too long) or the
+    driver did before sending it (asyncpg's client-side DataError)."""
+    orig = getattr(exc, "orig", None)
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or ""
+    return isinstance(exc, DataError) or str(state).startswith("22")
+
+
+def _value_problem(request: Request, exc: DBAPIError) -> Response:
+    # The request passed validation but a value does not fit the store (e.g. an integer
+    # beyond 64 bits): the caller's input, so a 4xx, and the transaction was rolled back.
+    reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:300]
+    log.info("value refused by the database on %s %s: %s", request.method, request.url.path, reason)
+    return problem(
+        422,
+        f"A value does not fit what can be stored: {reason}. Nothing was changed.",
+        title="Invalid request",
+    )
 
 
 class JSONResponse(fastapi.responses.JSONResponse):

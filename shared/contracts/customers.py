@@ -194,3 +194,17 @@ class MergeRecord(BaseModel):
 
 class MergeList(BaseModel):
     merges: list[MergeRecord]
+
+
+class LookupResult(BaseModel):
+    """``GET /v1/customers:lookup``: the surviving profile that owns the identity."""
+
+    customer_id: str
+
+
+class ErasureAccepted(BaseModel):
+    """``DELETE /v1/customers/{customer_id}``: the ids whose personal data is being erased
+    (the customer and every profile merged into it)."""
+
+    customer_id: str
+    erased: list[str]

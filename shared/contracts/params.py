@@ -1,0 +1,34 @@
+"""Constraints on names and ids that travel both in paths or queries and in bodies: each is
+defined once here, and used by the gateway's and the services' routes and by the models.
+
+A refusal quotes the pattern, so it says exactly which characters are allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import StringConstraints
+
+# Touchpoints and the channels a contact policy names: what a person types for a place or a
+# desk ("pos", "call-center", "pos-berlin", "web_checkout"): lower-case letters, digits, '_'
+# and '-', starting with a letter or a digit, at most 40.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,39}$"
+NAME_HELP = "1 to 40 of a-z, 0-9, '_' and '-', starting with a letter or a digit"
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+# A contact-policy rule's scope: '*' (every contact) or a channel or touchpoint name.
+POLICY_SCOPE_PATTERN = r"^(\*|[a-z0-9][a-z0-9_-]{0,39})$"
+
+# Ids Kairos makes: a batch run's and a snapshot's.
+RUN_ID_PATTERN = r"^run-[0-9a-f]{16}$"
+RunId = Annotated[str, StringConstraints(pattern=RUN_ID_PATTERN)]
+SNAPSHOT_ID_PATTERN = r"^snap-[0-9a-f]{16}$"
+SnapshotId = Annotated[str, StringConstraints(pattern=SNAPSHOT_ID_PATTERN)]
+
+# A calendar month, YYYY-MM (reports).
+MONTH_PATTERN = r"^\d{4}-(0[1-9]|1[0-2])$"
+
+# Outbound channels that have an outbox (dispatch's local delivery).
+OUTBOX_CHANNEL_PATTERN = r"^(push|email|sms)$"
+# Positions in a sequence (the outbox's ``after``): a Postgres bigint.
+SEQUENCE_MAX = 2**63 - 1
