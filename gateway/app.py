@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 import gateway.openapi
 from gateway import catalog, customers, dispatch, events, feedback, links, rewards, segments
+from gateway.media import MediaTypes
 from gateway.upstream import Upstreams
 from shared.auth import dev_key_path, load_keyring
 from shared.service import Runtime, create_service_app
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body_overrides={"/v1/customers:import": cfg.import_max_bytes},
         title="Kairos",
     )
+    app.add_middleware(MediaTypes)
     # Fail fast on a bad key configuration rather than at the first request.
     app.state.keyring = load_keyring(cfg)
 

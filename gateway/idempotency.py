@@ -1,7 +1,9 @@
-"""``Idempotency-Key``: a retried write returns the first answer and changes nothing."""
+"""``Idempotency-Key``: a retried write returns the first answer and changes nothing; the same
+key with another body is a mistake the caller must hear about (409), never a silent replay."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -30,11 +32,18 @@ async def idempotent(
     if not 1 <= len(key) <= 200:
         raise Unprocessable("Idempotency-Key must be 1 to 200 characters.")
     rkey = keys("idem", principal, request.method, request.url.path, key)
+    digest = hashlib.sha256(await request.body()).hexdigest()
     if not await redis.set(rkey, PENDING, nx=True, ex=60):
         stored = await redis.get(rkey)
         if stored is None or stored == PENDING:
             raise Conflict("A request with this Idempotency-Key is still being processed.")
         doc = orjson.loads(stored)
+        if doc.get("digest", digest) != digest:
+            raise Conflict(
+                "This Idempotency-Key was used with a different body; use a new key for a "
+                "new request.",
+                errors=[{"loc": ["header", "Idempotency-Key"], "msg": "reused, other body"}],
+            )
         return Response(
             doc["body"].encode(),
             status_code=doc["status"],
@@ -54,6 +63,7 @@ async def idempotent(
         "status": resp.status_code,
         "type": resp.media_type or "application/json",
         "body": body.decode(),
+        "digest": digest,
     }
     await redis.set(rkey, orjson.dumps(doc), ex=TTL_S)
     return resp

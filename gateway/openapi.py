@@ -186,6 +186,53 @@ def _tuples_have_items(node: Any) -> None:
             _tuples_have_items(value)
 
 
+# Two contracts may name a model alike; FastAPI then keys both by module path, which
+# generated clients refuse (two models of one title). Plain names instead.
+def _plain_schema_names(doc: dict[str, Any]) -> None:
+    schemas: dict[str, Any] = doc["components"]["schemas"]
+    renames: dict[str, str] = {}
+    for key in list(schemas):
+        if "__" not in key:
+            continue
+        module, _, name = key.rpartition("__")
+        new = module.rsplit("__", 1)[-1].capitalize() + name
+        renames[key] = new
+    for old, new in renames.items():
+        schema = schemas.pop(old)
+        schema["title"] = new
+        schemas[new] = schema
+    for key, schema in schemas.items():  # "Reward-Input" and "Reward-Output" are two models
+        if isinstance(schema, dict) and "-" in key:
+            schema["title"] = key.replace("-", "")
+    if renames:
+        refs = {
+            f"#/components/schemas/{o}": f"#/components/schemas/{n}" for o, n in renames.items()
+        }
+        _rewrite_refs(doc, refs)
+
+
+def _rewrite_refs(node: Any, refs: dict[str, str]) -> None:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref in refs:
+            node["$ref"] = refs[ref]
+        for value in node.values():
+            _rewrite_refs(value, refs)
+    elif isinstance(node, list):
+        for value in node:
+            _rewrite_refs(value, refs)
+
+
+def _operation_id(route: Any, method: str, seen: set[str]) -> str:
+    """The handler's name (``decide``, ``post_events``): what a generated client calls the
+    operation. FastAPI's default appends the path and method (``decide_v1_decisions_post``)."""
+    name = str(route.name)
+    if name in seen:
+        name = f"{name}_{method.lower()}"
+    seen.add(name)
+    return name
+
+
 def _summary(route: Any) -> str:
     doc = (route.description or "").strip().splitlines()
     return doc[0].rstrip(".") if doc else route.name.replace("_", " ").capitalize()
@@ -231,6 +278,8 @@ def build(app: FastAPI, settings: Settings | None = None) -> dict[str, Any]:
     doc["security"] = [{BEARER: []}]
 
     _tuples_have_items(schemas)
+    _plain_schema_names(doc)
+    seen_ids: set[str] = set()
     for route in _api_routes(app):
         if not route.include_in_schema:
             continue
@@ -241,6 +290,7 @@ def build(app: FastAPI, settings: Settings | None = None) -> dict[str, Any]:
             if op is None:
                 continue
             op.setdefault("summary", _summary(route))
+            op["operationId"] = _operation_id(route, method, seen_ids)
             _document_security(op, scopes)
             secured = scopes is not None
             if secured and method != "GET" and (method, route.path_format) not in NOT_IDEMPOTENT:

@@ -8,6 +8,7 @@ from http import HTTPStatus
 from typing import Any
 
 import fastapi.responses
+import fastapi.routing
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import compile_path
 
 log = logging.getLogger("kairos.errors")
 
@@ -153,11 +155,25 @@ def install(app: FastAPI) -> None:
         return problem(422, describe(errors), title="Invalid request", errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         if exc.status_code == 404 and detail == "Not Found":
             detail = "No such resource or route"
-        return problem(exc.status_code, detail, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            allowed = allowed_methods(request)
+            if allowed:
+                kept = {k: v for k, v in (headers or {}).items() if k.lower() != "allow"}
+                headers = {**kept, "allow": ", ".join(allowed)}
+        if exc.status_code == 400 and detail == "There was an error parsing the body":
+            # FastAPI's answer to a body it cannot decode (not UTF-8): bad input, like bad JSON.
+            return problem(
+                422,
+                "The body could not be read as JSON (it must be UTF-8 text).",
+                title="Invalid request",
+                errors=[{"loc": ["body"], "msg": "not UTF-8 JSON"}],
+            )
+        return problem(exc.status_code, detail, headers=headers)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
@@ -186,6 +202,23 @@ def install(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem(500, "An unexpected error occurred; it has been logged.")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path (for a 405's ``Allow``): FastAPI
+    makes one route per method, so Starlette's own header names only the first."""
+    path = request.url.path
+    contexts = getattr(fastapi.routing, "iter_route_contexts", None)
+    routes: Any = contexts(request.app.routes) if contexts is not None else request.app.routes
+    methods: set[str] = set()
+    for route in routes:
+        fmt = getattr(route, "path_format", None)
+        if not fmt or not getattr(route, "methods", None):
+            continue
+        regex, _, _ = compile_path(fmt)
+        if regex.match(path):
+            methods |= set(route.methods)
+    return sorted(methods)
 
 
 def _is_value_error(exc: DBAPIError) -> bool:

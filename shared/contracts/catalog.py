@@ -16,7 +16,7 @@ from shared.contracts.params import (
     RunId,
     SnapshotId,
 )
-from shared.rules import parse_duration
+from shared.rules import DURATION_PATTERN, parse_duration
 
 ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,128}$"
 CatalogId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
@@ -32,7 +32,11 @@ def _duration(v: str) -> str:
     return v
 
 
-Duration = Annotated[str, StringConstraints(max_length=16)]
+Duration = Annotated[
+    str,
+    StringConstraints(max_length=16),
+    Field(json_schema_extra={"pattern": DURATION_PATTERN}, examples=["90s", "15m", "48h", "30d"]),
+]
 
 
 class Content(BaseModel):
@@ -56,10 +60,15 @@ class OfferContent(BaseModel):
     inapp: Content | None = None
 
 
-class Reward(BaseModel):
+class OfferReward(BaseModel):
+    """What an offer grants when it is accepted or converts."""
+
     model_config = ConfigDict(extra="forbid")
     type: str = Field(min_length=1, max_length=100)
     amount: float = Field(gt=0)
+
+
+Reward = OfferReward  # the name this contract had first
 
 
 class OfferPut(BaseModel):
@@ -72,7 +81,7 @@ class OfferPut(BaseModel):
     valid_from: datetime | None = None
     valid_to: datetime | None = None
     content: OfferContent
-    reward: Reward | None = None
+    reward: OfferReward | None = None
 
     @field_validator("valid_to")
     @classmethod

@@ -45,7 +45,9 @@ class Identities(BaseModel):
     """Known identities; extra keys are external ids (``crm_id`` …) and must be strings."""
 
     model_config = ConfigDict(extra="allow")
-    email: str | None = Field(default=None, max_length=320)
+    email: str | None = Field(
+        default=None, max_length=320, json_schema_extra={"pattern": "@"}, examples=["a@example.com"]
+    )
     msisdn: str | None = Field(default=None, pattern=r"^\+?[0-9]{5,20}$")
     device_id: str | None = Field(default=None, max_length=200)
     anonymous_id: str | None = Field(default=None, max_length=200)
