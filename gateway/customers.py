@@ -118,7 +118,11 @@ async def list_merges(
     return await _forward(request, rt, principal, "GET", f"/v1/customers/{customer_id}/merges")
 
 
-@router.get("/v1/customers:lookup", response_model=LookupResult)
+@router.get(
+    "/v1/customers:lookup",
+    response_model=LookupResult,
+    responses={404: {"description": "No customer has this identity"}},
+)
 async def lookup_customer(
     principal: Reader,
     rt: RuntimeDep,
