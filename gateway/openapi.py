@@ -40,8 +40,6 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 # Writes that do not go through ``gateway.idempotency`` (a decision is answered fresh each
 # time; an import is a stream, replayed line by line by the profile's own upsert).
 NOT_IDEMPOTENT = {("POST", "/v1/decisions"), ("POST", "/v1/customers:import")}
-# Requests with a body other than JSON.
-NON_JSON_BODIES = {"/v1/customers:import", "/callbacks/sms/{token}", "/u/{token}"}
 
 WHY: dict[int, str] = {
     401: "No API key, or a key that is not known (`Authorization: Bearer <key>`)",
@@ -139,6 +137,13 @@ def _document_errors(route: Any, method: str, op: dict[str, Any], secured: bool)
         responses[key] = _problem_response(status, existing.get("description"))
         if key == "422":
             responses[key]["description"] = WHY[422]
+    for key, resp in responses.items():
+        if key in ("301", "302", "303", "307", "308"):
+            resp.setdefault("headers", {})["Location"] = {
+                "description": "Where the link leads",
+                "schema": {"type": "string", "format": "uri"},
+            }
+            resp.pop("content", None)
     for key, resp in list(responses.items()):  # statuses a route declared itself (502, …)
         if key.isdigit() and int(key) >= 400 and "content" not in resp:
             responses[key] = _problem_response(int(key), resp.get("description"))

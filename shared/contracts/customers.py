@@ -44,7 +44,14 @@ class Consents(BaseModel):
 class Identities(BaseModel):
     """Known identities; extra keys are external ids (``crm_id`` …) and must be strings."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "additionalProperties": {
+                "anyOf": [{"type": "string", "minLength": 1, "maxLength": 200}, {"type": "null"}]
+            }
+        },
+    )
     email: str | None = Field(
         default=None, max_length=320, json_schema_extra={"pattern": "@"}, examples=["a@example.com"]
     )
