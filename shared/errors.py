@@ -32,6 +32,9 @@ class ProblemIssue(BaseModel):
         description="Where: the field's path in the body (or 'path'/'query'/'header' first)"
     )
     msg: str = Field(description="What is wrong with it, for a person")
+    field: str | None = Field(
+        default=None, description="``loc`` as one dotted string, e.g. ``identities.email``"
+    )
 
 
 class Problem(BaseModel):
@@ -115,8 +118,16 @@ def problem(
         "detail": detail,
     }
     if errors:
-        body["errors"] = list(errors)
+        body["errors"] = [_with_field(e) for e in errors]
     return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def _with_field(issue: dict[str, Any]) -> dict[str, Any]:
+    """An issue with ``field``: its ``loc`` as one dotted string (``identities.email``)."""
+    loc = issue.get("loc")
+    if "field" in issue or not isinstance(loc, list | tuple):
+        return dict(issue)
+    return {**issue, "field": ".".join(str(p) for p in loc)}
 
 
 def _loc(loc: Sequence[Any]) -> list[Any]:

@@ -210,3 +210,13 @@ async def test_a_value_postgres_refuses_is_422(stack: Stack) -> None:
             assert "int32" in str(doc["detail"]) or "range" in str(doc["detail"])
     finally:
         await engine.dispose()
+
+
+async def test_each_issue_names_its_field(gw: httpx.AsyncClient, cid: str) -> None:
+    body = {"identities": {"email": "nope"}, "consents": {"push": "maybe"}}
+    doc = _problem(await gw.put(f"/v1/customers/{cid}", json=body), 422)
+    issues = doc["errors"]
+    assert isinstance(issues, list)
+    fields = {e["field"] for e in issues}
+    assert {"identities.email", "consents.push"} <= fields, issues
+    assert all(e["field"] == ".".join(str(p) for p in e["loc"]) for e in issues)
