@@ -101,6 +101,13 @@ def _problem_response(status: int, description: str | None = None) -> dict[str, 
         "description": description or WHY.get(status, "An error"),
         "content": {PROBLEM: {"schema": PROBLEM_REF}},
     }
+    if status == 401:
+        resp["headers"] = {
+            "WWW-Authenticate": {
+                "description": "The scheme to authenticate with: `Bearer`",
+                "schema": {"type": "string"},
+            }
+        }
     if status == 503:
         resp["headers"] = {
             "Retry-After": {

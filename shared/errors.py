@@ -60,6 +60,7 @@ class DomainError(Exception):
 
     status = 400
     title = "Bad request"
+    headers: dict[str, str] | None = None
 
     def __init__(self, detail: str, *, errors: Sequence[dict[str, Any]] | None = None) -> None:
         super().__init__(detail)
@@ -90,6 +91,7 @@ class PayloadTooLarge(DomainError):
 class Unauthorized(DomainError):
     status = 401
     title = "Unauthorized"
+    headers = {"www-authenticate": 'Bearer realm="kairos"'}  # RFC 9110: a 401 names the scheme
 
 
 class Forbidden(DomainError):
@@ -100,6 +102,7 @@ class Forbidden(DomainError):
 class Unavailable(DomainError):
     status = 503
     title = "Service unavailable"
+    headers = {"retry-after": "1"}
 
 
 def problem(
@@ -158,7 +161,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> Response:
-        return problem(exc.status, exc.detail, title=exc.title, errors=exc.errors)
+        return problem(
+            exc.status, exc.detail, title=exc.title, errors=exc.errors, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Response:
