@@ -157,13 +157,13 @@ NDJSON_BODY = {
 
 @router.post("/v1/customers:import", response_model=ImportResult, openapi_extra=NDJSON_BODY)
 async def import_customers(request: Request, principal: Writer, rt: RuntimeDep) -> Response:
-    """Stream NDJSON through to the profile service (no buffering at the gateway)."""
-    resp = await upstreams(rt).stream(
-        "profile",
-        "/v1/customers:import",
-        request.stream(),
-        {"content-type": "application/x-ndjson", "x-kairos-principal": principal.name},
-    )
+    """Stream NDJSON (or gzip-compressed NDJSON) through to the profile service (no buffering
+    at the gateway)."""
+    headers = {"content-type": "application/x-ndjson", "x-kairos-principal": principal.name}
+    encoding = request.headers.get("content-encoding")
+    if encoding:  # gzip bodies go through compressed; the profile service inflates them
+        headers["content-encoding"] = encoding
+    resp = await upstreams(rt).stream("profile", "/v1/customers:import", request.stream(), headers)
     return relay(resp)
 
 

@@ -302,3 +302,27 @@ class ProfileErased(BusMessage):
     TYPE: ClassVar[str] = "profile.erased"
     customer_id: str
     ids: list[str] = Field(default_factory=list)  # the customer's ids, folded ones included
+
+
+class ProfileChanged(BusMessage):
+    """A profile's stored state changed (``profile.changed``): consumers re-read the projection
+    once it holds ``version`` (selection's audience index). ``changed`` names the parts that
+    moved; ``event_types`` the counters an event batch touched; ``source`` is ``import`` for
+    lines of a bulk import."""
+
+    TYPE: ClassVar[str] = "profile.changed"
+    customer_id: str
+    version: int
+    changed: list[str] = Field(default_factory=list)
+    event_types: list[str] | None = None
+    source: str | None = None
+
+    def envelope(self, *, source: str) -> dict[str, Any]:
+        """The CloudEvents envelope as a plain dict (``UnitOfWork.emit_envelope``): hot paths
+        (an import writes one per customer) skip building a ``CloudEvent`` model."""
+        return CloudEvent.envelope(
+            source=source,
+            type=self.TYPE,
+            subject=self.customer_id,
+            data=self.model_dump(mode="json", exclude_none=True),
+        )
