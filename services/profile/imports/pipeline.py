@@ -15,7 +15,7 @@ from services.profile.customers import service
 from services.profile.customers.repository import CustomerRepository
 from services.profile.imports.parser import Parsed, parse_batch
 from services.profile.imports.reader import batches
-from services.profile.imports.repository import ImportRepository
+from services.profile.imports.repository import ConcurrentClaim, ImportRepository
 from services.profile.projection import Doc, Projection
 from shared.contracts.bus import ProfileChanged
 from shared.db import Database, is_transient
@@ -31,10 +31,6 @@ CHANGED = ["attributes", "tags", "consents", "identities"]
 # Another transaction got in the way: deadlock, serialisation, unique violation (a
 # concurrent insert of the same id or identity). Retrying the batch resolves it.
 RETRY_SQLSTATES = {"40001", "40P01", "23505"}
-
-
-class ConcurrentClaim(Exception):
-    """A concurrent writer took a customer or an identity after this batch checked it."""
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -95,8 +91,6 @@ async def write_batch(db: Database, parsed: Parsed) -> Written:
         versions = await repo.merge(now)
         if len(versions) != len({r[1] for r in kept}):
             raise ConcurrentClaim("a customer was merged away meanwhile")
-        if await repo.lost_claim() is not None:
-            raise ConcurrentClaim("an identity was claimed meanwhile")
         await repo.outbox(
             [
                 (

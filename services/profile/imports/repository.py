@@ -10,6 +10,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.profile.imports.parser import Row
 
+
+class ConcurrentClaim(Exception):
+    """A concurrent writer took a customer or an identity after this batch checked it."""
+
+
 STAGE = "kairos_import_stage"
 STAGE_COLUMNS = [
     "line",
@@ -56,18 +61,18 @@ DELETE FROM profile.identity i USING {STAGE} s
 WHERE i.customer_id = s.customer_id AND i.kind <> 'anonymous_id'
   AND (s.identities ->> i.kind) IS DISTINCT FROM i.value
 """
+# An identity another transaction took since the check (it committed in between) is not
+# taken over: the no-op update touches only such rows and returns them, and the batch is
+# then retried, when the rule reports the line.
 ADD_IDENTITIES = f"""
-INSERT INTO profile.identity (kind, value, customer_id)
-SELECT e.key, e.value, s.customer_id FROM {STAGE} s, jsonb_each_text(s.identities) e
-ORDER BY 1, 2
-ON CONFLICT (kind, value) DO NOTHING
-"""
-# After the insert: a claim another transaction won since the check (it committed between
-# the two) shows here; the batch is then retried and the rule reports the line.
-LOST_CLAIMS = f"""
-SELECT s.line FROM {STAGE} s, jsonb_each_text(s.identities) e
-JOIN profile.identity i ON i.kind = e.key AND i.value = e.value
-WHERE i.customer_id <> s.customer_id LIMIT 1
+WITH added AS (
+  INSERT INTO profile.identity AS i (kind, value, customer_id)
+  SELECT e.key, e.value, s.customer_id FROM {STAGE} s, jsonb_each_text(s.identities) e
+  ORDER BY 1, 2
+  ON CONFLICT (kind, value) DO UPDATE SET customer_id = i.customer_id
+  WHERE i.customer_id <> EXCLUDED.customer_id
+  RETURNING xmax)
+SELECT count(*) FROM added WHERE xmax::text <> '0'
 """
 
 
@@ -95,17 +100,16 @@ class ImportRepository:
 
     async def merge(self, now: datetime) -> dict[str, int]:
         """Upsert the staged customers (last line per customer) and their identities;
-        returns each written customer's new version."""
+        returns each written customer's new version. Raises ``ConcurrentClaim`` when a
+        concurrent writer took one of the identities since the check."""
         await self.session.execute(sa.text(KEEP_LAST))
         rows = await self.session.execute(sa.text(UPSERT), {"now": now})
         versions = {r[0]: r[1] for r in rows.all()}
         await self.session.execute(sa.text(DROP_IDENTITIES))
-        await self.session.execute(sa.text(ADD_IDENTITIES))
+        lost = await self.session.execute(sa.text(ADD_IDENTITIES))
+        if lost.scalar_one():  # updated, not inserted: a row someone else holds
+            raise ConcurrentClaim("an identity was claimed meanwhile")
         return versions
-
-    async def lost_claim(self) -> int | None:
-        row = await self.session.execute(sa.text(LOST_CLAIMS))
-        return row.scalar_one_or_none()
 
     async def outbox(self, payloads: list[tuple[str, bytes]]) -> None:
         """Outbox rows by COPY (relayed once committed, like every other event)."""
