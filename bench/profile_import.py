@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -67,9 +71,33 @@ async def _outbox(url: str) -> int:
         await conn.close()
 
 
+def _cpu(stack: Stack) -> dict[str, float]:
+    """CPU seconds so far of the processes an import runs through: gateway, profile, and
+    the embedded Postgres (postmaster and its backends), Redis and NATS."""
+    import psutil
+
+    out: dict[str, float] = {}
+    roots = {n: p.pid for n, p in stack.procs.items() if n in ("gateway", "profile")}
+    if stack.embedded is not None:
+        roots.update({n: p.pid for n, p in stack.embedded.procs.items()})
+    for name, pid in roots.items():
+        try:
+            proc = psutil.Process(pid)
+            total = 0.0
+            for q in [proc, *proc.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    t = q.cpu_times()
+                    total += t.user + t.system
+            out[name] = total
+        except psutil.Error:
+            continue
+    return out
+
+
 async def import_once(stack: Stack, key: str, path: Path, run_id: bytes) -> dict[str, Any]:
     url = stack.env["KAIROS_DATABASE_URL"].replace("+asyncpg", "")
     load0 = os.getloadavg()[0]
+    cpu0 = _cpu(stack)
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=None) as c:
 
@@ -89,6 +117,8 @@ async def import_once(stack: Stack, key: str, path: Path, run_id: bytes) -> dict
     while await _outbox(url) > 0:
         await asyncio.sleep(0.2)
     announced = time.perf_counter() - t0
+    cpu1 = _cpu(stack)
+    n = max(1, int(doc["imported"]))
     return {
         "customers": doc["imported"],
         "failed": doc["failed"],
@@ -97,6 +127,10 @@ async def import_once(stack: Stack, key: str, path: Path, run_id: bytes) -> dict
         "announced_s": round(announced, 2),
         "load_avg_1m_before": round(load0, 2),
         "load_avg_1m_after": round(os.getloadavg()[0], 2),
+        # CPU microseconds per imported customer, by process (until every announcement left).
+        "cpu_us_per_customer": {
+            k: round((cpu1[k] - cpu0.get(k, 0.0)) * 1e6 / n, 1) for k in sorted(cpu1)
+        },
     }
 
 
@@ -141,6 +175,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench import")
     ap.add_argument("--customers", type=int, default=1_000_000)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument(
+        "--py-spy",
+        metavar="FILE",
+        help="record the profile process with py-spy during the first run (collapsed stacks)",
+    )
     args = ap.parse_args(argv)
     key = "bench-" + uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="kairos-import-") as tmp:
@@ -153,7 +192,28 @@ def main(argv: list[str] | None = None) -> None:
                 run_id = f"r{i}{uuid.uuid4().hex[:4]}".encode()
                 assert len(run_id) == len(MARK)
                 print(f"== import run {i + 1}/{args.runs}", flush=True)
+                spy = None
+                if args.py_spy and i == 0:
+                    spy = subprocess.Popen(
+                        [
+                            str(Path(sys.executable).parent / "py-spy"),
+                            "record",
+                            "-p",
+                            str(stack.procs["profile"].pid),
+                            "-r",
+                            "50",
+                            "-f",
+                            "raw",
+                            "-o",
+                            args.py_spy,
+                            "--nonblocking",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                    )
                 run = asyncio.run(import_once(stack, key, path, run_id))
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(60)
                 run.update(asyncio.run(floor_once(stack, path, run_id)))
                 run["vs_floor"] = round(run["customers_per_s"] / run["floor_copy_per_s"], 3)
                 print(json.dumps(run, indent=1), flush=True)
