@@ -92,7 +92,16 @@ def main() -> None:
         "scenario",
         nargs="*",
         default=["all"],
-        choices=["all", "ingest", "profile", "rules", "selection", "decision", "outbound"],
+        choices=[
+            "all",
+            "ingest",
+            "profile",
+            "rules",
+            "selection",
+            "decision",
+            "outbound",
+            "erasure",
+        ],
         help="one or more scenarios; they share one stack (and one imported population)",
     )
     ap.add_argument("--runs", type=int, default=3)
@@ -138,12 +147,16 @@ def main() -> None:
                 else [s for s in args.scenario if s != "rules"]
             )
             for name in todo:
-                if name == "selection":
+                if name == "ingest":
+                    from bench.ingest import ingest as fn
+                elif name == "selection":
                     from bench.selection import selection as fn
                 elif name == "decision":
                     from bench.decision import decision as fn
                 elif name == "outbound":
                     from bench.outbound import outbound as fn
+                elif name == "erasure":
+                    from bench.erasure import erasure as fn
                 else:
                     fn = getattr(scenarios, name)
                 runs = []
@@ -163,7 +176,7 @@ def _write(scenario: str, report: dict[str, Any], runs: int) -> None:
     stamp = time.strftime("%Y%m%dT%H%M%S")
     out = RESULTS / f"{scenario}-{stamp}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    for name in ("ingest", "profile", "rules", "selection", "decision", "outbound"):
+    for name in ("ingest", "profile", "rules", "selection", "decision", "outbound", "erasure"):
         if name in report:
             print(f"\n== {name} (median of {runs})")
             print(json.dumps(report[name]["median"], indent=2))

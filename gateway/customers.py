@@ -43,7 +43,14 @@ def upstreams(rt: Runtime) -> Upstreams:
 
 
 async def _forward(
-    request: Request, rt: Runtime, principal: Principal, method: str, path: str, body: Any = None
+    request: Request,
+    rt: Runtime,
+    principal: Principal,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    remember: bool = True,
 ) -> Response:
     async def call() -> Response:
         # The body was validated into ``body`` already; forward the bytes as received rather
@@ -56,7 +63,7 @@ async def _forward(
 
     if method == "GET":
         return await call()
-    return await idempotent(request, rt.redis, rt.keys, principal.name, call)
+    return await idempotent(request, rt.redis, rt.keys, principal.name, call, remember=remember)
 
 
 @router.put("/v1/customers/{customer_id}", response_model=WriteAccepted)
@@ -83,8 +90,10 @@ async def patch_customer(
 async def erase_customer(
     request: Request, customer_id: CustomerId, principal: Writer, rt: RuntimeDep
 ) -> Response:
-    """Right to erasure."""
-    return await _forward(request, rt, principal, "DELETE", f"/v1/customers/{customer_id}")
+    """Right to erasure: the profile now, every other store within seconds (``profile.erased``)."""
+    return await _forward(
+        request, rt, principal, "DELETE", f"/v1/customers/{customer_id}", remember=False
+    )
 
 
 @router.post("/v1/customers/{customer_id}/devices", response_model=WriteAccepted, status_code=201)

@@ -1,8 +1,16 @@
-"""``Idempotency-Key``: a retried write returns the first answer and changes nothing."""
+"""``Idempotency-Key``: a retried write returns the first answer and changes nothing.
+
+A stored answer is personal data when it is about a customer: each is listed under the
+customer's token (``idem-of:<token>``) so that erasure deletes it. The answer of an erasure
+itself is never stored (it names the customer; a retried ``DELETE`` answers 404, gone).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Awaitable, Callable
+from urllib.parse import unquote
 
 import orjson
 from redis.asyncio import Redis
@@ -10,10 +18,26 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from shared.errors import Conflict, Unprocessable
+from shared.privacy import customer_token
 from shared.redis import Keys
 
 TTL_S = 24 * 3600
 PENDING = b"pending"
+CUSTOMER_PATH = re.compile(r"^/v1/customers/([^/]+)")
+
+
+def customers_of(path: str, body: bytes) -> set[str]:
+    """The customers a stored answer is about: the path's and the body's ``customer_id``."""
+    out = set()
+    m = CUSTOMER_PATH.match(path)
+    if m:
+        out.add(unquote(m.group(1)))
+    if body[:1] == b"{" and b'"customer_id"' in body:
+        with contextlib.suppress(ValueError):
+            cid = orjson.loads(body).get("customer_id")
+            if isinstance(cid, str):
+                out.add(cid)
+    return out
 
 
 async def idempotent(
@@ -22,8 +46,11 @@ async def idempotent(
     keys: Keys,
     principal: str,
     call: Callable[[], Awaitable[Response]],
+    *,
+    remember: bool = True,
 ) -> Response:
-    """Run ``call`` once per (principal, method, path, key); replay its answer afterwards."""
+    """Run ``call`` once per (principal, method, path, key); replay its answer afterwards
+    (``remember=False``: only one at a time, nothing kept)."""
     key = request.headers.get("idempotency-key")
     if key is None:
         return await call()
@@ -46,7 +73,7 @@ async def idempotent(
     except BaseException:
         await redis.delete(rkey)
         raise
-    if resp.status_code >= 500:
+    if resp.status_code >= 500 or not remember:
         await redis.delete(rkey)
         return resp
     body = bytes(resp.body)
@@ -55,5 +82,11 @@ async def idempotent(
         "type": resp.media_type or "application/json",
         "body": body.decode(),
     }
-    await redis.set(rkey, orjson.dumps(doc), ex=TTL_S)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.set(rkey, orjson.dumps(doc), ex=TTL_S)
+        for cid in customers_of(request.url.path, body):
+            index = keys.idempotency_index(customer_token(cid))
+            pipe.sadd(index, rkey)
+            pipe.expire(index, TTL_S)
+        await pipe.execute()
     return resp

@@ -32,9 +32,22 @@ log = logging.getLogger("kairos.db")
 _UNAVAILABLE = (OperationalError, InterfaceError, ConnectionError, TimeoutError, OSError)
 
 
+# Two transactions that met (a deadlock, a serialization failure): the loser was rolled
+# back whole and succeeds when run again.
+_RETRY_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """The transaction lost a deadlock or a serialization conflict to another one."""
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Postgres (or the network) is unavailable: retry later rather than give up."""
+    """Postgres (or the network) is unavailable, or the transaction lost a deadlock or a
+    serialization conflict: retry later rather than give up."""
     if isinstance(exc, _UNAVAILABLE):
+        return True
+    if is_conflict(exc):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
@@ -274,6 +287,19 @@ class OutboxRelay:
             # If acks go missing (an overloaded connection), roll back and publish again soon;
             # Nats-Msg-Id de-duplicates what did arrive.
             await self.bus.publish_encoded(
-                ((r[1], str(orjson.loads(r[2])["id"]), bytes(r[2])) for r in rows), timeout=5.0
+                ((r[1], _event_id(bytes(r[2])), bytes(r[2])) for r in rows), timeout=5.0
             )
         return len(rows), int(rows[0][0])
+
+
+_ID_HEAD = b'{"id":"'
+
+
+def _event_id(payload: bytes) -> str:
+    """The id of a serialised envelope: read from its head (every envelope is written with
+    ``id`` first), else parsed."""
+    if payload.startswith(_ID_HEAD):
+        end = payload.find(b'"', len(_ID_HEAD))
+        if end > 0 and b"\\" not in payload[: end + 1]:
+            return payload[len(_ID_HEAD) : end].decode()
+    return str(orjson.loads(payload)["id"])

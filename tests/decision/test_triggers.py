@@ -54,7 +54,7 @@ class Listener:
             self.contacts.append(CloudEvent.from_bytes(msg.data))
 
         await js.subscribe(f"{prefix}.dispatch.requested.>", cb=on_dispatch, ordered_consumer=True)
-        await js.subscribe(f"{prefix}.contact.recorded", cb=on_contact, ordered_consumer=True)
+        await js.subscribe(f"{prefix}.contact.recorded.*", cb=on_contact, ordered_consumer=True)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -520,7 +520,7 @@ async def test_a_poisoned_timer_is_dead_lettered_and_its_neighbours_still_fire(
         campaign_id=cmp,
         channel="sms",
     )
-    _, good = request.to_event(source="test", id_=request.event_id_())
+    subject, good = request.to_event(source="test", id_=request.event_id_())
     prefix = stack.env["KAIROS_BUS_PREFIX"]
     nc = await nats.connect(stack.env["KAIROS_NATS_URL"])
     dead = await nc.jetstream().subscribe(f"{prefix}.dlq.decision-timers", ordered_consumer=True)
@@ -531,9 +531,7 @@ async def test_a_poisoned_timer_is_dead_lettered_and_its_neighbours_still_fire(
                 (f"bad-{u}", '{"records": [["dispatch.requested.sms", 42]]}', 5),
                 (
                     f"good-{u}",
-                    orjson.dumps(
-                        {"records": [["dispatch.requested.sms", good.model_dump()]]}
-                    ).decode(),
+                    orjson.dumps({"records": [[subject, good.model_dump()]]}).decode(),
                     0,
                 ),
             ):

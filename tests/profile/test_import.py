@@ -186,7 +186,7 @@ async def _changed_ids(stack: Stack, prefix: str, want: int) -> set[str]:
     bus = stack.env["KAIROS_BUS_PREFIX"]
     seen: set[str] = set()
     sub = await js.subscribe(
-        f"{bus}.profile.changed", deliver_policy=DeliverPolicy.ALL, ordered_consumer=True
+        f"{bus}.profile.changed.>", deliver_policy=DeliverPolicy.ALL, ordered_consumer=True
     )
 
     async def probe() -> int:

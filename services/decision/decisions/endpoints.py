@@ -6,10 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query
 
+from services.decision.catalog.service import changed
 from services.decision.engine import Engine
 from services.decision.models import ContactPolicyRow
 from shared.contracts import catalog as api
-from shared.events import CloudEvent, utcnow
+from shared.events import utcnow
 from shared.service import Runtime, runtime
 
 router = APIRouter(tags=["decisions"])
@@ -53,15 +54,7 @@ async def put_policy(
                 principal,
             )
         await uow.session.flush()
-        uow.emit(
-            "catalog.changed",
-            CloudEvent.new(
-                source="kairos/decision",
-                type="catalog.changed",
-                subject="contact-policy",
-                data={"kind": "contact_policy", "id": "contact-policy", "version": row.version},
-            ),
-        )
+        changed(uow, "contact_policy", "contact-policy", row.version)
     return body
 
 

@@ -91,19 +91,12 @@ async def write_batch(db: Database, parsed: Parsed) -> Written:
         versions = await repo.merge(now)
         if len(versions) != len({r[1] for r in kept}):
             raise ConcurrentClaim("a customer was merged away meanwhile")
-        await repo.outbox(
-            [
-                (
-                    ProfileChanged.TYPE,
-                    orjson.dumps(
-                        ProfileChanged(
-                            customer_id=cid, version=v, changed=CHANGED, source="import"
-                        ).envelope(source=service.SOURCE)
-                    ),
-                )
-                for cid, v in versions.items()
-            ]
-        )
+        outbox = []
+        for cid, v in versions.items():
+            msg = ProfileChanged(customer_id=cid, version=v, changed=CHANGED, source="import")
+            subject, envelope = msg.outbox_item(source=service.SOURCE)
+            outbox.append((subject, orjson.dumps(envelope)))
+        await repo.outbox(outbox)
         # Read back in the same transaction: what is projected is exactly what commits.
         docs = await CustomerRepository(uow.session).projection_docs(list(versions))
     db.outbox_signal.set()
