@@ -197,12 +197,14 @@ async def _not_empty(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 @router.post("/v1/customers:import", response_model=ImportResult, openapi_extra=NDJSON_BODY)
 async def import_customers(request: Request, principal: Writer, rt: RuntimeDep) -> Response:
-    """Stream NDJSON through to the profile service (no buffering at the gateway)."""
+    """Stream NDJSON (or gzip-compressed NDJSON) through to the profile service (no buffering
+    at the gateway)."""
+    headers = {"content-type": "application/x-ndjson", "x-kairos-principal": principal.name}
+    encoding = request.headers.get("content-encoding")
+    if encoding:  # gzip bodies go through compressed; the profile service inflates them
+        headers["content-encoding"] = encoding
     resp = await upstreams(rt).stream(
-        "profile",
-        "/v1/customers:import",
-        await _not_empty(request.stream()),
-        {"content-type": "application/x-ndjson", "x-kairos-principal": principal.name},
+        "profile", "/v1/customers:import", await _not_empty(request.stream()), headers
     )
     return relay(resp)
 
