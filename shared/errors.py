@@ -162,9 +162,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> Response:
-        return problem(
-            exc.status, exc.detail, title=exc.title, errors=exc.errors, headers=exc.headers
-        )
+        headers = exc.headers
+        if headers is None and exc.status == 503:
+            headers = {"retry-after": "1"}  # says when to come back
+        return problem(exc.status, exc.detail, title=exc.title, errors=exc.errors, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Response:
