@@ -26,6 +26,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, Self
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.events import CloudEvent, iso, utcnow
@@ -339,6 +340,41 @@ class EventOccurred(BusMessage):
         _, ev = super().to_event(source=source, id_=id_)
         ev.type = f"kairos.event.{self.type}"
         return event_subject(self.type, self.customer_id, self.anonymous_id), ev
+
+    @staticmethod
+    def wire(
+        *,
+        event_id: str,
+        type: str,
+        customer_id: str | None,
+        anonymous_id: str | None,
+        time: str,
+        properties: dict[str, Any],
+        received_at: str,
+        principal: str,
+    ) -> tuple[str, bytes]:
+        """(subject, serialised envelope) of an accepted event, the gateway's hot path: the
+        same envelope :meth:`to_event` builds, without a model per event (this is the one
+        place it is spelled out; :meth:`parse` reads it back)."""
+        envelope = {
+            "id": event_id,
+            "source": "kairos/gateway",
+            "type": f"kairos.event.{type}",
+            "specversion": "1.0",
+            "time": received_at,
+            "subject": customer_id or anonymous_id,
+            "datacontenttype": "application/json",
+            "data": {
+                "type": type,
+                "customer_id": customer_id,
+                "anonymous_id": anonymous_id,
+                "time": time,
+                "properties": properties,
+                "received_at": received_at,
+                "principal": principal,
+            },
+        }
+        return event_subject(type, customer_id, anonymous_id), orjson.dumps(envelope)
 
     def who(self) -> str | None:
         """The customer before identity resolution: the id, else ``anon:<anonymous id>``."""
