@@ -82,18 +82,39 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["import"]:  # its own options: python -m bench import --customers N
+        from bench import profile_import
+
+        profile_import.main(sys.argv[2:])
+        return
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument(
         "scenario",
         nargs="*",
         default=["all"],
-        choices=["all", "ingest", "profile", "rules", "selection", "decision", "outbound"],
+        choices=[
+            "all",
+            "ingest",
+            "profile",
+            "rules",
+            "selection",
+            "decision",
+            "outbound",
+            "erasure",
+        ],
         help="one or more scenarios; they share one stack (and one imported population)",
     )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--customers", type=int, default=100_000, help="profile: population size")
     ap.add_argument("--tags-max", type=int, default=200, help="profile: most tags per customer")
+    ap.add_argument(
+        "--trace",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help="tracing on, OTLP/HTTP to a local sink, this share of traces sampled (0..1)",
+    )
     args = ap.parse_args()
     if args.scenario == ["rules"]:
         from bench import rules_eval
@@ -104,7 +125,8 @@ def main() -> None:
         return
     key = "bench-" + uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="kairos-bench-") as tmp:
-        stack = start_stack(Path(tmp), key)
+        trace_env, sink = _trace_sink(args.trace)
+        stack = start_stack(Path(tmp), key, trace_env)
         floor_port = free_port()
         floor = subprocess.Popen([sys.executable, "-m", "bench.floor", str(floor_port)])
         wait_port(floor_port, floor, "floor app")
@@ -125,6 +147,7 @@ def main() -> None:
             },
             "runs": args.runs,
             "duration_s": args.duration,
+            "tracing_sampled": args.trace,
         }
         try:
             todo = (
@@ -133,12 +156,16 @@ def main() -> None:
                 else [s for s in args.scenario if s != "rules"]
             )
             for name in todo:
-                if name == "selection":
+                if name == "ingest":
+                    from bench.ingest import ingest as fn
+                elif name == "selection":
                     from bench.selection import selection as fn
                 elif name == "decision":
                     from bench.decision import decision as fn
                 elif name == "outbound":
                     from bench.outbound import outbound as fn
+                elif name == "erasure":
+                    from bench.erasure import erasure as fn
                 else:
                     fn = getattr(scenarios, name)
                 runs = []
@@ -150,7 +177,24 @@ def main() -> None:
         finally:
             floor.terminate()
             stack.down()
+            if sink is not None:
+                sink.terminate()
     _write("-".join(args.scenario), report, args.runs)
+
+
+def _trace_sink(ratio: float | None) -> tuple[dict[str, str], subprocess.Popen[bytes] | None]:
+    """With ``--trace``: an OTLP/HTTP receiver process and the settings that export to it."""
+    if ratio is None:
+        return {}, None
+    port = free_port()
+    sink = subprocess.Popen([sys.executable, "-m", "bench.otlp_sink", str(port)])
+    wait_port(port, sink, "OTLP sink")
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": str(ratio),
+    }
+    return env, sink
 
 
 def _write(scenario: str, report: dict[str, Any], runs: int) -> None:
@@ -158,7 +202,7 @@ def _write(scenario: str, report: dict[str, Any], runs: int) -> None:
     stamp = time.strftime("%Y%m%dT%H%M%S")
     out = RESULTS / f"{scenario}-{stamp}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    for name in ("ingest", "profile", "rules", "selection", "decision", "outbound"):
+    for name in ("ingest", "profile", "rules", "selection", "decision", "outbound", "erasure"):
         if name in report:
             print(f"\n== {name} (median of {runs})")
             print(json.dumps(report[name]["median"], indent=2))

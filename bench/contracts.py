@@ -12,42 +12,58 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from services.decision.engine import Live
-from services.decision.outbound import Item, Planner, tracking_id
+from services.decision import messages
+from services.decision.outbound import tracking_id
+from services.decision.pipeline.model import Campaign, Offer, Treatment
+from shared.contracts.bus import Conversion, Reward
+
+CAMPAIGN = Campaign("cmp-1", priority=60, conversion=Conversion(event="pack.bought", within="3d"))
+TREATMENT = Treatment("A", "off-1")
+OFFER = Offer(
+    "off-1",
+    value=2.5,
+    link="https://example.com/x",
+    reward=Reward(type="points", amount=100),
+    valid_to=datetime(2030, 1, 1, tzinfo=UTC),
+)
+DOC = {
+    "customer_id": "c",
+    "identities": {"email": "a@example.com"},
+    "locale": "en",
+    "devices": [{"platform": "ios", "token": "ab" * 32, "app_id": "app"}],
+}
 
 
-def _items(n: int) -> list[Item]:
-    body = {"priority": 60, "conversion": {"event": "pack.bought", "within": "3d"}}
-    live = Live("cmp-1", body, None, None, [], [{"id": "A", "offer": "off-1"}], None, None)
-    offer = {
-        "value": 2.5,
-        "link": "https://example.com/x",
-        "reward": {"type": "points", "amount": 100},
-        "valid_to": "2030-01-01T00:00:00Z",
-    }
-    doc = {
-        "customer_id": "c",
-        "identities": {"email": "a@example.com"},
-        "locale": "en",
-        "devices": [{"platform": "ios", "token": "ab" * 32, "app_id": "app"}],
-    }
-    items = []
-    for i in range(n):
-        it = Item(f"c{i}", doc, live, tracking_id("run-1", f"c{i}"), origin={"run_id": "run-1"})
-        it.treatment, it.offer = {"id": "A", "offer": "off-1"}, offer
-        items.append(it)
-    return items
+def _items(n: int) -> list[tuple[str, str]]:
+    """(customer, tracking id) of n contacts of one batch run."""
+    return [(f"c{i}", tracking_id("run-1", f"c{i}")) for i in range(n)]
 
 
-def build(items: list[Item], *, serialise: bool) -> float:
+def build(items: list[tuple[str, str]], *, serialise: bool) -> float:
     """CPU seconds to build (and serialise) a request and a contact per item."""
-    planner = Planner(None)  # type: ignore[arg-type]  # building messages needs no engine
     now = datetime.now(UTC)
     content = {"title": "Hello", "body": "World"}
+    origin = {"run_id": "run-1"}
+    common = {"campaign": CAMPAIGN, "treatment": TREATMENT, "offer": OFFER, "at": now}
     t0 = time.process_time()
-    for it in items:
-        _, req = planner._dispatch(it, "push", content, now)
-        _, contact = planner._contact(it, "push", now)
+    for cid, tracking in items:
+        _, req = messages.dispatch_requested(
+            tracking_id=tracking,
+            customer_id=cid,
+            doc=DOC,
+            channel="push",
+            content=content,
+            origin=origin,
+            **common,  # type: ignore[arg-type]
+        )
+        _, contact = messages.contact_recorded(
+            tracking_id=tracking,
+            customer_id=cid,
+            channel="push",
+            origin=origin,
+            envelope_id="contact-" + tracking,
+            **common,  # type: ignore[arg-type]
+        )
         if serialise:
             req.to_bytes()
             contact.to_bytes()

@@ -67,7 +67,7 @@ async def _lag_at(
         if t is not None:
             lags.append(time.perf_counter() - t)
 
-    sub = await nc.subscribe(f"{prefix}.profile.changed", cb=on_change)
+    sub = await nc.subscribe(f"{prefix}.profile.changed.*", cb=on_change)
 
     def make(i: int) -> tuple[str, str, bytes]:
         evs = [_event(f"lag-{tag}-{run}-{i}-{j}") for j in range(per_request)]

@@ -17,6 +17,7 @@ from shared.auth import Principal, require
 from shared.contracts.events import MAX_BATCH, EventBatch, EventIn, EventsAccepted
 from shared.errors import JSONResponse, Unavailable, Unprocessable, describe
 from shared.events import iso, utcnow
+from shared.privacy import event_subject
 from shared.service import Runtime, runtime
 
 log = logging.getLogger("kairos.gateway.events")
@@ -101,7 +102,8 @@ def encode_events(events: list[EventIn], principal: str) -> list[tuple[str, str,
                 "principal": principal,
             },
         }
-        out.append((f"events.{ev.type}", eid, orjson.dumps(envelope)))
+        subject = event_subject(ev.type, ev.customer_id, ev.anonymous_id)
+        out.append((subject, eid, orjson.dumps(envelope)))
     return out
 
 

@@ -15,11 +15,12 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError
 from opentelemetry import propagate, trace
 from prometheus_client import Counter
 
 from shared.events import CloudEvent
+from shared.settings import get_settings
 from shared.telemetry import tracing_enabled
 
 log = logging.getLogger("kairos.bus")
@@ -55,12 +56,17 @@ class PoisonMessage(Exception):
 class Bus:
     """One NATS connection with JetStream, names namespaced by ``prefix``."""
 
-    def __init__(self, url: str, *, prefix: str = "", source: str = "kairos") -> None:
+    def __init__(
+        self, url: str, *, prefix: str = "", source: str = "kairos", replicas: int | None = None
+    ) -> None:
         self.url = url
         self.prefix = prefix
         self.source = source
+        # Every process converges the streams to the same replica count (KAIROS_STREAM_REPLICAS).
+        self.replicas = replicas if replicas is not None else get_settings().stream_replicas
         self.nc: NATS | None = None
         self._js: JetStreamContext | None = None
+        self._acks: _Acks | None = None
         self.trace = tracing_enabled()
 
     # -- names -------------------------------------------------------------
@@ -110,12 +116,15 @@ class Bus:
                 subjects=[self.subject(s) for s in subjects],
                 duplicate_window=DUPLICATE_WINDOW_S,
                 max_age=7 * 24 * 3600.0,
+                num_replicas=self.replicas,
             )
             try:
                 await self.js.add_stream(cfg)
             except Exception:  # already exists with another config: converge it
-                with contextlib.suppress(Exception):
+                try:
                     await self.js.update_stream(cfg)
+                except Exception as exc:
+                    log.error("stream %s (replicas %d): %s", cfg.name, self.replicas, exc)
 
     async def close(self) -> None:
         """Drain: finish in-flight work, flush publishes, then close."""
@@ -124,6 +133,7 @@ class Bus:
                 await self.nc.drain()
         self.nc = None
         self._js = None
+        self._acks = None
 
     def is_connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
@@ -182,7 +192,66 @@ class Bus:
     async def publish_encoded(
         self, items: Iterable[tuple[str, str, bytes]], *, timeout: float = 10.0
     ) -> None:
-        """Like publish_many for envelopes already serialised: (subject, event id, bytes)."""
+        """Like publish_many for envelopes already serialised: (subject, event id, bytes).
+
+        The whole batch is written at once and its acks awaited together (``_Acks``): per
+        message this costs a fraction of nats-py's ``publish_async`` (a semaphore, a random
+        token, header validation and a ``PubAck`` object per message), which was the largest
+        cost of the outbox relay and of the gateway's events route."""
+        if self.nc is None or not self.nc.is_connected:
+            await self._publish_encoded_js(items, timeout=timeout)  # nats-py buffers, retries
+            return
+        if self._acks is None:
+            self._acks = _Acks(self.nc)
+            await self._acks.start()
+        trace = b""
+        if self.trace:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)  # W3C traceparent
+            trace = "".join(f"{k}: {v}\r\n" for k, v in carrier.items()).encode()
+        counts: dict[str, int] = {}
+        futures = []
+        parts = []
+        acks = self._acks
+        limit = self.nc.max_payload
+        for logical, event_id, payload in items:
+            if "\r" in event_id or "\n" in event_id:
+                raise ValueError(f"event id {event_id!r} cannot be a header value")
+            hdr = b"".join(
+                (b"NATS/1.0\r\nNats-Msg-Id: ", event_id.encode(), _CONTENT_TYPE, trace, b"\r\n")
+            )
+            if len(hdr) + len(payload) > limit:
+                raise ValueError(f"message of {len(hdr) + len(payload)} bytes over {limit}")
+            reply, fut = acks.expect()
+            futures.append(fut)
+            parts.append(
+                b"HPUB %s %s %d %d\r\n%s%s\r\n"
+                % (
+                    self.subject(logical).encode(),
+                    reply,
+                    len(hdr),
+                    len(hdr) + len(payload),
+                    hdr,
+                    payload,
+                )
+            )
+            head = logical.split(".", 1)[0]
+            counts[head] = counts.get(head, 0) + 1
+        if not parts:
+            return
+        await self.nc._send_command(b"".join(parts))
+        await self.nc._flush_pending()
+        for head, n in counts.items():
+            PUBLISHED.labels(head).inc(n)
+        try:
+            await asyncio.wait_for(asyncio.gather(*futures), timeout)
+        finally:
+            acks.forget(futures)
+
+    async def _publish_encoded_js(
+        self, items: Iterable[tuple[str, str, bytes]], *, timeout: float = 10.0
+    ) -> None:
+        """``publish_encoded`` through nats-py's own ``publish_async``."""
         futures = []
         counts: dict[str, int] = {}
         for logical, event_id, payload in items:
@@ -197,8 +266,73 @@ class Bus:
         if futures:
             await asyncio.wait_for(asyncio.gather(*futures), timeout)
 
+    async def ack_all(self, msgs: Sequence[Msg]) -> None:
+        """Acknowledge JetStream messages in one write (an ack is an empty publish to the
+        message's reply subject); one ``Msg.ack`` each when disconnected (nats-py buffers)."""
+        msgs = [m for m in msgs if m.reply]  # an empty reply would break the protocol line
+        if not msgs:
+            return
+        if self.nc is None or not self.nc.is_connected:
+            for m in msgs:
+                await m.ack()
+            return
+        await self.nc._send_command(b"".join(b"PUB %s 0\r\n\r\n" % m.reply.encode() for m in msgs))
+        await self.nc._flush_pending()
+        for m in msgs:
+            m._ackd = True
+
     async def publish_raw(self, wire_subject: str, payload: bytes, headers: dict[str, str]) -> None:
         await self.js.publish(wire_subject, payload, headers=headers)
+
+
+_CONTENT_TYPE = b"\r\nContent-Type: application/cloudevents+json\r\n"
+
+
+class _Acks:
+    """One reply subscription for many JetStream publishes: each ack resolves its future by
+    the token at the end of its reply subject. An ack is JSON with ``seq`` on success and
+    ``error`` on failure; "no responders" (no stream) comes as a 503 status header."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.prefix = nc.new_inbox() + "."
+        self._cut = len(self.prefix)
+        self._futures: dict[str, asyncio.Future[int]] = {}
+        self._next = 0
+
+    async def start(self) -> None:
+        await self.nc.subscribe(self.prefix + "*", cb=self._on_ack)
+
+    def expect(self) -> tuple[bytes, asyncio.Future[int]]:
+        self._next += 1
+        token = str(self._next)
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._futures[token] = fut
+        return (self.prefix + token).encode(), fut
+
+    def forget(self, futures: Sequence[asyncio.Future[int]]) -> None:
+        """Drop what a timed-out batch still waits for (a late ack then finds nothing)."""
+        if len(self._futures) and any(not f.done() for f in futures):
+            pending = {id(f) for f in futures if not f.done()}
+            for token in [t for t, f in self._futures.items() if id(f) in pending]:
+                self._futures.pop(token).cancel()
+
+    async def _on_ack(self, msg: Msg) -> None:
+        fut = self._futures.pop(msg.subject[self._cut :], None)
+        if fut is None or fut.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            fut.set_exception(NoStreamResponseError())
+            return
+        try:
+            doc = orjson.loads(msg.data)
+        except orjson.JSONDecodeError as exc:
+            fut.set_exception(exc)
+            return
+        if "error" in doc:
+            fut.set_exception(RuntimeError(f"not stored: {doc['error']}"))
+        else:
+            fut.set_result(int(doc.get("seq", 0)))
 
 
 # A handler may return messages it cannot handle yet (waiting for another process): they
@@ -229,8 +363,16 @@ class Consumer:
     # A read model that knows its stream position (a persisted index) starts there; the
     # consumer is then recreated at that sequence, and removed by the server when idle.
     start_seq: int | None = None
+    # A consumer of this process alone (named after it, e.g. by its pid): the server removes
+    # it after this long without a pull (a process that was killed), and ``stop`` removes it
+    # at once (a process that shuts down), so restarts leave none behind.
     inactive_threshold_s: float | None = None
+    # Batches handled at once, each acked on its own when its handler returns. Above one the
+    # handler must be safe beside itself (the profile's locks make it so); order across
+    # batches is then not kept.
+    in_flight: int = 1
     _task: asyncio.Task[None] | None = field(default=None, init=False)
+    _sub: Any = field(default=None, init=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     healthy: bool = field(default=False, init=False)
     _only: list[str] | None = field(default=None, init=False)
@@ -265,22 +407,53 @@ class Consumer:
             await self.bus.js.add_consumer(stream, config)
         else:
             try:
-                await self.bus.js.consumer_info(stream, durable)
+                info = await self.bus.js.consumer_info(stream, durable)
             except NotFoundError:
                 await self.bus.js.add_consumer(stream, config)
+            else:
+                old = info.config.filter_subjects or [info.config.filter_subject]
+                if sorted(s for s in old if s) != sorted(wire):
+                    # Its subjects changed (an upgrade): the server updates a durable's
+                    # filter in place, keeping its position.
+                    log.info("consumer %s: filter %s -> %s", self.name, old, wire)
+                    await self.bus.js.add_consumer(stream, config)
         self._sub = await self.bus.js.pull_subscribe_bind(durable, stream=stream)
         self._task = asyncio.create_task(self._loop(), name=f"consumer:{self.name}")
 
+    @property
+    def per_process(self) -> bool:
+        """This process's own consumer (shared durables have no inactive threshold)."""
+        return self.inactive_threshold_s is not None
+
     async def stop(self) -> None:
-        """Finish the batch in hand, then stop fetching (SIGTERM drain)."""
+        """Finish the batch in hand, then stop fetching (SIGTERM drain); a per-process
+        consumer is then removed from the server (nothing else would ever read it)."""
         self._stopping.set()
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, 15)
             except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
-        with contextlib.suppress(Exception):
-            await self._sub.unsubscribe()
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        if self.per_process:
+            await self.remove()
+
+    async def remove(self) -> bool:
+        """Delete this consumer on the server; False if it was not there (or the server could
+        not be reached: the inactive threshold then removes it)."""
+        try:
+            return bool(
+                await self.bus.js.delete_consumer(
+                    self.bus.stream(self.stream), self.bus.durable(self.name)
+                )
+            )
+        except NotFoundError:
+            return False
+        except Exception as exc:
+            log.warning("consumer %s: could not remove it: %s", self.name, exc)
+            return False
 
     async def _fetch(self) -> list[Msg]:
         """Wait for the first message only, then take whatever else is ready: asking nats-py
@@ -298,6 +471,9 @@ class Consumer:
         return msgs
 
     async def _loop(self) -> None:
+        if self.in_flight > 1:
+            await self._loop_in_flight()
+            return
         # The next batch is fetched while the current one is handled (one batch ahead).
         ahead: asyncio.Task[list[Msg]] | None = None
         while not self._stopping.is_set():
@@ -323,6 +499,40 @@ class Consumer:
             with contextlib.suppress(Exception):
                 for m in await ahead:  # hand them back at once rather than at ack_wait
                     await m.nak()
+
+    async def _loop_in_flight(self) -> None:
+        """Fetch a batch whenever fewer than ``in_flight`` are being handled."""
+        slots = asyncio.Semaphore(self.in_flight)
+        running: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            slots.release()
+            if not task.cancelled() and task.exception() is not None:  # acks lost: redelivered
+                log.warning("consumer %s: batch failed: %r", self.name, task.exception())
+
+        while not self._stopping.is_set():
+            await slots.acquire()
+            try:
+                msgs = await self._fetch()
+            except TimeoutError:
+                self.healthy = True  # an empty consumer answers with a timeout: normal
+                slots.release()
+                continue
+            except Exception as exc:  # connection blips: wait and fetch again
+                slots.release()
+                if self._stopping.is_set():
+                    break
+                self.healthy = False
+                log.warning("consumer %s fetch failed: %s", self.name, exc)
+                await asyncio.sleep(0.5)
+                continue
+            self.healthy = True
+            task = asyncio.create_task(self._handle(msgs), name=f"consumer:{self.name}:batch")
+            running.add(task)
+            task.add_done_callback(done)
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
 
     async def _handle(self, msgs: list[Msg]) -> None:
         good: list[tuple[Msg, CloudEvent]] = []
@@ -365,9 +575,9 @@ class Consumer:
                     CONSUMED.labels(self.name, "ok").inc()
             return
         wait = {id(m) for m in later or ()}
-        await asyncio.gather(
-            *(m.nak(delay=self.nak_delay_s) if id(m) in wait else m.ack() for m, _ in good)
-        )
+        for m in later or ():
+            await m.nak(delay=self.nak_delay_s)
+        await self.bus.ack_all([m for m, _ in good if id(m) not in wait])
         CONSUMED.labels(self.name, "ok").inc(len(good) - len(wait))
         if wait:
             CONSUMED.labels(self.name, "later").inc(len(wait))

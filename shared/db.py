@@ -41,6 +41,9 @@ _UNAVAILABLE = (OperationalError, InterfaceError, ConnectionError, TimeoutError,
 # timeout (57014) is the caller's own bound and stays what it is.
 _TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57P")
 _UNAVAILABLE_ALL = (*_UNAVAILABLE, RedisConnectionError, RedisTimeoutError, BusyLoadingError)
+# Two transactions that met (a deadlock, a serialization failure): the loser was rolled
+# back whole and succeeds when run again.
+_RETRY_SQLSTATES = frozenset({"40P01", "40001"})
 
 
 def _sqlstate(exc: BaseException) -> str | None:
@@ -54,13 +57,21 @@ def _sqlstate(exc: BaseException) -> str | None:
     return code if isinstance(code, str) else None
 
 
+def is_conflict(exc: BaseException) -> bool:
+    """The transaction lost a deadlock or a serialization conflict to another one."""
+    return _sqlstate(exc) in _RETRY_SQLSTATES
+
+
 def is_transient(exc: BaseException) -> bool:
-    """A dependency (Postgres, Redis, the network) is unavailable: retry later rather than
-    give up. The one rule behind both a consumer's nak and an HTTP 503 with Retry-After."""
+    """A dependency (Postgres, Redis, the network) is unavailable, or the transaction lost a
+    deadlock or a serialization conflict: retry later rather than give up. The one rule
+    behind both a consumer's nak and an HTTP 503 with Retry-After."""
     if isinstance(exc, _UNAVAILABLE_ALL):
         return True
     code = _sqlstate(exc)
     if code is not None and code.startswith(_TRANSIENT_SQLSTATE_PREFIXES):
+        return True
+    if is_conflict(exc):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
@@ -301,6 +312,19 @@ class OutboxRelay:
             # If acks go missing (an overloaded connection), roll back and publish again soon;
             # Nats-Msg-Id de-duplicates what did arrive.
             await self.bus.publish_encoded(
-                ((r[1], str(orjson.loads(r[2])["id"]), bytes(r[2])) for r in rows), timeout=5.0
+                ((r[1], _event_id(bytes(r[2])), bytes(r[2])) for r in rows), timeout=5.0
             )
         return len(rows), int(rows[0][0])
+
+
+_ID_HEAD = b'{"id":"'
+
+
+def _event_id(payload: bytes) -> str:
+    """The id of a serialised envelope: read from its head (every envelope is written with
+    ``id`` first), else parsed."""
+    if payload.startswith(_ID_HEAD):
+        end = payload.find(b'"', len(_ID_HEAD))
+        if end > 0 and b"\\" not in payload[: end + 1]:
+            return payload[len(_ID_HEAD) : end].decode()
+    return str(orjson.loads(payload)["id"])

@@ -48,7 +48,23 @@ class Keys:
     def __call__(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
+    def propensity_pending(self, offer: str, treatment: str) -> str:
+        """Offered contacts of a treatment not answered yet (tracking ids, by offer time)."""
+        return self(PENDING_KIND, offer, treatment)
 
+    def idempotency_index(self, token: str) -> str:
+        """The idempotency entries that hold a customer's data (by customer token)."""
+        return self("idem-of", token)
+
+    def of_customer(self, customer_id: str) -> list[str]:
+        """Prefixes of every key family named ``<kind>:<customer id>:…`` (erasure drops them)."""
+        return [self(kind, customer_id) + ":" for kind in CUSTOMER_KEY_KINDS]
+
+
+# Key families whose second part is a customer id: the contact ledger (``ledger:<id>:…``)
+# and the per-campaign contact history (``contacts:<id>:<campaign>``).
+CUSTOMER_KEY_KINDS = ("ledger", "contacts")
+PENDING_KIND = "propensity-pending"
 PROJECTION_FIELDS = ("v", "p", "c")
 APPLIED_TTL_S = 600  # how long the ``applied`` markers of events are kept
 

@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, Response
 from redis.asyncio import Redis
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared import errors
+from shared import errors, metrics
 from shared.bus import Bus, Consumer
 from shared.db import Database, OutboxRelay
 from shared.deadlines import BodyDeadline
@@ -128,7 +128,12 @@ def create_service_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(name, level=cfg.log_level, as_json=cfg.log_json)
-        bus = Bus(cfg.nats_url, prefix=cfg.bus_prefix, source=f"kairos/{name}")
+        bus = Bus(
+            cfg.nats_url,
+            prefix=cfg.bus_prefix,
+            source=f"kairos/{name}",
+            replicas=cfg.stream_replicas,
+        )
         rt = Runtime(name, cfg, bus, make_redis(cfg.redis_url), Keys(cfg.redis_prefix))
         if schema is not None:
             rt.db = Database(cfg.database_url, schema)
@@ -197,7 +202,14 @@ def create_service_app(
             {"status": "ok" if ok else "down", "checks": checks}, 200 if ok else 503
         )
 
-    app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_(request: Request) -> Response:
+        """Prometheus text exposition, with the gauges sampled now (shared/metrics.py)."""
+        rt: Runtime | None = getattr(request.app.state, "rt", None)
+        if rt is not None:
+            await metrics.sample(rt)
+        return await metrics_endpoint(request)
+
     for r in routers:
         app.include_router(r)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +27,10 @@ class Settings(BaseSettings):
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:55432/kairos"
     redis_url: str = "redis://127.0.0.1:56379/0"
     nats_url: str = "nats://127.0.0.1:54222"
+
+    # JetStream replicas of every stream Kairos creates: 3 on a 3-node NATS cluster (k8s/backing),
+    # 1 on a single server. Existing streams are updated to it where the server allows.
+    stream_replicas: int = Field(default=1, ge=1, le=5)
 
     # Namespaces so several suites (parallel test runs) share one server safely.
     bus_prefix: str = ""
@@ -118,6 +123,10 @@ class Settings(BaseSettings):
     dispatch_retention_days: int = Field(default=30, ge=8)
 
     consumer_batch: int = 500
+    # The profile's events consumer: larger batches (fewer round trips per event) and two
+    # batches in flight (one is in Postgres while the other is in Redis or being parsed).
+    profile_events_batch: int = Field(default=1000, ge=1, le=10_000)
+    profile_events_in_flight: int = Field(default=2, ge=1, le=8)
     consumer_max_deliver: int = 5
     run_consumers: bool = True
     log_level: str = "INFO"
@@ -157,7 +166,25 @@ class Settings(BaseSettings):
         return explicit or f"http://{self.host}:{self.port_of(service)}"
 
 
+SECRETS_DIR_ENV = "KAIROS_SECRETS_DIR"
+
+
 @lru_cache
 def get_settings() -> Settings:
-    """The process-wide settings, read once from the environment."""
-    return Settings()
+    """The process-wide settings, read once from the environment.
+
+    With ``KAIROS_SECRETS_DIR`` set (Kubernetes: a Secret volume), each file there named like
+    a setting's variable (``KAIROS_DATABASE_URL``) supplies that setting; an environment
+    variable of the same name still wins."""
+    return Settings(_secrets_dir=secrets_dir())  # type: ignore[call-arg]  # BaseSettings init kwarg
+
+
+def secrets_dir() -> Path | None:
+    """The directory of secret files named by ``KAIROS_SECRETS_DIR``, if any."""
+    raw = os.environ.get(SECRETS_DIR_ENV)
+    if not raw:
+        return None
+    path = Path(raw)
+    if not path.is_dir():
+        raise ValueError(f"{SECRETS_DIR_ENV}={raw} is not a directory")
+    return path

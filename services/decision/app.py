@@ -11,19 +11,34 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 from nats.aio.msg import Msg
 
+from services.decision import erasure
 from services.decision.catalog.endpoints import router as catalog_router
 from services.decision.decisions.endpoints import router as decisions_router
-from services.decision.engine import Engine, load_catalog, refresh_forever
+from services.decision.engine import Engine
 from services.decision.learning import Learning
+from services.decision.messages import parse
 from services.decision.models import SCHEMA
+from services.decision.pipeline.catalog import load_catalog, refresh_forever
 from services.decision.policy.ledger import Ledger
 from services.decision.runs.endpoints import router as runs_router
 from services.decision.runs.service import Runs
+from services.decision.timers.service import Timers
 from services.decision.triggers import Triggers
-from shared.bus import Bus, Consumer
+from shared.bus import Bus, Consumer, PoisonMessage
+from shared.contracts.bus import (
+    BusMessage,
+    CatalogChanged,
+    ContactRecorded,
+    EventOccurred,
+    ResponseRecorded,
+    SegmentChanged,
+    SegmentDeleted,
+)
 from shared.events import CloudEvent
+from shared.privacy import any_customer
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
+from shared.stream_outbox import StreamOutbox
 
 log = logging.getLogger("kairos.decision")
 
@@ -36,14 +51,23 @@ async def _setup(rt: Runtime) -> None:
     selection = cfg.url_of("selection")
     wake = asyncio.Event()
 
+    kinds: dict[str, type[BusMessage]] = {
+        m.TYPE: m for m in (CatalogChanged, SegmentChanged, SegmentDeleted)
+    }
+
     async def changed(batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
+        for _, ev in batch:  # typed, so a malformed one is dead-lettered, not obeyed
+            kind = kinds.get(ev.type)
+            if kind is None:
+                raise PoisonMessage(f"unexpected event type {ev.type!r}")
+            parse(ev, kind)
         wake.set()
 
     # Every replica reloads on every change: its own consumers, starting at "now".
     name = re.sub(r"[^A-Za-z0-9_-]", "_", f"decision-{cfg.instance_id}-{os.getpid()}")
     for stream, subjects in (
-        ("CATALOG", ["catalog.>"]),
-        ("SEGMENT", ["segment.changed", "segment.deleted"]),
+        ("CATALOG", [CatalogChanged.TYPE]),
+        ("SEGMENT", [SegmentChanged.TYPE, SegmentDeleted.TYPE]),
     ):
         info = await rt.bus.js.stream_info(rt.bus.stream(stream))
         rt.consumers.append(
@@ -57,7 +81,8 @@ async def _setup(rt: Runtime) -> None:
                 inactive_threshold_s=600.0,
             )
         )
-    triggers = Triggers(eng, rt.db, rt.redis, rt.keys, rt.bus)
+    timers = Timers(eng, rt.db, rt.bus)
+    triggers = Triggers(eng, timers, rt.redis, rt.keys, rt.bus)
     # A run publishes pages of thousands of messages with their acks pipelined; on the
     # process's one connection a trigger's request would queue behind them. Runs get their own.
     runs_bus = Bus(cfg.nats_url, prefix=cfg.bus_prefix, source="kairos/decision")
@@ -69,17 +94,18 @@ async def _setup(rt: Runtime) -> None:
         runs_bus,
         selection,
         name,
-        on_timers=triggers.wake.set,
+        timers,
         page=cfg.decision_run_page,
     )
     rt.extras["triggers"] = triggers
+    rt.extras["timers"] = timers
     rt.extras["runs"] = runs
     if cfg.run_consumers:
         rt.consumers += [
             Consumer(
                 rt.bus,
                 "decision-triggers",
-                ["events.>"],
+                [f"{EventOccurred.TYPE}.>"],
                 "EVENTS",
                 triggers.handle_events,
                 batch=cfg.consumer_batch,
@@ -90,34 +116,50 @@ async def _setup(rt: Runtime) -> None:
             Consumer(
                 rt.bus,
                 "decision-trigger-responses",
-                ["response.recorded"],
+                [any_customer(ResponseRecorded.TYPE)],
                 "RESPONSE",
                 triggers.handle_responses,
                 max_deliver=cfg.consumer_max_deliver,
             ),
         ]
         rt.background += [
-            asyncio.create_task(triggers.timers_forever()),
+            asyncio.create_task(timers.forever()),
             asyncio.create_task(runs.work_forever()),
             asyncio.create_task(runs.cron_forever()),
         ]
         learning = Learning(rt.redis, rt.keys, unanswered_s=cfg.decision_unanswered_s)
         rt.consumers += [
             Consumer(
-                rt.bus, "decision-propensity", ["response.recorded"], "RESPONSE", learning.handle
+                rt.bus,
+                "decision-propensity",
+                [any_customer(ResponseRecorded.TYPE)],
+                "RESPONSE",
+                learning.handle,
             ),
-            Consumer(rt.bus, "decision-offered", ["contact.recorded"], "CONTACT", learning.handle),
+            Consumer(
+                rt.bus,
+                "decision-offered",
+                [any_customer(ContactRecorded.TYPE)],
+                "CONTACT",
+                learning.handle,
+            ),
+            erasure.consumer(rt),
         ]
         rt.background.append(asyncio.create_task(learning.sweep_forever()))
     try:
-        eng.catalog = await load_catalog(rt.db, selection)
-        eng.loaded.set()
+        eng.set_catalog(await load_catalog(rt.db, selection))
     except Exception as exc:  # selection not up yet: serve an empty catalog, retry at once
         log.warning("catalog not loaded at start (%s); retrying", exc)
         wake.set()
     for c in rt.consumers:
         await c.start()
-    rt.background.append(asyncio.create_task(refresh_forever(eng, rt.db, selection, wake)))
+    rt.background.append(
+        asyncio.create_task(refresh_forever(eng.set_catalog, rt.db, selection, wake))
+    )
+    # Touchpoint decisions write their contact records to a Redis stream in the step that
+    # reserves the caps; every replica (consumers or not) relays it to JetStream.
+    relay = StreamOutbox(rt.redis, rt.bus, eng.ledger.outbox_key(), name)
+    rt.background.append(asyncio.create_task(relay.run(), name="contact-outbox"))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 TIER_FIT = 1.2
+T = TypeVar("T")
 
 
 def unit(*parts: str) -> float:
@@ -34,14 +35,16 @@ def in_global_control(customer_id: str, share: float) -> bool:
     return share > 0 and unit("global-control", customer_id) < share
 
 
-def by_weight(
-    customer_id: str, campaign_id: str, treatments: Sequence[dict[str, Any]]
-) -> dict[str, Any]:
-    """Split customers over treatments by weight, stably."""
-    total = sum(float(t["weight"]) for t in treatments)
+def _weight(t: Any) -> float:
+    return float(t["weight"] if isinstance(t, Mapping) else t.weight)
+
+
+def by_weight(customer_id: str, campaign_id: str, treatments: Sequence[T]) -> T:
+    """Split customers over treatments (anything with a ``weight``) by weight, stably."""
+    total = sum(_weight(t) for t in treatments)
     x = unit("treatment", campaign_id, customer_id) * total
     for t in treatments:
-        x -= float(t["weight"])
+        x -= _weight(t)
         if x < 0:
             return t
     return treatments[-1]

@@ -1,253 +1,36 @@
-"""The next best offer: the active catalog in memory and the decision over it.
+"""The next best offer at a touchpoint: the pipeline's steps over the active catalog.
 
-Every replica holds the active campaigns (rules compiled once) and reloads them when
-``catalog.changed`` or ``segment.changed`` arrives. A decision reads the customer's
-projection from Redis, checks each campaign of the touchpoint (schedule, audience,
-treatment and offer validity, control groups), ranks the candidates, reserves the
-contact in the ledger (atomic caps) in rank order, and records every offered and control
-contact as ``contact.recorded``. No database write on the request path.
+A decision reads the customer's projection from Redis, runs every campaign of the touchpoint
+through the eligibility steps, ranks the candidates and renders the best ones' content; one
+Lua step then reserves their caps in rank order (atomic) and writes the ``contact.recorded``
+of every offered and control contact to a Redis stream in the same step, which a relay
+takes to JetStream (``shared.stream_outbox``). No database write and no JetStream ack on
+the request path, and no contact counted without its record or recorded without its count.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import secrets
-import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
-import sqlalchemy as sa
+from opentelemetry import propagate
 
-from services.decision import arbitration, messages, templating
-from services.decision.messages import ControlKind
-from services.decision.policy.ledger import HISTORY_S, Cap, Ledger
+from services.decision import messages
+from services.decision.pipeline import counts, steps
+from services.decision.pipeline.catalog import Catalog
+from services.decision.pipeline.model import Campaign
+from services.decision.pipeline.steps import Candidate, Customer, Outcome
+from services.decision.policy.ledger import Cap, Ledger, Ranked, Record
 from shared import rules
 from shared.bus import Bus
 from shared.contracts import catalog as api
-from shared.db import Database
-from shared.events import CloudEvent, iso
+from shared.events import CloudEvent
 from shared.redis import Keys, read_projections
-
-log = logging.getLogger("kairos.decision.engine")
-
-
-@dataclass
-class Live:
-    """One active campaign, compiled."""
-
-    campaign_id: str
-    body: dict[str, Any]
-    audience: rules.Predicate | None
-    audience_node: rules.Node | None
-    tiers: list[tuple[dict[str, Any], rules.Predicate]]
-    plain: list[dict[str, Any]]
-    start: datetime | None
-    end: datetime | None
-    contacted: frozenset[tuple[str, str]] = frozenset()  # (campaign, within) its rules read
-    where: rules.Predicate | None = None  # triggered: the condition on the firing event
-    delay_s: int = 0
-    unless: tuple[str, int] | None = None  # (event type, window s)
-    since: datetime | None = None  # when it last changed (became active)
-
-    @property
-    def channels(self) -> list[str]:
-        return list(self.body.get("channels") or ())
-
-    @property
-    def timed(self) -> bool:
-        """Fires later (a delay or an ``unless`` window) rather than on the event itself."""
-        return self.delay_s > 0 or self.unless is not None
-
-
-@dataclass
-class Catalog:
-    by_touchpoint: dict[str, list[Live]] = field(default_factory=dict)
-    by_event: dict[str, list[Live]] = field(default_factory=dict)  # triggered, by event type
-    by_unless: dict[str, list[Live]] = field(default_factory=dict)  # by the unless event type
-    by_id: dict[str, Live] = field(default_factory=dict)  # every active campaign
-    offers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    policy: dict[str, Any] = field(default_factory=dict)
-    segments: dict[str, rules.Predicate] = field(default_factory=dict)
-    loaded_at: float = 0.0
-
-
-def _dt(v: Any) -> datetime | None:
-    if not v:
-        return None
-    t = datetime.fromisoformat(str(v).replace("Z", "+00:00"))
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
-
-
-async def _segments(selection_url: str, ids: set[str]) -> dict[str, rules.Node]:
-    """Segment rules referenced by audiences and tiers, transitively, from selection."""
-    out: dict[str, rules.Node] = {}
-    todo = set(ids)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
-        while todo:
-            sid = todo.pop()
-            async with http.get(f"{selection_url}/v1/segments/{sid}") as resp:
-                if resp.status == 404:
-                    log.warning("segment %s does not exist; it matches nobody", sid)
-                    out[sid] = rules.parse({"attr": "__no_such_segment__", "op": "exists"})
-                    continue
-                resp.raise_for_status()  # selection unavailable: the reload is retried
-                node = rules.parse((await resp.json())["rule"])
-            out[sid] = node
-            todo |= rules.segments_of(node) - set(out)
-    return out
-
-
-def _parse(
-    body: dict[str, Any],
-) -> tuple[rules.Node | None, list[tuple[dict[str, Any], rules.Node]]]:
-    aud = rules.parse(body["audience"]) if body.get("audience") else None
-    tiers = [(t, rules.parse(t["tier"])) for t in body["treatments"] if t.get("tier") is not None]
-    return aud, tiers
-
-
-def _refs(body: dict[str, Any]) -> set[str]:
-    aud, tiers = _parse(body)
-    out: set[str] = set()
-    for node in [aud, *(n for _, n in tiers)]:
-        if node is not None:
-            out |= rules.segments_of(node)
-    trig = body.get("trigger") or {}
-    if trig.get("where"):
-        out |= rules.segments_of(rules.parse(trig["where"]))
-    return out
-
-
-def _resolver(seg_nodes: dict[str, rules.Node]) -> Callable[[str], rules.Predicate]:
-    compiled: dict[str, rules.Predicate] = {}
-
-    def resolve(sid: str) -> rules.Predicate:
-        if sid not in compiled:
-            compiled[sid] = rules.compile_rule(seg_nodes[sid], resolve_segment=resolve)
-        return compiled[sid]
-
-    return resolve
-
-
-def compile_live(
-    cid: str,
-    body: dict[str, Any],
-    seg_nodes: dict[str, rules.Node],
-    resolve: Callable[[str], rules.Predicate],
-) -> Live:
-    """One campaign compiled: audience, tiers, trigger condition, timing."""
-    aud, tiers = _parse(body)
-    sched = body.get("schedule") or {}
-    live = Live(
-        campaign_id=cid,
-        body=body,
-        audience=rules.compile_rule(aud, resolve_segment=resolve) if aud else None,
-        audience_node=aud,
-        tiers=[(t, rules.compile_rule(n, resolve_segment=resolve)) for t, n in tiers],
-        plain=[t for t in body["treatments"] if t.get("tier") is None],
-        start=_dt(sched.get("start")),
-        end=_dt(sched.get("end")),
-        contacted=frozenset(
-            (n.campaign, n.within)
-            for root in [aud, *(n for _, n in tiers), *seg_nodes.values()]
-            if root is not None
-            for n in rules.walk(root)
-            if isinstance(n, rules.Contacted)
-        ),
-    )
-    trig = body.get("trigger") if body.get("type") == "triggered" else None
-    if trig:
-        live.where = (
-            rules.compile_rule(rules.parse(trig["where"]), resolve_segment=resolve)
-            if trig.get("where")
-            else None
-        )
-        live.delay_s = rules.parse_duration(trig.get("delay") or "0s")
-        un = trig.get("unless")
-        if un:
-            live.unless = (un["event"], rules.parse_duration(un["within"]))
-    return live
-
-
-async def compile_one(cid: str, body: dict[str, Any], selection_url: str) -> Live:
-    """A campaign in any state compiled on its own (simulate, runs)."""
-    refs = _refs(body)
-    seg_nodes = await _segments(selection_url, refs) if refs else {}
-    return compile_live(cid, body, seg_nodes, _resolver(seg_nodes))
-
-
-async def load_catalog(db: Database, selection_url: str) -> Catalog:
-    async with db.sessions() as s:
-        camps = (
-            await s.execute(
-                sa.text(
-                    "SELECT campaign_id, body, updated_at FROM decision.campaign "
-                    "WHERE state = 'active'"
-                )
-            )
-        ).all()
-        offers = (await s.execute(sa.text("SELECT offer_id, body FROM decision.offer"))).all()
-        pol = (await s.execute(sa.text("SELECT body FROM decision.contact_policy"))).scalar()
-    refs: set[str] = set()
-    for _, body, _ in camps:
-        refs |= _refs(body)
-    seg_nodes = await _segments(selection_url, refs) if refs else {}
-    resolve = _resolver(seg_nodes)
-    cat = Catalog(offers={o: b for o, b in offers}, policy=pol or {}, loaded_at=time.time())
-    cat.segments = {sid: resolve(sid) for sid in seg_nodes}
-    for cid, body, updated_at in camps:
-        live = compile_live(cid, body, seg_nodes, resolve)
-        live.since = updated_at
-        if body.get("type") == "triggered" and body.get("trigger"):
-            cat.by_event.setdefault(body["trigger"]["event"], []).append(live)
-            if live.unless is not None:
-                cat.by_unless.setdefault(live.unless[0], []).append(live)
-        cat.by_id[cid] = live
-        for tp in body.get("touchpoints") or ():
-            cat.by_touchpoint.setdefault(tp, []).append(live)
-    return cat
-
-
-def why_not(node: rules.Node, subject: rules.Subject, segments: dict[str, rules.Predicate]) -> str:
-    """A person's reason for the first clause that failed."""
-
-    def resolve(sid: str) -> rules.Predicate:
-        return segments.get(sid) or (lambda _s: False)
-
-    if isinstance(node, rules.All):
-        for c in node.children:
-            if not rules.compile_rule(c, resolve_segment=resolve)(subject):
-                return why_not(c, subject, segments)
-    if isinstance(node, rules.Tag):
-        return f"tag {node.name} missing"
-    if isinstance(node, rules.Consent):
-        return f"no {node.channel} consent"
-    if isinstance(node, rules.Attr):
-        have = (subject.profile.get("attributes") or {}).get(node.name)
-        return f"attribute {node.name} is {have!r}, needs {node.op} {node.value!r}"
-    if isinstance(node, rules.EventCount):
-        n = subject.count(node.event, node.within)
-        return f"{node.event} {n}× in {node.within}, needs {node.op} {node.count}"
-    if isinstance(node, rules.Not):
-        return "excluded by a 'not' clause"
-    if isinstance(node, rules.SegmentRef):
-        return f"not in segment {node.segment_id}"
-    return "rule not met"
-
-
-@dataclass
-class Candidate:
-    live: Live
-    treatment: dict[str, Any]
-    offer_id: str
-    offer: dict[str, Any]
-    tier_fit: bool
-    score: float = 0.0
 
 
 class Engine:
@@ -265,259 +48,247 @@ class Engine:
         # (an empty catalog would drop what they hold).
         self.loaded = asyncio.Event()
 
-    def caps(self, customer_id: str, live: Live, channel: str) -> list[Cap]:
-        """Every cap one contact over ``channel`` (or at a touchpoint) must respect. The first
-        is the channel's own log (never full): what makes a reservation idempotent."""
-        caps = [Cap(self.ledger.channel_key(customer_id, channel), 10**9, HISTORY_S, "", "log")]
-        for r in self.catalog.policy.get("rules") or ():
-            if r["channel"] in ("*", channel):
-                caps.append(
-                    Cap(
-                        self.ledger.channel_key(customer_id, r["channel"]),
-                        int(r["max"]),
-                        rules.parse_duration(r["per"]),
-                        f"policy: {r['channel']} {r['max']}/{r['per']} reached",
-                        "policy",
-                        r.get("on_cap") or "drop",
-                    )
-                )
-        # Every contact also goes into the campaign's 90-day history, which ``contacted``
-        # clauses read (a cap that never binds).
-        caps.append(
-            Cap(self.ledger.history_key(customer_id, live.campaign_id), 10**9, HISTORY_S, "", "log")
-        )
-        re = live.body.get("reentry")
-        if re:
-            caps.append(
-                Cap(
-                    self.ledger.campaign_key(customer_id, live.campaign_id),
-                    int(re["max"]),
-                    rules.parse_duration(re["per"]),
-                    f"reentry: {re['max']} per {re['per']} reached",
-                    "reentry",
-                )
-            )
-        return caps
+    def set_catalog(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.loaded.set()
 
+    # -- what the steps read from Redis -------------------------------------------------
+    async def contacted(
+        self, customer_ids: Sequence[str], campaigns: Iterable[Campaign], now: datetime
+    ) -> list[dict[tuple[str, str], bool]]:
+        """Per customer, the answer to every ``contacted`` clause these campaigns read, in one
+        round trip (none when no campaign reads one)."""
+        wanted = sorted({ref for c in campaigns for ref in c.contacted})
+        if not wanted or not customer_ids:
+            return [{} for _ in customer_ids]
+        now_ms = int(now.timestamp() * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for cid in customer_ids:
+                for camp, within in wanted:
+                    since = now_ms - rules.parse_duration(within) * 1000
+                    pipe.zcount(self.ledger.history_key(cid, camp), since, "+inf")
+            raw = await pipe.execute()
+        n = len(wanted)
+        return [
+            {ref: int(x) > 0 for ref, x in zip(wanted, raw[i * n : (i + 1) * n], strict=True)}
+            for i in range(len(customer_ids))
+        ]
+
+    async def rank(self, cands: list[Candidate]) -> None:
+        """Read each candidate's (offer, treatment) statistics, then rank them (step)."""
+        if not cands:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for c in cands:
+                pipe.hmget(self.keys("propensity", c.offer.offer_id, c.treatment.id), ["s", "f"])
+            raw: Sequence[Any] = await pipe.execute()
+        stats = [(float(s or 0), float(f or 0)) for s, f in raw]
+        steps.rank(cands, stats, self.rng, self.explore)
+
+    # -- the touchpoint decision ----------------------------------------------------------
     async def decide(
         self, req: api.DecisionRequest, *, explain: bool, dry_run: bool
     ) -> api.DecisionResponse:
         now = datetime.now(UTC)
+        cat = self.catalog
         (doc,) = await read_projections(self.redis, self.keys, [req.customer_id])
-        lives = self.catalog.by_touchpoint.get(req.touchpoint, ())
-        seen = await self._contacted(req.customer_id, lives, now)
-        subject = rules.Subject(doc or {}, now=now, contacted=lambda c, w: seen.get((c, w), False))
-        considered: list[api.Considered] = []
+        campaigns = cat.by_touchpoint.get(req.touchpoint, ())
+        (seen,) = await self.contacted([req.customer_id], campaigns, now)
+        who = Customer.of(req.customer_id, doc, now, contacted=seen)
+        considered: list[tuple[Campaign, Outcome, float | None]] = []
         candidates: list[Candidate] = []
-        controls: list[tuple[Candidate, ControlKind]] = []
-        policy = self.catalog.policy
-        global_ctl = doc is not None and arbitration.in_global_control(
-            req.customer_id, float(policy.get("global_control") or 0)
-        )
-        for live in lives:
-            cid = live.campaign_id
-
-            def out(outcome: str, reason: str, cid: str = cid) -> None:
-                considered.append(api.Considered(campaign_id=cid, outcome=outcome, reason=reason))  # type: ignore[arg-type]
-
-            if live.start and now < live.start:
-                out("ineligible", f"schedule: starts {iso(live.start)}")
-                continue
-            if live.end and now >= live.end:
-                out("ineligible", f"schedule: ended {iso(live.end)}")
-                continue
-            if live.audience is not None:
-                if doc is None:
-                    out("ineligible", "audience: unknown customer")
-                    continue
-                if not live.audience(subject):
-                    assert live.audience_node is not None
-                    out(
-                        "ineligible",
-                        "audience: " + why_not(live.audience_node, subject, self.catalog.segments),
-                    )
-                    continue
-            treatment, fit = None, False
-            for t, pred in live.tiers:
-                if doc is not None and pred(subject):
-                    treatment, fit = t, True
-                    break
-            if treatment is None:
-                if not live.plain:
-                    out("ineligible", "treatments: no tier matches")
-                    continue
-                treatment = arbitration.by_weight(req.customer_id, cid, live.plain)
-            offer = self.catalog.offers.get(treatment["offer"])
-            if offer is None:
-                out("ineligible", f"offer: {treatment['offer']} missing")
-                continue
-            vf, vt = _dt(offer.get("valid_from")), _dt(offer.get("valid_to"))
-            if (vf and now < vf) or (vt and now >= vt):
-                out("ineligible", f"offer: {treatment['offer']} not valid now")
-                continue
-            cand = Candidate(live, treatment, treatment["offer"], offer, fit)
-            if global_ctl:
-                controls.append((cand, "global"))
-                out("control", "control: global control group")
-                continue
-            if arbitration.in_control(
-                req.customer_id, cid, float(live.body.get("control_group") or 0)
-            ):
-                controls.append((cand, "campaign"))
-                out(
-                    "control", f"control: campaign control group ({live.body['control_group']:.0%})"
-                )
-                continue
-            candidates.append(cand)
+        controls: list[Candidate] = []
+        for camp in campaigns:
+            got = steps.eligible(
+                camp,
+                who,
+                offers=cat.offers,
+                policy=cat.policy,
+                now=now,
+                outbound=False,
+                segments=cat.segments if explain else None,
+            )
+            if isinstance(got, Outcome):
+                self._considered(considered, camp, got)
+            elif got.control is not None:
+                controls.append(got)
+                self._considered(considered, camp, steps.held_out(got))
+            else:
+                candidates.append(got)
         await self.rank(candidates)
-        offers: list[api.DecidedOffer] = []
-        records: list[tuple[str, CloudEvent]] = []
         decision_id = str(uuid.uuid4())
         now_ms = int(now.timestamp() * 1000)
-        for cand in candidates:
-            cid = cand.live.campaign_id
-            if len(offers) >= req.limit:
-                considered.append(
-                    api.Considered(
-                        campaign_id=cid,
-                        outcome="outranked",
-                        reason="outranked: limit reached",
-                        score=round(cand.score, 4),
-                    )
-                )
-                continue
-            tracking = secrets.token_urlsafe(16)
-            caps = self.caps(req.customer_id, cand.live, req.touchpoint)
-            full = (
-                await self.ledger.room(caps, now_ms)
-                if dry_run
-                else await self.ledger.reserve(caps, tracking, now_ms)
+        if dry_run:
+            offers = await self._look(req, who, candidates, considered, now_ms)
+        else:
+            offers = await self._offer(
+                req, who, candidates, controls, considered, decision_id, now, now_ms
             )
-            if full is not None:
-                considered.append(
-                    api.Considered(
-                        campaign_id=cid,
-                        outcome="suppressed",
-                        reason=full.label,
-                        score=round(cand.score, 4),
-                    )
-                )
-                continue
-            try:
-                content = templating.render(cand.offer["content"], req.touchpoint, doc or {}, None)
-            except Exception as exc:  # a template that fails for this customer: skip it
-                considered.append(
-                    api.Considered(campaign_id=cid, outcome="ineligible", reason=f"content: {exc}")
-                )
-                continue
-            offers.append(
-                api.DecidedOffer(
-                    tracking_id=tracking,
-                    offer_id=cand.offer_id,
-                    campaign_id=cid,
-                    treatment=cand.treatment["id"],
-                    score=round(cand.score, 4),
-                    content=content,
-                    link=cand.offer.get("link"),
-                )
-            )
-            considered.append(
-                api.Considered(
-                    campaign_id=cid, outcome="offered", reason="offered", score=round(cand.score, 4)
-                )
-            )
-            records.append(self._record(req, decision_id, cand, tracking, now))
-        for cand, kind in controls:
-            records.append(
-                self._record(req, decision_id, cand, secrets.token_urlsafe(16), now, control=kind)
-            )
-        if records and not dry_run:
-            await self.bus.publish_many(records)
+        counts.observe_many("decision", (out for _, out, _ in considered))
         return api.DecisionResponse(
             decision_id=decision_id,
             customer_id=req.customer_id,
             touchpoint=req.touchpoint,
             offers=offers,
-            explain=considered if explain else None,
+            explain=(
+                [counts.considered(c.campaign_id, o, score) for c, o, score in considered]
+                if explain
+                else None
+            ),
         )
 
-    async def _contacted(
-        self, customer_id: str, lives: Sequence[Live], now: datetime
-    ) -> dict[tuple[str, str], bool]:
-        """Answers for every ``contacted`` clause of these campaigns, in one round trip."""
-        wanted = sorted({ref for live in lives for ref in live.contacted})
-        if not wanted:
-            return {}
-        now_ms = int(now.timestamp() * 1000)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for camp, within in wanted:
-                since = now_ms - rules.parse_duration(within) * 1000
-                pipe.zcount(self.ledger.history_key(customer_id, camp), since, "+inf")
-            counts = await pipe.execute()
-        return {ref: int(n) > 0 for ref, n in zip(wanted, counts, strict=True)}
-
-    async def rank(self, cands: list[Any]) -> None:
-        """Score candidates (anything with live, treatment, offer, tier_fit, score) and sort
-        them best first (or at random, ``explore`` of the time)."""
-        if not cands:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for c in cands:
-                pipe.hmget(
-                    self.keys("propensity", c.treatment["offer"], c.treatment["id"]), ["s", "f"]
+    async def _offer(
+        self,
+        req: api.DecisionRequest,
+        who: Customer,
+        candidates: list[Candidate],
+        controls: list[Candidate],
+        considered: list[tuple[Campaign, Outcome, float | None]],
+        decision_id: str,
+        now: datetime,
+        now_ms: int,
+    ) -> list[api.DecidedOffer]:
+        """Offer the best candidates whose caps have room: content first, then one atomic
+        Redis step reserves their caps in rank order and writes their contact records (and
+        the control group's) to the outbox stream, which a relay takes to JetStream. A
+        second step runs only when a cap was full and more candidates are waiting."""
+        trace = self._traceparent()
+        held = [
+            self._outbox(req, decision_id, cand, secrets.token_urlsafe(16), now, trace)
+            for cand in controls
+        ]
+        offers: list[api.DecidedOffer] = []
+        todo = list(candidates)
+        while todo and len(offers) < req.limit:
+            want = req.limit - len(offers)
+            batch: list[tuple[Candidate, str, dict[str, str]]] = []
+            while todo and len(batch) < want:
+                cand = todo.pop(0)
+                content = steps.content(cand.offer, req.touchpoint, who)
+                if isinstance(content, Outcome):
+                    self._considered(considered, cand.campaign, content)
+                    continue
+                batch.append((cand, secrets.token_urlsafe(16), content))
+            ranked = [
+                Ranked(
+                    tracking,
+                    steps.caps(
+                        self.ledger,
+                        req.customer_id,
+                        cand.campaign,
+                        req.touchpoint,
+                        self.catalog.policy,
+                    ),
+                    self._outbox(req, decision_id, cand, tracking, now, trace),
                 )
-            stats: Sequence[Any] = await pipe.execute()
-        for c, (s, f) in zip(cands, stats, strict=True):
-            p = arbitration.propensity(float(s or 0), float(f or 0), self.rng)
-            c.score = arbitration.score(
-                int(c.live.body.get("priority", 50)),
-                p,
-                float(c.offer.get("value", 1.0)),
-                c.tier_fit,
-            )
-        if self.rng.random() < self.explore:
-            self.rng.shuffle(cands)
-        else:
-            cands.sort(key=lambda c: -c.score)
+                for cand, tracking, _ in batch
+            ]
+            results = await self.ledger.reserve_ranked(ranked, want, now_ms, held)
+            held = []
+            for (cand, tracking, content), full in zip(batch, results, strict=True):
+                if isinstance(full, Cap):
+                    out = Outcome("suppressed", full.kind, full.label, treatment=cand.treatment.id)
+                    self._considered(considered, cand.campaign, out, cand.score)
+                    continue
+                offers.append(self._decided(cand, tracking, content))
+                out = Outcome("offered", "offered", "offered", treatment=cand.treatment.id)
+                self._considered(considered, cand.campaign, out, cand.score)
+        for cand in todo:
+            self._considered(considered, cand.campaign, steps.outranked(cand), cand.score)
+        if held:  # no candidate at all: the control group's records still go out
+            await self.ledger.reserve_ranked([], 0, now_ms, held)
+        return offers
 
-    def _record(
+    async def _look(
+        self,
+        req: api.DecisionRequest,
+        who: Customer,
+        candidates: list[Candidate],
+        considered: list[tuple[Campaign, Outcome, float | None]],
+        now_ms: int,
+    ) -> list[api.DecidedOffer]:
+        """A dry run: what would be offered, looking at the caps without reserving."""
+        offers: list[api.DecidedOffer] = []
+        for cand in candidates:
+            camp = cand.campaign
+            if len(offers) >= req.limit:
+                self._considered(considered, camp, steps.outranked(cand), cand.score)
+                continue
+            caps = steps.caps(
+                self.ledger, req.customer_id, camp, req.touchpoint, self.catalog.policy
+            )
+            full = await self.ledger.room(caps, now_ms)
+            if full is not None:
+                out = Outcome("suppressed", full.kind, full.label, treatment=cand.treatment.id)
+                self._considered(considered, camp, out, cand.score)
+                continue
+            content = steps.content(cand.offer, req.touchpoint, who)
+            if isinstance(content, Outcome):
+                self._considered(considered, camp, content)
+                continue
+            offers.append(self._decided(cand, secrets.token_urlsafe(16), content))
+            out = Outcome("offered", "offered", "offered", treatment=cand.treatment.id)
+            self._considered(considered, camp, out, cand.score)
+        return offers
+
+    @staticmethod
+    def _decided(cand: Candidate, tracking: str, content: dict[str, str]) -> api.DecidedOffer:
+        return api.DecidedOffer(
+            tracking_id=tracking,
+            offer_id=cand.offer.offer_id,
+            campaign_id=cand.campaign.campaign_id,
+            treatment=cand.treatment.id,
+            score=round(cand.score, 4),
+            content=content,
+            link=cand.offer.link,
+        )
+
+    @staticmethod
+    def _traceparent() -> str:
+        """The current trace context, carried by the records to the bus (empty when off)."""
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return carrier.get("traceparent", "")
+
+    def _outbox(
         self,
         req: api.DecisionRequest,
         decision_id: str,
         cand: Candidate,
         tracking: str,
         now: datetime,
-        *,
-        control: ControlKind | None = None,
+        trace: str,
+    ) -> Record:
+        subject, ev = self._record(req, decision_id, cand, tracking, now)
+        return Record(subject, ev.id, ev.to_bytes(), trace)
+
+    @staticmethod
+    def _considered(
+        into: list[tuple[Campaign, Outcome, float | None]],
+        camp: Campaign,
+        out: Outcome,
+        score: float | None = None,
+    ) -> None:
+        into.append((camp, out, score))
+
+    @staticmethod
+    def _record(
+        req: api.DecisionRequest,
+        decision_id: str,
+        cand: Candidate,
+        tracking: str,
+        now: datetime,
     ) -> tuple[str, CloudEvent]:
         return messages.contact_recorded(
             tracking_id=tracking,
             customer_id=req.customer_id,
-            campaign=cand.live.body,
-            campaign_id=cand.live.campaign_id,
+            campaign=cand.campaign,
             treatment=cand.treatment,
             offer=cand.offer,
             channel=req.touchpoint,
             at=now,
-            control_kind=control,
+            control_kind=cand.control,
             decision_id=decision_id,
             touchpoint=req.touchpoint,
             placement=req.placement,
         )
-
-
-async def refresh_forever(
-    engine: Engine, db: Database, selection_url: str, wake: asyncio.Event
-) -> None:
-    """Reload the catalog whenever woken (a catalog or segment change), at most ~20×/s."""
-    while True:
-        await wake.wait()
-        wake.clear()
-        try:
-            engine.catalog = await load_catalog(db, selection_url)
-            engine.loaded.set()
-        except Exception as exc:  # keep serving the catalog in hand; retry shortly
-            log.warning("catalog reload failed: %s", exc)
-            await asyncio.sleep(1.0)
-            wake.set()
-        await asyncio.sleep(0.05)

@@ -58,7 +58,7 @@ class Learning:
         return self.keys("propensity", offer, treatment)
 
     def pending_key(self, offer: str, treatment: str) -> str:
-        return self.keys("propensity-pending", offer, treatment)
+        return self.keys.propensity_pending(offer, treatment)
 
     async def handle(self, batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
         """Offered contacts join the pending set; responses leave it and count."""

@@ -1,26 +1,29 @@
-"""The one place decision builds ``contact.recorded``, through :class:`ContactRecorded`.
+"""The one place decision builds the messages it publishes: ``contact.recorded`` through
+:class:`ContactRecorded` and ``dispatch.requested.<channel>`` through :class:`DispatchRequested`.
 
 Touchpoint decisions (the engine) and outbound plans (triggers, timers, batch runs) record
 their offered and control contacts with the same function, so every consumer (feedback,
 selection's ``contacted`` history, propensity learning) reads the same fields whichever path
-made the contact. Outbound messages themselves (``dispatch.requested.<channel>``) are built
-by the outbound planner (``Planner._dispatch``) through :class:`DispatchRequested`.
+made the contact.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
-from typing import Any, Literal, TypeVar
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from services.decision.pipeline import steps
+from services.decision.pipeline.model import Campaign, Offer, Treatment
+from services.decision.pipeline.steps import ControlKind
 from shared.bus import PoisonMessage
-from shared.contracts.bus import BusMessage, ContactRecorded, Conversion, Lane, Reward
+from shared.contracts.bus import Address, BusMessage, ContactRecorded, DispatchRequested, Lane
 from shared.events import CloudEvent, iso
 
 SOURCE = "kairos/decision"
-ControlKind = Literal["global", "campaign"]
+EXPIRY = timedelta(days=1)
 NO_ORIGIN: Mapping[str, Any] = {}
 M = TypeVar("M", bound=BusMessage)
 
@@ -28,42 +31,6 @@ M = TypeVar("M", bound=BusMessage)
 def lane(origin: Mapping[str, Any]) -> Lane:
     """Traffic of a batch run (its origin names the run) waits behind realtime traffic."""
     return "batch" if origin.get("run_id") else "realtime"
-
-
-# A batch run records hundreds of thousands of contacts of a few offers and campaigns: their
-# reward and conversion rule are typed once per catalog object (kept alongside it, so an id
-# reused after a reload never answers for another object), not once per message.
-_TYPED: dict[tuple[str, int], tuple[object, Any]] = {}
-_LAST_STAMP: list[Any] = [None, ""]
-
-
-def _typed(kind: str, owner: Mapping[str, Any], make: Any) -> Any:
-    hit = _TYPED.get((kind, id(owner)))
-    if hit is not None and hit[0] is owner:
-        return hit[1]
-    if len(_TYPED) > 10_000:  # catalogs reloaded many times over: start afresh
-        _TYPED.clear()
-    value = make(owner)
-    _TYPED[(kind, id(owner))] = (owner, value)
-    return value
-
-
-def reward(offer: Mapping[str, Any] | None) -> Reward | None:
-    """The offer's reward, typed (None when the offer grants nothing)."""
-    if not offer:
-        return None
-    r: Reward | None = _typed("reward", offer, _make_reward)
-    return r
-
-
-def _make_reward(offer: Mapping[str, Any]) -> Reward | None:
-    r = offer.get("reward")
-    return Reward.model_validate(r) if r else None
-
-
-def _make_conversion(campaign: Mapping[str, Any]) -> Conversion | None:
-    c = campaign.get("conversion")
-    return Conversion.model_validate(c) if c else None
 
 
 def stamp(at: datetime) -> str:
@@ -74,19 +41,16 @@ def stamp(at: datetime) -> str:
     return text
 
 
-def _value(offer: Mapping[str, Any] | None) -> float | None:
-    v = offer.get("value") if offer else None
-    return float(v) if v is not None else None
+_LAST_STAMP: list[Any] = [None, ""]
 
 
 def contact_recorded(
     *,
     tracking_id: str,
     customer_id: str,
-    campaign: Mapping[str, Any],
-    campaign_id: str,
-    treatment: Mapping[str, Any] | None,
-    offer: Mapping[str, Any] | None,
+    campaign: Campaign,
+    treatment: Treatment | None,
+    offer: Offer | None,
     channel: str | None,
     at: datetime,
     control_kind: ControlKind | None = None,
@@ -97,26 +61,23 @@ def contact_recorded(
     envelope_id: str | None = None,
 ) -> tuple[str, CloudEvent]:
     """(subject, envelope) of one offered contact, or a control one when ``control_kind`` is
-    set; ``campaign`` is the campaign's body (its conversion rule), ``offer`` the offer's
-    (its reward and value). Without ``envelope_id`` the envelope gets a fresh id."""
-    t = treatment or {}
-    conversion: Conversion | None = _typed("conversion", campaign, _make_conversion)
+    set. Without ``envelope_id`` the envelope gets a fresh id."""
     msg = ContactRecorded(
         tracking_id=tracking_id,
         customer_id=customer_id,
-        campaign_id=campaign_id,
+        campaign_id=campaign.campaign_id,
         decision_id=decision_id,
-        treatment=t.get("id"),
-        offer_id=t.get("offer"),
+        treatment=treatment.id if treatment else None,
+        offer_id=treatment.offer_id if treatment else None,
         touchpoint=touchpoint,
         channel=channel,
         placement=placement,
         control=control_kind is not None,
         control_kind=control_kind,
         status="offered" if control_kind is None else "control",
-        conversion=conversion,
-        reward=reward(offer),
-        value=_value(offer),
+        conversion=campaign.conversion,
+        reward=offer.reward if offer else None,
+        value=offer.value if offer else None,
         time=stamp(at),
         event_id=origin.get("event_id"),
         event_type=origin.get("event_type"),
@@ -125,6 +86,51 @@ def contact_recorded(
         run_id=origin.get("run_id"),
     )
     return msg.to_event(source=SOURCE, id_=envelope_id)
+
+
+def dispatch_requested(
+    *,
+    tracking_id: str,
+    customer_id: str,
+    doc: Mapping[str, Any],
+    campaign: Campaign,
+    treatment: Treatment,
+    offer: Offer,
+    channel: str,
+    content: dict[str, str],
+    at: datetime,
+    origin: Mapping[str, Any] = NO_ORIGIN,
+) -> tuple[str, CloudEvent]:
+    """(subject, envelope) of one ``dispatch.requested.<channel>``, expiring with the offer
+    at the latest; its envelope id is stable per tracking id (``Nats-Msg-Id``)."""
+    expires = at + EXPIRY
+    if offer.valid_to is not None and offer.valid_to < expires:
+        expires = offer.valid_to
+    where = steps.address(doc, channel)
+    msg = DispatchRequested(
+        tracking_id=tracking_id,
+        idempotency_key=tracking_id,
+        customer_id=customer_id,
+        campaign_id=campaign.campaign_id,
+        treatment=treatment.id,
+        offer_id=treatment.offer_id,
+        channel=channel,
+        address=Address.model_validate(where) if where is not None else None,
+        content=content,
+        link=offer.link,
+        reward=offer.reward,
+        priority=campaign.priority,
+        lane=lane(origin),
+        locale=doc.get("locale"),
+        expires_at=iso(expires),
+        requested_at=stamp(at),
+        event_id=origin.get("event_id"),
+        event_type=origin.get("event_type"),
+        timer_id=origin.get("timer_id"),
+        due=origin.get("due"),
+        run_id=origin.get("run_id"),
+    )
+    return msg.to_event(source=SOURCE, id_=msg.event_id_())
 
 
 def parse(ev: CloudEvent, cls: type[M]) -> M:

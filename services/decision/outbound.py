@@ -1,43 +1,44 @@
-"""Outbound contacts (triggers, timers, batch runs): who gets what, over which channel, when.
+"""Outbound contacts (triggers, timers, batch runs, simulate): the pipeline's steps for many
+(customer, campaign) items at once.
 
-One planning step serves every outbound path. For each (customer, campaign) item it
-checks schedule, audience and treatment (tiers first, else the stable weighted split)
-and the offer's validity, holds control customers out (recorded as contacts with
-``control: true``), then picks the channel: the campaign's ``channels`` in order of
-preference, keeping those with the customer's consent and a way to reach them (a push
-token, an e-mail address, an MSISDN, an installed app for in-app), and reserves the
-first with room in the contact ledger — every item of a batch in one Redis call.
-
-What comes out is, per item, an :class:`Outcome`: dispatched (with its
-``dispatch.requested.<channel>`` and ``contact.recorded`` events), control, suppressed
-or ineligible with the reason, or deferred (quiet hours in the customer's time zone, or a
-cap whose policy says ``on_cap: defer``) with the time it is due.
+``eligible`` runs the eligibility steps (control customers come out recorded as contacts
+with ``control: true``); ``contact`` then picks the channel: the campaign's ``channels`` in
+order of preference that have consent and an address, the first with room in the contact
+ledger (every item of a batch in one Redis call), renders its content and builds the
+``dispatch.requested.<channel>`` and ``contact.recorded`` events. Quiet hours in the
+customer's time zone, or a cap whose policy says ``on_cap: defer``, defer the contact.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, time, timedelta
-from typing import TYPE_CHECKING, Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
-from services.decision import arbitration, messages, templating
-from services.decision.messages import SOURCE, ControlKind
+from services.decision import messages
+from services.decision.pipeline import steps
+from services.decision.pipeline.model import Campaign
+from services.decision.pipeline.steps import (
+    Candidate,
+    ControlKind,
+    Customer,
+    Outcome,
+    address,
+    quiet_until,
+)
 from services.decision.policy.ledger import Reservation
-from shared import rules
-from shared.contracts.bus import Address, DispatchRequested, Platform
 from shared.events import CloudEvent, iso
+from shared.redis import read_projections
 
 if TYPE_CHECKING:
-    from services.decision.engine import Engine, Live
+    from services.decision.engine import Engine
 
+__all__ = ["Item", "Outcome", "Planner", "address", "quiet_until", "tracking_id"]
 OUTBOUND = frozenset({"push", "email", "sms"})  # held by quiet hours; in-app never is
-EXPIRY = timedelta(days=1)
 LEDGER_CHUNK = 500
-PLATFORMS = frozenset(Platform.__args__)  # type: ignore[attr-defined]
-Status = Literal["dispatched", "control", "suppressed", "deferred", "ineligible"]
+READ_CHUNK = 1000
 
 
 def tracking_id(*parts: str) -> str:
@@ -46,84 +47,24 @@ def tracking_id(*parts: str) -> str:
     return hashlib.blake2b(":".join(parts).encode(), digest_size=12).hexdigest()
 
 
-def address(doc: dict[str, Any], channel: str) -> dict[str, Any] | None:
-    """Where a channel reaches this customer, or None."""
-    ids = doc.get("identities") or {}
-    # a device the push channel cannot address (no token, an unknown platform) is left out
-    devices = [
-        d for d in doc.get("devices") or () if d.get("token") and d.get("platform") in PLATFORMS
-    ]
-    if channel == "push":
-        return {"devices": devices} if devices else None
-    if channel == "email":
-        return {"email": ids["email"]} if ids.get("email") else None
-    if channel == "sms":
-        return {"msisdn": ids["msisdn"]} if ids.get("msisdn") else None
-    if channel == "inapp":  # the app is installed: it has registered a device
-        return {"customer_id": doc.get("customer_id")} if doc.get("devices") else None
-    return None
-
-
-def _zone(name: str | None) -> ZoneInfo:
-    try:
-        return ZoneInfo(name or "UTC")
-    except (ZoneInfoNotFoundError, ValueError):
-        return ZoneInfo("UTC")
-
-
-def quiet_until(policy: dict[str, Any], tz: str | None, now: datetime) -> datetime | None:
-    """The end of the quiet hours the customer is in now (their time zone), else None."""
-    q = policy.get("quiet_hours")
-    if not q:
-        return None
-    local = now.astimezone(_zone(tz))
-    start = time.fromisoformat(q["start"])
-    end = time.fromisoformat(q["end"])
-    t = local.time()
-    inside = (start <= t < end) if start <= end else (t >= start or t < end)
-    if not inside:
-        return None
-    day = local.date() if t < end else local.date() + timedelta(days=1)
-    wall = datetime.combine(day, end)
-    return wall.replace(tzinfo=local.tzinfo).astimezone(UTC)
-
-
-@dataclass
+@dataclass(slots=True)
 class Item:
     """One customer and one campaign to plan a contact for."""
 
-    customer_id: str
-    doc: dict[str, Any] | None
-    live: Live
+    who: Customer
+    campaign: Campaign
     tracking: str
-    event: dict[str, Any] | None = None  # the firing event: id, type, time, properties
-    origin: dict[str, Any] = field(default_factory=dict)  # event_id / run_id / timer_id
-    audience_checked: bool = False  # a run's snapshot already applied the audience
-    subject: rules.Subject | None = None
-    treatment: dict[str, Any] | None = None
-    offer: dict[str, Any] | None = None
-    tier_fit: bool = False
-    score: float = 0.0
-    reachable: list[str] = field(default_factory=list)  # consented channels with an address
+    origin: Mapping[str, Any] = field(default_factory=dict)  # event_id / run_id / timer_id
+    cand: Candidate | None = None  # set by ``eligible``
+    reserved: str | None = None  # the channel the ledger already holds this contact on
 
+    @property
+    def customer_id(self) -> str:
+        return self.who.customer_id
 
-@dataclass
-class Outcome:
-    status: Status
-    reason: str  # a short key: consent, policy, reentry, unreachable, content, audience …
-    label: str = ""  # what a person reads
-    channel: str | None = None
-    treatment: str | None = None
-    records: list[tuple[str, CloudEvent]] = field(default_factory=list)
-    due: datetime | None = None  # deferred: when to try again / send
-    kind: str | None = None  # deferred: "send" (reserved, publish then) or "retry"
-
-
-def _dt(v: Any) -> datetime | None:
-    if not v:
-        return None
-    t = datetime.fromisoformat(str(v).replace("Z", "+00:00"))
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
+    @property
+    def event(self) -> Mapping[str, Any] | None:
+        return self.who.event
 
 
 class Planner:
@@ -132,185 +73,169 @@ class Planner:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    # -- eligibility -------------------------------------------------------------------
-    def check(self, it: Item, now: datetime) -> Outcome | None:
-        """Schedule, audience, treatment and offer: None when eligible (fills the item)."""
-        live = it.live
-        if live.start and now < live.start:
-            return Outcome("ineligible", "schedule", f"schedule: starts {iso(live.start)}")
-        if live.end and now >= live.end:
-            return Outcome("ineligible", "schedule", f"schedule: ended {iso(live.end)}")
-        doc = it.doc or {}
-        if it.subject is None:
-            it.subject = rules.Subject(doc, event=it.event, now=now)
-        if live.audience is not None and not it.audience_checked:
-            if it.doc is None:
-                return Outcome("ineligible", "audience", "audience: unknown customer")
-            if not live.audience(it.subject):
-                return Outcome("ineligible", "audience", "audience: rule not met")
-        treatment, fit = None, False
-        for t, pred in live.tiers:
-            if it.doc is not None and pred(it.subject):
-                treatment, fit = t, True
-                break
-        if treatment is None:
-            if not live.plain:
-                return Outcome("ineligible", "treatment", "treatments: no tier matches")
-            treatment = arbitration.by_weight(it.customer_id, live.campaign_id, live.plain)
-        offer = self.engine.catalog.offers.get(treatment["offer"])
-        if offer is None:
-            return Outcome("ineligible", "offer", f"offer: {treatment['offer']} missing")
-        vf, vt = _dt(offer.get("valid_from")), _dt(offer.get("valid_to"))
-        if (vf and now < vf) or (vt and now >= vt):
-            return Outcome("ineligible", "offer", f"offer: {treatment['offer']} not valid now")
-        it.treatment, it.offer, it.tier_fit = treatment, offer, fit
-        # Consent and a way to reach them come before the control group: control is drawn
-        # among customers the campaign could contact, or the uplift compares unlike groups.
-        consents = doc.get("consents") or {}
-        allowed = [c for c in live.channels if consents.get(c) is True]
-        if not allowed:
-            return self._skip(it, "consent", "consent: no consent for any channel")
-        it.reachable = [c for c in allowed if address(doc, c) is not None]
-        if not it.reachable:
-            return self._skip(it, "unreachable", f"unreachable: no address for {allowed}")
-        return None
+    async def customers(
+        self,
+        ids: Sequence[str],
+        campaigns: Sequence[Campaign],
+        now: datetime,
+        *,
+        events: Sequence[Mapping[str, Any] | None] | None = None,
+        docs: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> list[Customer]:
+        """The customers as the steps see them: projections (read here unless given) and the
+        ``contacted`` answers their campaigns' rules need, in a few round trips."""
+        eng = self.engine
+        if docs is None:
+            got: list[Any] = []
+            for start in range(0, len(ids), READ_CHUNK):
+                part = list(ids[start : start + READ_CHUNK])
+                got += await read_projections(eng.redis, eng.keys, part)
+            docs = got
+        seen = await eng.contacted(ids, campaigns, now)
+        evs = events if events is not None else [None] * len(ids)
+        return [
+            Customer.of(cid, doc, now, event=ev, contacted=s)
+            for cid, doc, ev, s in zip(ids, docs, evs, seen, strict=True)
+        ]
 
-    def control(self, it: Item, now: datetime) -> Outcome | None:
-        """Control customers (global or the campaign's) are held out and recorded; only
-        eligible, reachable ones get here (``check``)."""
-        policy = self.engine.catalog.policy
-        share = float(it.live.body.get("control_group") or 0)
-        kind: ControlKind
-        if it.doc is not None and arbitration.in_global_control(
-            it.customer_id, float(policy.get("global_control") or 0)
-        ):
-            kind, label = "global", "control: global control group"
-        elif arbitration.in_control(it.customer_id, it.live.campaign_id, share):
-            kind, label = "campaign", f"control: campaign control group ({share:.0%})"
-        else:
+    async def recall(self, items: Sequence[Item]) -> None:
+        """For items that may have been planned before (a redelivery, a resumed page), the
+        channel the ledger already holds their contact on: one round trip."""
+        ledger = self.engine.ledger
+        asks = [
+            (it, ch, ledger.channel_key(it.customer_id, ch))
+            for it in items
+            for ch in it.campaign.channels
+        ]
+        held = await ledger.holding([(key, it.tracking) for it, _, key in asks])
+        for (it, ch, _), yes in zip(asks, held, strict=True):
+            if yes and it.reserved is None:
+                it.reserved = ch
+
+    def eligible(
+        self, it: Item, now: datetime, *, audience_checked: bool = False
+    ) -> Outcome | None:
+        """Every eligibility step: None when the item may be contacted (its candidate is kept),
+        else its outcome; a control customer's carries its ``contact.recorded``. A contact the
+        ledger already holds (``recall``) is not asked again."""
+        cat = self.engine.catalog
+        if it.reserved is not None:
+            again = steps.redo(it.campaign, it.who, it.reserved, offers=cat.offers, now=now)
+            if isinstance(again, Outcome):
+                return again
+            it.cand = again
             return None
-        return Outcome(
-            "control",
-            "control",
-            label,
-            treatment=it.treatment["id"] if it.treatment else None,
-            records=[self._contact(it, None, now, control=kind)],
+        got = steps.eligible(
+            it.campaign,
+            it.who,
+            offers=cat.offers,
+            policy=cat.policy,
+            now=now,
+            outbound=True,
+            audience_checked=audience_checked,
         )
+        if isinstance(got, Outcome):
+            return got
+        it.cand = got
+        if got.control is None:
+            return None
+        out = steps.held_out(got)
+        out.records = [self._contact(it, None, now, control=got.control)]
+        return out
 
-    # -- channels and the ledger ---------------------------------------------------------
     async def contact(
         self, items: Sequence[Item], now: datetime, *, dry: bool = False
     ) -> list[Outcome]:
-        """Choose a channel and reserve the contact for eligible, non-control items."""
-        out: list[Outcome | None] = [None] * len(items)
-        asks: list[tuple[int, list[str], Reservation, dict[str, dict[str, str]]]] = []
-        policy = self.engine.catalog.policy
-        for i, it in enumerate(items):
-            assert it.treatment is not None
-            assert it.offer is not None
-            doc = it.doc or {}
-            reachable = it.reachable  # consent and addresses were checked by ``check``
-            if not reachable:
-                out[i] = self._skip(it, "unreachable", "unreachable: not checked")
-                continue
-            # The preferred channel's content is rendered before anything is reserved (a
-            # template that fails for this customer skips them); another channel's only if
-            # the ledger picks it.
-            rendered: dict[str, dict[str, str]] = {}
-            try:
-                rendered[reachable[0]] = templating.render(
-                    it.offer["content"], reachable[0], doc, it.event
-                )
-            except Exception as exc:
-                out[i] = self._skip(it, "content", f"content: {exc}")
-                continue
-            caps = [self.engine.caps(it.customer_id, it.live, c) for c in reachable]
-            asks.append((i, reachable, Reservation(it.tracking, caps), rendered))
+        """Ledger, content and messages for eligible, non-control items (``dry``: the ledger
+        is only read, and nothing is built to send)."""
+        eng = self.engine
+        policy = eng.catalog.policy
+        asks = []
+        for it in items:
+            assert it.cand is not None
+            caps = [
+                steps.caps(eng.ledger, it.customer_id, it.campaign, ch, policy)
+                for ch in it.cand.channels
+            ]
+            asks.append(Reservation(it.tracking, caps))
         now_ms = int(now.timestamp() * 1000)
-        ledger = self.engine.ledger
+        out: list[Outcome] = []
         for start in range(0, len(asks), LEDGER_CHUNK):
             part = asks[start : start + LEDGER_CHUNK]
-            results = await ledger.reserve_many([a[2] for a in part], now_ms, dry=dry)
-            for (i, channels, _, rendered), res in zip(part, results, strict=True):
-                it = items[i]
-                if res.option is not None:
-                    ch = channels[res.option]
-                    if ch not in rendered:
-                        assert it.offer is not None
-                        try:
-                            rendered[ch] = templating.render(
-                                it.offer["content"], ch, it.doc or {}, it.event
-                            )
-                        except Exception as exc:  # counted in the ledger, but not sent
-                            out[i] = self._skip(it, "content", f"content: {exc}")
-                            continue
-                    records = [
-                        self._dispatch(it, ch, rendered[ch], now),
-                        self._contact(it, ch, now),
-                    ]
-                    until = quiet_until(policy, (it.doc or {}).get("timezone"), now)
-                    if ch in OUTBOUND and until is not None:
-                        out[i] = Outcome(
+            results = await eng.ledger.reserve_many(part, now_ms, dry=dry)
+            for it, res in zip(items[start : start + len(part)], results, strict=True):
+                cand = it.cand
+                assert cand is not None
+                if res.option is None:
+                    wait = steps.deferrable(res)
+                    if wait is None:
+                        out.append(steps.blocked(res, cand))
+                        continue
+                    due = await eng.ledger.frees_at(wait, now_ms)
+                    out.append(
+                        Outcome(
+                            "deferred",
+                            "policy",
+                            wait.label + " (deferred)",
+                            treatment=cand.treatment.id,
+                            due=datetime.fromtimestamp(due / 1000, UTC),
+                            kind="retry",
+                        )
+                    )
+                    continue
+                ch = cand.channels[res.option]
+                content = steps.content(cand.offer, ch, it.who)
+                if isinstance(content, Outcome):  # counted in the ledger, but not sent
+                    content.treatment = cand.treatment.id
+                    out.append(content)
+                    continue
+                records = (
+                    []
+                    if dry
+                    else [self._dispatch(it, ch, content, now), self._contact(it, ch, now)]
+                )
+                doc = it.who.doc or {}
+                until = quiet_until(policy, doc.get("timezone"), now) if ch in OUTBOUND else None
+                if until is not None:
+                    out.append(
+                        Outcome(
                             "deferred",
                             "quiet_hours",
                             f"quiet hours until {iso(until)}",
                             ch,
-                            it.treatment["id"] if it.treatment else None,
+                            cand.treatment.id,
                             records,
                             until,
                             "send",
                         )
-                    else:
-                        out[i] = Outcome(
+                    )
+                else:
+                    out.append(
+                        Outcome(
                             "dispatched",
                             "dispatched",
                             f"dispatched over {ch}",
                             ch,
-                            it.treatment["id"] if it.treatment else None,
+                            cand.treatment.id,
                             records,
                         )
-                    continue
-                deferrable = [c for c in res.blocked if c is not None and c.on_cap == "defer"]
-                if deferrable:
-                    due = await ledger.frees_at(deferrable[0], now_ms)
-                    out[i] = Outcome(
-                        "deferred",
-                        "policy",
-                        deferrable[0].label + " (deferred)",
-                        treatment=it.treatment["id"] if it.treatment else None,
-                        due=datetime.fromtimestamp(due / 1000, UTC),
-                        kind="retry",
                     )
-                    continue
-                first = res.blocked[0]
-                kind = first.kind if first is not None else "policy"
-                out[i] = self._skip(it, kind, first.label if first else "policy")
-        return [o if o is not None else Outcome("suppressed", "policy") for o in out]
-
-    def _skip(self, it: Item, reason: str, label: str) -> Outcome:
-        return Outcome(
-            "suppressed", reason, label, treatment=it.treatment["id"] if it.treatment else None
-        )
+        return out
 
     # -- the events ----------------------------------------------------------------------
     def _contact(
-        self,
-        it: Item,
-        channel: str | None,
-        now: datetime,
-        *,
-        control: ControlKind | None = None,
+        self, it: Item, channel: str | None, now: datetime, *, control: ControlKind | None = None
     ) -> tuple[str, CloudEvent]:
         """The item's ``contact.recorded``: offered, or held out when ``control`` is set (its
         own tracking id then, so the ledger never sees it)."""
+        assert it.cand is not None
         tracking = it.tracking if control is None else tracking_id(it.tracking, "control")
         return messages.contact_recorded(
             tracking_id=tracking,
             customer_id=it.customer_id,
-            campaign=it.live.body,
-            campaign_id=it.live.campaign_id,
-            treatment=it.treatment,
-            offer=it.offer,
+            campaign=it.campaign,
+            treatment=it.cand.treatment,
+            offer=it.cand.offer,
             channel=channel,
             at=now,
             control_kind=control,
@@ -321,37 +246,16 @@ class Planner:
     def _dispatch(
         self, it: Item, channel: str, content: dict[str, str], now: datetime
     ) -> tuple[str, CloudEvent]:
-        """The item's ``dispatch.requested.<channel>``, expiring with the offer at the latest."""
-        assert it.offer is not None
-        assert it.treatment is not None
-        offer = it.offer
-        expires = now + EXPIRY
-        vt = _dt(offer.get("valid_to"))
-        if vt is not None and vt < expires:
-            expires = vt
-        where = address(it.doc or {}, channel)
-        origin = it.origin
-        msg = DispatchRequested(
+        assert it.cand is not None
+        return messages.dispatch_requested(
             tracking_id=it.tracking,
-            idempotency_key=it.tracking,
             customer_id=it.customer_id,
-            campaign_id=it.live.campaign_id,
-            treatment=it.treatment["id"],
-            offer_id=it.treatment["offer"],
+            doc=it.who.doc or {},
+            campaign=it.campaign,
+            treatment=it.cand.treatment,
+            offer=it.cand.offer,
             channel=channel,
-            address=Address.model_validate(where) if where is not None else None,
             content=content,
-            link=offer.get("link"),
-            reward=messages.reward(offer),
-            priority=int(it.live.body.get("priority", 50)),
-            lane=messages.lane(origin),
-            locale=(it.doc or {}).get("locale"),
-            expires_at=iso(expires),
-            requested_at=messages.stamp(now),
-            event_id=origin.get("event_id"),
-            event_type=origin.get("event_type"),
-            timer_id=origin.get("timer_id"),
-            due=origin.get("due"),
-            run_id=origin.get("run_id"),
+            at=now,
+            origin=it.origin,
         )
-        return msg.to_event(source=SOURCE, id_=msg.event_id_())

@@ -7,6 +7,7 @@ no imports); an undefined value renders as empty text.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -43,7 +44,10 @@ def _compiled(text: str) -> Any:
 
 
 def render(
-    content: dict[str, Any], channel: str, profile: dict[str, Any], event: dict[str, Any] | None
+    content: Mapping[str, Any],
+    channel: str,
+    profile: Mapping[str, Any],
+    event: Mapping[str, Any] | None,
 ) -> dict[str, str]:
     """The content for one channel (its own, else the default) rendered for one customer."""
     fields = content.get(channel) or content.get("default") or {}

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.dispatch import rewards
+from services.dispatch import rewards, store
 from services.dispatch.endpoints import router
 from services.dispatch.intake import Intake
 from services.dispatch.providers import Providers
 from services.dispatch.ratelimit import RateLimiter, parse_limits
 from services.dispatch.sender import Sender
+from shared import metrics
 from shared.bus import Consumer
+from shared.contracts.bus import CHANNELS
 from shared.links import signer_from
+from shared.privacy import any_customer
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
 
@@ -43,7 +46,7 @@ async def _setup(rt: Runtime) -> None:
             Consumer(
                 rt.bus,
                 "dispatch-requests",
-                ["dispatch.requested.*"],
+                [any_customer("dispatch.requested.*")],
                 "DISPATCH",
                 intake.handle,
                 batch=cfg.consumer_batch,
@@ -52,7 +55,7 @@ async def _setup(rt: Runtime) -> None:
             Consumer(
                 rt.bus,
                 "dispatch-requests-batch",
-                ["dispatch.requested.*.batch"],
+                [any_customer("dispatch.requested.*.batch")],
                 "DISPATCH",
                 intake.handle,
                 batch=cfg.consumer_batch,
@@ -70,7 +73,7 @@ async def _setup(rt: Runtime) -> None:
             Consumer(
                 rt.bus,
                 "dispatch-erasure",
-                ["profile.erased"],
+                [any_customer("profile.erased")],
                 "PROFILE",
                 intake.erase,
                 max_deliver=cfg.consumer_max_deliver,
@@ -78,6 +81,14 @@ async def _setup(rt: Runtime) -> None:
         ]
         rt.background += sender.tasks()
     await rewards.setup(rt)
+
+    async def backlog() -> None:
+        db = rt.db
+        assert db is not None
+        async with db.sessions() as session:
+            metrics.set_backlog(await store.backlog(session), CHANNELS)
+
+    metrics.add_sampler(rt, backlog)
     for c in rt.consumers:
         await c.start()
 

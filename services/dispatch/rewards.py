@@ -30,7 +30,7 @@ from shared.contracts.bus import ProfileErased, ResponseRecorded
 from shared.db import Database
 from shared.errors import Conflict, DomainError, NotFound, Unavailable
 from shared.events import CloudEvent
-from shared.privacy import pseudonym
+from shared.privacy import any_customer, pseudonym
 from shared.service import Runtime, runtime
 
 log = logging.getLogger("kairos.dispatch.rewards")
@@ -317,7 +317,7 @@ async def setup(rt: Runtime) -> None:
             Consumer(
                 rt.bus,
                 "dispatch-rewards",
-                ["response.recorded"],
+                [any_customer("response.recorded")],
                 "RESPONSE",
                 rewards.handle_responses,
                 batch=100,
@@ -329,7 +329,7 @@ async def setup(rt: Runtime) -> None:
         Consumer(
             rt.bus,
             "dispatch-rewards-erasure",
-            ["profile.erased"],
+            [any_customer("profile.erased")],
             "PROFILE",
             rewards.handle_erased,
             max_deliver=cfg.consumer_max_deliver,

@@ -308,7 +308,7 @@ class Sender:
         res = sent.result
         attempt = [{"n": c.attempt, **a} for a in sent.attempts]
         for platform, token, r in sent.invalid:
-            _, ev = DeliveryReported(
+            subject, ev = DeliveryReported(
                 tracking_id=req.tracking_id,
                 customer_id=req.customer_id,
                 campaign_id=req.campaign_id,
@@ -322,7 +322,7 @@ class Sender:
                 token=token,
                 token_invalid_since=r.token_invalid_since,
             ).to_event(source=SOURCE)
-            uow.emit("delivery.token_invalid", ev)
+            uow.emit(subject, ev)
         if res.opted_out:  # the carrier says the customer opted out: an unsubscribe
             subject, ev = ResponseReceived(
                 tracking_id=req.tracking_id,

@@ -368,3 +368,17 @@ async def purge(session: AsyncSession, *, before: datetime, limit: int = 10_000)
         {"before": before, "n": limit},
     )
     return int(got.rowcount or 0)  # type: ignore[attr-defined]
+
+
+async def backlog(session: AsyncSession) -> dict[str, int]:
+    """Messages waiting to be sent, by channel (the send queue's partial index holds only
+    these rows, so this reads the index, not the table)."""
+    rows = (
+        await session.execute(
+            sa.text(
+                f"SELECT channel, count(*) FROM {S}.message"
+                " WHERE status IN ('queued', 'in_doubt') GROUP BY channel"
+            )
+        )
+    ).all()
+    return {str(r[0]): int(r[1]) for r in rows}

@@ -15,6 +15,7 @@ from shared.bus import Consumer, PoisonMessage, TransientError
 from shared.contracts.bus import ContactRecorded, DeliveryReported, ProfileErased, ResponseReceived
 from shared.db import Database, is_transient
 from shared.events import CloudEvent
+from shared.privacy import any_customer
 from shared.service import Runtime
 
 log = logging.getLogger("kairos.feedback.consumers")
@@ -140,11 +141,11 @@ def consumers(rt: Runtime) -> list[Consumer]:
     # History is written set-based: under a backlog, bigger batches mean fewer statements.
     big = max(s.consumer_batch, 2000)
     spec: list[tuple[str, list[str], str, Callable[[Batch], Awaitable[list[Msg] | None]], int]] = [
-        ("feedback-contacts", ["contact.recorded"], "CONTACT", h.contacts, big),
+        ("feedback-contacts", [any_customer("contact.recorded")], "CONTACT", h.contacts, big),
         ("feedback-delivery", ["delivery.>"], "DELIVERY", h.delivery, big),
-        ("feedback-responses", ["response.received"], "RESPONSE", h.responses, big),
+        ("feedback-responses", [any_customer("response.received")], "RESPONSE", h.responses, big),
         ("feedback-events", ["events.>"], "EVENTS", h.events, s.consumer_batch),
-        ("feedback-erasure", ["profile.erased"], "PROFILE", h.erasure, 50),
+        ("feedback-erasure", [any_customer("profile.erased")], "PROFILE", h.erasure, 50),
     ]
     return [
         Consumer(

@@ -6,6 +6,7 @@ from fastapi import FastAPI
 
 from services.profile.consumers import consumers
 from services.profile.customers.endpoints import lookup_router, router
+from services.profile.erasure import Erasure
 from services.profile.models import SCHEMA
 from services.profile.projection import Projection
 from shared.service import Runtime, create_service_app
@@ -15,7 +16,7 @@ from shared.settings import Settings
 async def _setup(rt: Runtime) -> None:
     rt.extras["projection"] = Projection(rt.redis, rt.keys)
     if rt.settings.run_consumers:
-        rt.consumers = consumers(rt)
+        rt.consumers = [*consumers(rt), Erasure(rt).consumer()]
         for c in rt.consumers:
             await c.start()
 

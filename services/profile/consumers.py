@@ -19,14 +19,16 @@ from shared.contracts.bus import (
     DeliveryReported,
     ResponseRecorded,
 )
-from shared.db import is_transient
+from shared.db import is_conflict, is_transient
 from shared.events import CloudEvent, utcnow
+from shared.privacy import any_customer
 from shared.service import Runtime
 
 log = logging.getLogger("kairos.profile.consumers")
 Batch = Sequence[tuple[Msg, CloudEvent]]
 
 _transient = is_transient
+APPLY_ATTEMPTS = 5
 
 
 async def handle_events(rt: Runtime, batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
@@ -40,13 +42,19 @@ async def handle_events(rt: Runtime, batch: Sequence[tuple[Msg, CloudEvent]]) ->
             if len(batch) == 1:
                 raise PoisonMessage(f"not an event: {exc}") from exc
             raise  # the runner retries one by one and dead-letters this one
-    try:
-        async with rt.db.transaction() as uow:
-            applied = await service.apply_events(uow, items, utcnow())
-    except Exception as exc:
-        if _transient(exc):
-            raise TransientError(str(exc)) from exc
-        raise
+    for attempt in range(1, APPLY_ATTEMPTS + 1):
+        try:
+            async with rt.db.transaction() as uow:
+                applied = await service.apply_events(uow, items, utcnow())
+            break
+        except Exception as exc:
+            if not _transient(exc):
+                raise
+            if attempt == APPLY_ATTEMPTS or not is_conflict(exc):
+                raise TransientError(str(exc)) from exc
+            # Lost a deadlock to another batch: it was rolled back whole; run it again now
+            # rather than after the nak delay (which would reorder it behind later events).
+            log.info("events batch conflicted with another (%s); retrying", exc)
     proj = projection(rt)
     stale = await proj.write_many(applied.docs)
     if stale:  # Redis missed an earlier version (a restart, a flush): write them whole
@@ -128,7 +136,8 @@ def consumers(rt: Runtime) -> list[Consumer]:
             ["events.>"],
             "EVENTS",
             bind(handle_events),
-            batch=s.consumer_batch,
+            batch=s.profile_events_batch,
+            in_flight=s.profile_events_in_flight,
             max_deliver=s.consumer_max_deliver,
         ),
         Consumer(
@@ -143,7 +152,7 @@ def consumers(rt: Runtime) -> list[Consumer]:
         Consumer(
             rt.bus,
             "profile-responses",
-            ["response.recorded"],
+            [any_customer("response.recorded")],
             "RESPONSE",
             bind(handle_responses),
             batch=100,

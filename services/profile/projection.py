@@ -59,8 +59,17 @@ redis.call('HSET', KEYS[1], 'e', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
+_MARK = """
+-- KEYS: applied markers; ARGV[1]: ttl, then the customer of each marker
+local ttl = ARGV[1]
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, ARGV[i + 1], 'EX', ttl)
+end
+return #KEYS
+"""
 TOMBSTONE_TTL_S = 3600
 CHUNK = 200
+MARK_CHUNK = 2000
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,7 @@ class Projection:
         self.keys = keys
         self._write = redis.register_script(_WRITE)
         self._erase = redis.register_script(_ERASE)
+        self._mark = redis.register_script(_MARK)
 
     async def write_many(self, docs: Sequence[Doc]) -> list[str]:
         """Write documents in chunks; returns customers whose counters-only write could not
@@ -105,12 +115,13 @@ class Projection:
         """After the projections are written: ``applied:{event id}`` names the customer each
         event landed on (after identity resolution), for ``APPLIED_TTL_S``. Triggers wait for
         it, so the rules they evaluate see the counters with the event in them."""
-        if not owners:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for event_id, cid in owners.items():
-                pipe.set(self.keys.applied(event_id), cid, ex=APPLIED_TTL_S)
-            await pipe.execute()
+        items = list(owners.items())
+        for start in range(0, len(items), MARK_CHUNK):  # one script call per chunk
+            chunk = items[start : start + MARK_CHUNK]
+            await self._mark(
+                keys=[self.keys.applied(event_id) for event_id, _ in chunk],
+                args=[APPLIED_TTL_S, *(cid for _, cid in chunk)],
+            )
 
     async def erase(self, customer_id: str) -> None:
         """Replace the projection with a tombstone: writes of the erased profile are refused,

@@ -35,10 +35,12 @@ from nats.js.errors import NotFoundError
 from prometheus_client import Gauge, Histogram
 from pydantic import ValidationError
 
+from services.selection.erasure import Forget
 from services.selection.index import Population
 from shared.bus import Consumer, PoisonMessage, TransientError
 from shared.contracts.bus import BusMessage, ContactRecorded, ProfileErased
 from shared.events import CloudEvent
+from shared.privacy import any_customer
 from shared.redis import read_projections
 from shared.rules import parse_duration
 from shared.service import Runtime
@@ -79,6 +81,7 @@ class Audience:
         self.path = (cfg.selection_index_dir or cfg.run_dir / "selection") / "index.pickle"
         name = re.sub(r"[^A-Za-z0-9_-]", "_", f"{cfg.instance_id}-{os.getpid()}")
         self._consumer_name = f"selection-index-{name}"[:200]
+        self.forget = Forget(rt.db, self._save_if_ready)
 
     @property
     def ready(self) -> bool:
@@ -131,7 +134,7 @@ class Audience:
         contact = Consumer(
             self.rt.bus,
             f"{self._consumer_name}-contact",
-            ["contact.recorded"],
+            [any_customer("contact.recorded")],
             "CONTACT",
             self._on_contact,
             batch=cfg.consumer_batch,
@@ -288,6 +291,8 @@ class Audience:
             self.pop.remove(cid)
             if not self.ready:
                 self._erased_while_loading.add(cid)
+        if erased:
+            await self.forget.erased([i for e in erased.values() for i in [e.customer_id, *e.ids]])
         if changed:
             docs, behind = await self._read(changed)
             self.pop.upsert_many(docs, changed)
@@ -364,6 +369,10 @@ class Audience:
                     await self.save()
                 except OSError as exc:
                     log.warning("could not save the audience index: %s", exc)
+
+    async def _save_if_ready(self) -> None:
+        if self.ready:
+            await self.save()
 
     async def save(self) -> None:
         """Write the index and its stream positions (serialised here, written off-loop)."""

@@ -3,13 +3,17 @@ who consumes them parses them here.
 
 | subject | class | publisher | consumers |
 |---|---|---|---|
-| ``contact.recorded`` | :class:`ContactRecorded` | decision | feedback, selection, decision |
-| ``dispatch.requested.<channel>[.batch]`` | :class:`DispatchRequested` | decision | dispatch |
+| ``contact.recorded.<t>`` | :class:`ContactRecorded` | decision | feedback, selection, decision |
+| ``dispatch.requested.<channel>[.batch].<t>`` | :class:`DispatchRequested` | decision | dispatch |
 | ``dispatch.receipt.<channel>`` | :class:`ProviderReceipt` | dispatch (webhooks) | dispatch |
-| ``delivery.<status>`` | :class:`DeliveryReported` | dispatch | feedback, profile |
-| ``response.received`` | :class:`ResponseReceived` | dispatch, gateway (links) | feedback |
-| ``response.recorded`` | :class:`ResponseRecorded` | feedback | profile, decision, dispatch |
-| ``profile.erased`` | :class:`ProfileErased` | profile | every service holding personal data |
+| ``delivery.<status>.<t>`` | :class:`DeliveryReported` | dispatch | feedback, profile |
+| ``response.received.<t>`` | :class:`ResponseReceived` | dispatch, gateway (links) | feedback |
+| ``response.recorded.<t>`` | :class:`ResponseRecorded` | feedback | profile, decision, dispatch |
+| ``profile.erased.<t>`` | :class:`ProfileErased` | profile | every service holding personal data |
+
+``<t>`` is the customer token (``shared.privacy.customer_token``): every subject that carries
+personal data ends with it, so erasure purges a customer's messages by subject. The envelope's
+``type`` is the subject without the token.
 
 Parsing ignores fields it does not know (a newer publisher may add some); it never guesses a
 field from another's name. Every envelope is a CloudEvents 1.0 structured event
@@ -25,6 +29,7 @@ from typing import Any, ClassVar, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.events import CloudEvent, iso, utcnow
+from shared.privacy import customer_subject, event_subject
 
 Lane = Literal["realtime", "batch"]
 Platform = Literal["ios", "android", "web"]
@@ -49,20 +54,24 @@ class BusMessage(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     TYPE: ClassVar[str]
+    # Messages about a customer carry the customer token as their subject's last token.
+    PERSONAL: ClassVar[bool] = True
 
     def subject_name(self) -> str:
-        """The logical NATS subject this message is published on."""
+        """The message's kind: its subject without the customer token (the envelope type)."""
         return self.TYPE
 
     def customer(self) -> str | None:
         return getattr(self, "customer_id", None)
 
     def to_event(self, *, source: str, id_: str | None = None) -> tuple[str, CloudEvent]:
-        """(subject, envelope) ready for ``Bus.publish_many`` or a unit of work's outbox."""
-        subject = self.subject_name()
+        """(subject, envelope) ready for ``Bus.publish_many`` or a unit of work's outbox: the
+        subject ends with the customer token (erasure purges by it)."""
+        kind = self.subject_name()
+        subject = customer_subject(kind, self.customer()) if self.PERSONAL else kind
         ev = CloudEvent.new(
             source=source,
-            type=subject,
+            type=kind,
             subject=self.customer(),
             data=self.model_dump(mode="json", exclude_none=True),
             id_=id_,
@@ -178,9 +187,10 @@ class DispatchRequested(BusMessage):
     run_id: str | None = None
 
     def subject_name(self) -> str:
-        """``dispatch.requested.<channel>``, with ``.batch`` appended for batch-run traffic:
-        dispatch reads the two lanes with their own consumers, so a trigger's request never
-        waits behind a run's backlog in the stream (``dispatch.requested.>`` sees both)."""
+        """``dispatch.requested.<channel>``, with ``.batch`` appended for batch-run traffic
+        (and the customer token after it on the wire): dispatch reads the two lanes with their
+        own consumers, so a trigger's request never waits behind a run's backlog in the stream
+        (``dispatch.requested.>`` sees both)."""
         lane = ".batch" if self.lane == "batch" else ""
         return f"dispatch.requested.{self.channel}{lane}"
 
@@ -239,6 +249,7 @@ class ProviderReceipt(BusMessage):
     ``dispatch.receipt.<channel>``, taken in by dispatch in batches."""
 
     TYPE: ClassVar[str] = "dispatch.receipt"
+    PERSONAL: ClassVar[bool] = False  # a tracking id and a status: nobody's personal data
     tracking_id: str
     channel: str
     status: Literal["delivered", "failed"]
@@ -302,3 +313,135 @@ class ProfileErased(BusMessage):
     TYPE: ClassVar[str] = "profile.erased"
     customer_id: str
     ids: list[str] = Field(default_factory=list)  # the customer's ids, folded ones included
+
+
+class EventOccurred(BusMessage):
+    """A behavioural event as the gateway accepted it (``events.<type>``); the envelope's
+    CloudEvents type is ``kairos.event.<type>``."""
+
+    TYPE: ClassVar[str] = "events"
+    type: str
+    customer_id: str | None = None
+    anonymous_id: str | None = None
+    time: str = Field(default_factory=lambda: iso(utcnow()))
+    properties: dict[str, Any] = Field(default_factory=dict)
+    received_at: str | None = None
+    principal: str | None = None
+
+    def subject_name(self) -> str:
+        return f"events.{self.type}"
+
+    def customer(self) -> str | None:
+        return self.customer_id or self.anonymous_id
+
+    def to_event(self, *, source: str, id_: str | None = None) -> tuple[str, CloudEvent]:
+        """``events.<token>.<type>``: the token right after ``events`` (see shared.privacy)."""
+        _, ev = super().to_event(source=source, id_=id_)
+        ev.type = f"kairos.event.{self.type}"
+        return event_subject(self.type, self.customer_id, self.anonymous_id), ev
+
+    def who(self) -> str | None:
+        """The customer before identity resolution: the id, else ``anon:<anonymous id>``."""
+        if self.customer_id:
+            return self.customer_id
+        return f"anon:{self.anonymous_id}" if self.anonymous_id else None
+
+    def as_fired(self, ev: CloudEvent) -> dict[str, Any]:
+        """What rules (``prop``), templates (``event``) and timers read of the event."""
+        return {"id": ev.id, "type": self.type, "time": self.time, "properties": self.properties}
+
+
+class CatalogChanged(BusMessage):
+    """An offer, a campaign or the contact policy changed (``catalog.changed``): every
+    decision replica reloads its catalog."""
+
+    TYPE: ClassVar[str] = "catalog.changed"
+    PERSONAL: ClassVar[bool] = False  # about the catalog, not a customer
+    kind: Literal["offer", "campaign", "contact_policy"]
+    id: str
+    version: int
+    state: str | None = None  # campaigns: the state it is in now
+
+    def customer(self) -> str | None:
+        return self.id  # the envelope's subject names the changed object
+
+
+class SegmentChanged(BusMessage):
+    """A segment was created or its rule replaced (``segment.changed``)."""
+
+    TYPE: ClassVar[str] = "segment.changed"
+    PERSONAL: ClassVar[bool] = False  # about the catalog, not a customer
+    segment_id: str
+    version: int
+    rule: dict[str, Any]
+
+    def customer(self) -> str | None:
+        return self.segment_id
+
+
+class SegmentDeleted(BusMessage):
+    """A segment was deleted (``segment.deleted``)."""
+
+    TYPE: ClassVar[str] = "segment.deleted"
+    PERSONAL: ClassVar[bool] = False  # about the catalog, not a customer
+    segment_id: str
+
+    def customer(self) -> str | None:
+        return self.segment_id
+
+
+class SegmentSnapshotReady(BusMessage):
+    """A segment's (or a campaign audience's) membership was frozen
+    (``segment.snapshot.ready``)."""
+
+    TYPE: ClassVar[str] = "segment.snapshot.ready"
+    PERSONAL: ClassVar[bool] = False  # about the catalog, not a customer
+    snapshot_id: str
+    segment_id: str | None = None
+    segment_version: int = 0
+    count: int = 0
+
+    def customer(self) -> str | None:
+        return self.segment_id
+
+
+class TimerFailed(BusMessage):
+    """A decision timer that kept failing, dead-lettered (``dlq.decision-timers``)."""
+
+    TYPE: ClassVar[str] = "dlq.decision-timers"
+    # a dead letter like every other (dlq.<name>): erasure scans the small DLQ by content
+    PERSONAL: ClassVar[bool] = False
+    timer_id: str
+    kind: str
+    due: str
+    customer_id: str
+    campaign_id: str
+    unless_event: str | None = None
+    payload: dict[str, Any] = Field(default_factory=dict)
+    attempts: int = 0
+    error: str = ""
+
+
+class ProfileChanged(BusMessage):
+    """A profile's stored state changed (``profile.changed``): consumers re-read the projection
+    once it holds ``version`` (selection's audience index). ``changed`` names the parts that
+    moved; ``event_types`` the counters an event batch touched; ``source`` is ``import`` for
+    lines of a bulk import."""
+
+    TYPE: ClassVar[str] = "profile.changed"
+    customer_id: str
+    version: int
+    changed: list[str] = Field(default_factory=list)
+    event_types: list[str] | None = None
+    source: str | None = None
+
+    def outbox_item(self, *, source: str) -> tuple[str, dict[str, Any]]:
+        """(subject with the customer token, CloudEvents envelope as a plain dict), for
+        ``UnitOfWork.emit_envelope``: hot paths (an import writes one per customer) skip
+        building a ``CloudEvent`` model."""
+        return customer_subject(self.TYPE, self.customer_id), CloudEvent.envelope(
+            source=source,
+            type=self.TYPE,
+            subject=self.customer_id,
+            data=self.model_dump(mode="json", exclude_none=True),
+        )

@@ -92,7 +92,7 @@ async def test_offer_for_the_audience_with_content_and_explanations(
 
     nc = await nats.connect(stack.env["KAIROS_NATS_URL"])
     sub = await nc.jetstream().subscribe(
-        f"{stack.env['KAIROS_BUS_PREFIX']}.contact.recorded", ordered_consumer=True
+        f"{stack.env['KAIROS_BUS_PREFIX']}.contact.recorded.*", ordered_consumer=True
     )
     try:
         got = await eventually(lambda: _decide(pos, f"in-{u}", tp), lambda d: bool(d["offers"]))

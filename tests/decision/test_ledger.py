@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 
 from redis.asyncio import Redis
 
-from services.decision.outbound import address, quiet_until
+from services.decision.pipeline.model import Policy
+from services.decision.pipeline.steps import address, quiet_until
 from services.decision.policy.ledger import Cap, Ledger, Reservation
 from shared.redis import Keys
 from shared.stack import Stack
@@ -61,7 +62,7 @@ async def test_first_option_with_room_idempotent_and_two_windows(stack: Stack) -
 
 
 def test_quiet_hours_in_the_customers_zone_across_midnight() -> None:
-    policy = {"quiet_hours": {"start": "21:00", "end": "08:00"}}
+    policy = Policy.parse({"quiet_hours": {"start": "21:00", "end": "08:00"}})
     # 22:30 in Berlin (winter, UTC+1) → held until 08:00 Berlin the next morning
     now = datetime(2026, 11, 24, 21, 30, tzinfo=UTC)
     assert quiet_until(policy, "Europe/Berlin", now) == datetime(2026, 11, 25, 7, 0, tzinfo=UTC)
@@ -70,7 +71,7 @@ def test_quiet_hours_in_the_customers_zone_across_midnight() -> None:
     assert quiet_until(policy, "Asia/Tokyo", now) == datetime(2026, 11, 23, 23, 0, tzinfo=UTC)
     # daytime, no quiet hours, or an unknown zone read as UTC
     assert quiet_until(policy, "Europe/Berlin", datetime(2026, 11, 24, 12, tzinfo=UTC)) is None
-    assert quiet_until({}, "Europe/Berlin", now) is None
+    assert quiet_until(Policy(), "Europe/Berlin", now) is None
     assert quiet_until(policy, "Nowhere/Else", datetime(2026, 11, 24, 12, tzinfo=UTC)) is None
 
 

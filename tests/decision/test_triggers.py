@@ -20,8 +20,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.bus import Bus
-from shared.contracts.bus import DispatchRequested, ResponseRecorded
+from shared.contracts.bus import DispatchRequested, ResponseRecorded, TimerFailed
 from shared.events import CloudEvent
+from shared.privacy import customer_subject
 from shared.stack import Stack
 from tests.conftest import auth
 
@@ -54,7 +55,7 @@ class Listener:
             self.contacts.append(CloudEvent.from_bytes(msg.data))
 
         await js.subscribe(f"{prefix}.dispatch.requested.>", cb=on_dispatch, ordered_consumer=True)
-        await js.subscribe(f"{prefix}.contact.recorded", cb=on_contact, ordered_consumer=True)
+        await js.subscribe(f"{prefix}.contact.recorded.*", cb=on_contact, ordered_consumer=True)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -520,10 +521,13 @@ async def test_a_poisoned_timer_is_dead_lettered_and_its_neighbours_still_fire(
         campaign_id=cmp,
         channel="sms",
     )
-    _, good = request.to_event(source="test", id_=request.event_id_())
+    subject, good = request.to_event(source="test", id_=request.event_id_())
     prefix = stack.env["KAIROS_BUS_PREFIX"]
     nc = await nats.connect(stack.env["KAIROS_NATS_URL"])
-    dead = await nc.jetstream().subscribe(f"{prefix}.dlq.decision-timers", ordered_consumer=True)
+    # a dead-lettered timer holds personal data: its subject ends with the customer token
+    dead = await nc.jetstream().subscribe(
+        f"{prefix}.{customer_subject(TimerFailed.TYPE, f'c-{u}')}", ordered_consumer=True
+    )
     engine = create_async_engine(stack.env["KAIROS_DATABASE_URL"])
     try:
         async with engine.begin() as conn:
@@ -531,9 +535,7 @@ async def test_a_poisoned_timer_is_dead_lettered_and_its_neighbours_still_fire(
                 (f"bad-{u}", '{"records": [["dispatch.requested.sms", 42]]}', 5),
                 (
                     f"good-{u}",
-                    orjson.dumps(
-                        {"records": [["dispatch.requested.sms", good.model_dump()]]}
-                    ).decode(),
+                    orjson.dumps({"records": [[subject, good.model_dump()]]}).decode(),
                     0,
                 ),
             ):

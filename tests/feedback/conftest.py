@@ -15,6 +15,7 @@ from shared.bus import Bus
 from shared.contracts.bus import ContactRecorded, Conversion
 from shared.events import CloudEvent, iso, utcnow
 from shared.links import LinkSigner
+from shared.privacy import event_subject
 from shared.settings import DEFAULT_SECRET
 from shared.stack import Stack
 from tests.helpers import eventually
@@ -88,7 +89,7 @@ async def publish_event(
             "properties": properties,
         },
     )
-    await bus.publish_many([(f"events.{type_}", ev)])
+    await bus.publish_many([(event_subject(type_, customer_id, None), ev)])
 
 
 async def history(gw: httpx.AsyncClient, stack: Stack, customer_id: str) -> dict[str, Any]:

@@ -166,7 +166,7 @@ async def _recorded(stack: Stack, tracking_ids: set[str], n: int) -> list[Respon
     out: list[ResponseRecorded] = []
     try:
         sub = await nc.jetstream().subscribe(
-            f"{stack.env['KAIROS_BUS_PREFIX']}.response.recorded", ordered_consumer=True
+            f"{stack.env['KAIROS_BUS_PREFIX']}.response.recorded.*", ordered_consumer=True
         )
         while len(out) < n:
             msg = await sub.next_msg(timeout=10)

@@ -111,7 +111,7 @@ async def test_profile_changed_is_published(
     gw: httpx.AsyncClient, stack: Stack, js, cid: str
 ) -> None:
     prefix = stack.env["KAIROS_BUS_PREFIX"]
-    sub = await js.subscribe(f"{prefix}.profile.changed", deliver_policy=DeliverPolicy.NEW)
+    sub = await js.subscribe(f"{prefix}.profile.changed.*", deliver_policy=DeliverPolicy.NEW)
     await gw.put(f"/v1/customers/{cid}", json={"tags": ["a:b"]})
     await gw.patch(f"/v1/customers/{cid}", json={"consents": {"sms": True}})
     seen = []
@@ -126,7 +126,7 @@ async def test_profile_changed_is_published(
 
 async def test_erasure(gw: httpx.AsyncClient, stack: Stack, redis: Redis, js, cid: str) -> None:
     prefix = stack.env["KAIROS_BUS_PREFIX"]
-    sub = await js.subscribe(f"{prefix}.profile.erased", deliver_policy=DeliverPolicy.NEW)
+    sub = await js.subscribe(f"{prefix}.profile.erased.*", deliver_policy=DeliverPolicy.NEW)
     await gw.put(
         f"/v1/customers/{cid}",
         json={"attributes": {"name": "Ana"}, "identities": {"email": f"{cid}@x.io"}},

@@ -21,9 +21,9 @@ from cloudevents.v1.http import from_http as legacy_from_http
 from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
-from services.decision import arbitration
-from services.decision.engine import Live
-from services.decision.outbound import Item, Planner, tracking_id
+from services.decision import arbitration, messages
+from services.decision.outbound import tracking_id
+from services.decision.pipeline.model import Campaign, Offer, Treatment
 from shared.contracts.bus import (
     Address,
     BusMessage,
@@ -38,6 +38,7 @@ from shared.contracts.bus import (
     Reward,
 )
 from shared.events import CloudEvent
+from shared.privacy import customer_subject
 from shared.stack import Stack
 from tests.conftest import auth
 from tests.helpers import eventually
@@ -112,9 +113,10 @@ def test_every_bus_message_is_a_structured_cloudevent(msg: BusMessage) -> None:
     assert sdk.get_specversion() == "1.0"
     assert sdk.get_id() == "ev-1"
     assert sdk.get_source() == "kairos/test"
-    # The type is the subject, but for a batch request's lane suffix (subject only).
-    assert subject == msg.subject_name()
-    assert sdk.get_type() == subject.removesuffix(".batch")
+    # The type is the subject without the customer token (and a batch request's lane).
+    kind = msg.subject_name()
+    assert subject == (customer_subject(kind, msg.customer()) if msg.PERSONAL else kind)
+    assert sdk.get_type() == kind.removesuffix(".batch")
     assert sdk.get_time() == datetime.fromisoformat(ev.time.replace("Z", "+00:00"))
     assert sdk.get_subject() == msg.customer()  # the customer, or no attribute at all
     assert sdk.get_datacontenttype() == "application/json"
@@ -153,33 +155,57 @@ def test_provider_timestamps_are_kept_as_rfc3339() -> None:
 def test_outbound_and_touchpoint_contacts_carry_the_same_fields() -> None:
     """One builder: lane from the origin, control kind, the offer's reward and value, the
     campaign's conversion rule typed, ids stable per tracking id."""
-    body = {"priority": 70, "conversion": {"event": "pack.bought", "within": "3d"}}
-    live = Live("k-1", body, None, None, [], [{"id": "A", "offer": "o-1"}], None, None)
-    offer = {"value": 2.5, "reward": {"type": "points", "amount": 100}, "link": "https://x"}
+    camp = Campaign("k-1", priority=70, conversion=Conversion(event="pack.bought", within="3d"))
+    treatment = Treatment("A", "o-1")
+    offer = Offer("o-1", value=2.5, reward=Reward(type="points", amount=100), link="https://x")
     doc = {"customer_id": "c-1", "identities": {"msisdn": "+4915"}, "locale": "de"}
-    planner = Planner(None)  # type: ignore[arg-type]  # building messages needs no engine
     now = datetime.now(UTC)
+    common: dict[str, Any] = {"customer_id": "c-1", "campaign": camp, "treatment": treatment}
     for origin, lane in (({"run_id": "r-1"}, "batch"), ({"event_id": "e-1"}, "realtime")):
-        it = Item("c-1", doc, live, tracking_id("x", str(origin)), origin=origin)
-        it.treatment, it.offer = {"id": "A", "offer": "o-1"}, offer
-        subject, ev = planner._dispatch(it, "sms", {"text": "hi"}, now)
+        tracking = tracking_id("x", str(origin))
+        subject, ev = messages.dispatch_requested(
+            tracking_id=tracking,
+            doc=doc,
+            offer=offer,
+            channel="sms",
+            content={"text": "hi"},
+            at=now,
+            origin=origin,
+            **common,
+        )
         req = DispatchRequested.parse(ev)
-        wire = "dispatch.requested.sms" + (".batch" if lane == "batch" else "")
+        wire = customer_subject(
+            "dispatch.requested.sms" + (".batch" if lane == "batch" else ""), "c-1"
+        )
         assert subject == wire and ev.type == "dispatch.requested.sms"
-        assert ev.id == "dispatch-" + it.tracking
+        assert ev.id == "dispatch-" + tracking
         assert req.lane == lane and req.address == Address(msisdn="+4915")
         assert req.reward == Reward(type="points", amount=100) and req.priority == 70
-        _, ev = planner._contact(it, "sms", now)
+        _, ev = messages.contact_recorded(
+            tracking_id=tracking,
+            offer=offer,
+            channel="sms",
+            at=now,
+            origin=origin,
+            envelope_id="contact-" + tracking,
+            **common,
+        )
         c = ContactRecorded.parse(ev)
-        assert ev.id == "contact-" + it.tracking and c.tracking_id == it.tracking
+        assert ev.id == "contact-" + tracking and c.tracking_id == tracking
         assert c.control is False and c.control_kind is None and c.status == "offered"
         assert c.value == 2.5 and c.reward == req.reward
         assert c.conversion == Conversion(event="pack.bought", within="3d")
-        _, ev = planner._contact(it, None, now, control="campaign")
+        _, ev = messages.contact_recorded(
+            tracking_id=tracking,
+            offer=offer,
+            channel=None,
+            at=now,
+            control_kind="campaign",
+            **common,
+        )
         held = ContactRecorded.parse(ev)
         assert held.control and held.control_kind == "campaign" and held.status == "control"
-        assert held.tracking_id == tracking_id(it.tracking, "control")
-        assert ev.id == "contact-" + held.tracking_id
+        assert held.channel is None and held.run_id is None
 
 
 # -- from a running stack ---------------------------------------------------------------------
@@ -198,7 +224,7 @@ class Capture:
         async def keep(msg: Any) -> None:
             self.msgs.append(msg)
 
-        for subject in ("dispatch.requested.>", "contact.recorded", "dlq.>"):
+        for subject in ("dispatch.requested.>", "contact.recorded.*", "dlq.>"):
             await js.subscribe(
                 f"{prefix}.{subject}",
                 cb=keep,
@@ -340,7 +366,7 @@ async def test_a_payload_that_does_not_parse_is_dead_lettered_by_each_consumer(
         js = nc.jetstream()
         for subject, data in bad.items():
             ev = CloudEvent.new(source="test", type=subject, subject=marker, data=data)
-            await js.publish(f"{prefix}.{subject}", ev.to_bytes())
+            await js.publish(f"{prefix}.{customer_subject(subject, marker)}", ev.to_bytes())
     finally:
         await nc.close()
     want = {

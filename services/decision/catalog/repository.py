@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from services.decision.models import Campaign, CampaignTransition, Offer
+from services.decision.models import Campaign, CampaignTransition, ContactPolicyRow, Offer
 from shared.db import Repository
 
 
@@ -52,3 +55,39 @@ class CampaignRepository(Repository[Campaign]):
 
     def record(self, t: CampaignTransition) -> None:
         self.session.add(t)
+
+
+class CatalogRows:
+    """What a decision replica loads: active campaigns, every offer, the contact policy."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def active_campaigns(self) -> Sequence[tuple[str, dict[str, Any], datetime]]:
+        rows = await self.session.execute(
+            sa.select(
+                col(Campaign.campaign_id), col(Campaign.body), col(Campaign.updated_at)
+            ).where(col(Campaign.state) == "active")
+        )
+        return [(r[0], r[1], r[2]) for r in rows.all()]
+
+    async def offers(self) -> Sequence[tuple[str, dict[str, Any]]]:
+        rows = await self.session.execute(sa.select(col(Offer.offer_id), col(Offer.body)))
+        return [(r[0], r[1]) for r in rows.all()]
+
+    async def policy(self) -> dict[str, Any] | None:
+        body: dict[str, Any] | None = (
+            await self.session.execute(sa.select(col(ContactPolicyRow.body)))
+        ).scalar()
+        return body
+
+    async def campaign(self, campaign_id: str) -> tuple[dict[str, Any], str] | None:
+        """A campaign's body and state, in any state (runs and simulate)."""
+        row = (
+            await self.session.execute(
+                sa.select(col(Campaign.body), col(Campaign.state)).where(
+                    col(Campaign.campaign_id) == campaign_id
+                )
+            )
+        ).first()
+        return None if row is None else (row[0], row[1])

@@ -7,16 +7,16 @@ Services never commit: callers pass a unit of work. Every change is announced as
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from services.decision import templating
 from services.decision.catalog.repository import CampaignRepository, OfferRepository
 from services.decision.models import Campaign, CampaignTransition, Offer
 from shared import rules
 from shared.contracts import catalog as api
+from shared.contracts.bus import CatalogChanged
 from shared.db import UnitOfWork
 from shared.errors import Conflict, Forbidden, NotFound, Unprocessable
-from shared.events import CloudEvent
 
 SOURCE = "kairos/decision"
 EDITABLE = ("draft", "paused")
@@ -30,15 +30,16 @@ TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
-def _changed(uow: UnitOfWork, kind: str, key: str, version: int, **extra: Any) -> None:
+def changed(
+    uow: UnitOfWork,
+    kind: Literal["offer", "campaign", "contact_policy"],
+    key: str,
+    version: int,
+    state: str | None = None,
+) -> None:
+    """Announce a catalog change (through the outbox): every replica reloads."""
     uow.emit(
-        "catalog.changed",
-        CloudEvent.new(
-            source=SOURCE,
-            type="catalog.changed",
-            subject=key,
-            data={"kind": kind, "id": key, "version": version, **extra},
-        ),
+        *CatalogChanged(kind=kind, id=key, version=version, state=state).to_event(source=SOURCE)
     )
 
 
@@ -89,7 +90,7 @@ async def put_offer(uow: UnitOfWork, *, offer_id: str, body: api.OfferPut, now: 
     else:
         offer.body, offer.version, offer.updated_at = doc, offer.version + 1, now
     await uow.session.flush()
-    _changed(uow, "offer", offer_id, offer.version)
+    changed(uow, "offer", offer_id, offer.version)
     return offer
 
 
@@ -207,7 +208,7 @@ async def put_campaign(
         camp.body, camp.version = doc, camp.version + 1
         camp.updated_at, camp.updated_by = now, principal
     await uow.session.flush()
-    _changed(uow, "campaign", campaign_id, camp.version, state=camp.state)
+    changed(uow, "campaign", campaign_id, camp.version, state=camp.state)
     return camp
 
 
@@ -260,7 +261,7 @@ async def transition(
         )
     )
     await uow.session.flush()
-    _changed(uow, "campaign", campaign_id, camp.version, state=target)
+    changed(uow, "campaign", campaign_id, camp.version, state=target)
     return camp
 
 

@@ -27,28 +27,33 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiohttp
 import orjson
-import sqlalchemy as sa
 from croniter import croniter
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from services.decision.engine import Engine, Live, compile_one
-from services.decision.outbound import Item, Outcome, Planner, tracking_id
-from services.decision.triggers import deferred_timer, insert_timers
-from shared import rules
+from services.decision.catalog.repository import CatalogRows
+from services.decision.engine import Engine
+from services.decision.outbound import Item, Planner, tracking_id
+from services.decision.pipeline import counts as tallies
+from services.decision.pipeline.catalog import compile_one
+from services.decision.pipeline.model import Campaign
+from services.decision.pipeline.steps import Outcome
+from services.decision.runs.repository import RunRepository
+from services.decision.timers.service import Timers, deferred
 from shared.bus import Bus
 from shared.contracts import catalog as api
+from shared.contracts.bus import EventOccurred
 from shared.db import Database
 from shared.errors import Conflict, NotFound, Unavailable
 from shared.events import CloudEvent, iso
 from shared.paging import encode_cursor
-from shared.redis import read_projections
+from shared.privacy import events_of_type
 
 log = logging.getLogger("kairos.decision.runs")
 PAGE = 5_000
@@ -56,51 +61,6 @@ LEASE_S = 30
 MAX_FAILURES = 5
 CRON_GRACE_S = 120
 REPLAY_LIMIT = 100_000
-SUPPRESSED = ("consent", "policy", "reentry", "unreachable")
-
-
-def empty_counts() -> dict[str, Any]:
-    return {
-        "control": 0,
-        "dispatched": 0,
-        "deferred": 0,
-        "suppressed": dict.fromkeys(SUPPRESSED, 0),
-        "ineligible": {},
-        "by_channel": {},
-        "by_treatment": {},
-        "processed": 0,
-        "failures": 0,
-    }
-
-
-def tally(counts: dict[str, Any], out: Outcome) -> None:
-    counts["processed"] += 1
-    if out.status == "control":
-        counts["control"] += 1
-        return
-    if out.status in ("suppressed", "ineligible"):
-        bucket = counts[out.status]
-        bucket[out.reason] = bucket.get(out.reason, 0) + 1
-        return
-    counts["dispatched" if out.status == "dispatched" else "deferred"] += 1
-    if out.channel:
-        counts["by_channel"][out.channel] = counts["by_channel"].get(out.channel, 0) + 1
-    if out.treatment:
-        counts["by_treatment"][out.treatment] = counts["by_treatment"].get(out.treatment, 0) + 1
-
-
-def _counted(c: dict[str, Any]) -> dict[str, Any]:
-    """The RunCounts fields (but ``selected``) of a counts document."""
-    return {
-        "processed": c.get("processed", 0),
-        "control": c.get("control", 0),
-        "suppressed": c.get("suppressed", {}),
-        "ineligible": c.get("ineligible", {}),
-        "dispatched": c.get("dispatched", 0),
-        "deferred": c.get("deferred", 0),
-        "by_channel": c.get("by_channel", {}),
-        "by_treatment": c.get("by_treatment", {}),
-    }
 
 
 def _info(row: Any) -> api.RunInfo:
@@ -116,7 +76,7 @@ def _info(row: Any) -> api.RunInfo:
         finished_at=row["finished_at"],
         started_by=row["created_by"],
         selected=row["selected"],
-        **_counted(row["counts"]),
+        **tallies.fields(row["counts"]),
     )
 
 
@@ -128,8 +88,8 @@ class Runs:
         bus: Bus,
         selection_url: str,
         owner: str,
+        timers: Timers,
         *,
-        on_timers: Callable[[], None] = lambda: None,
         page: int = PAGE,
     ) -> None:
         self.engine = engine
@@ -138,87 +98,52 @@ class Runs:
         self.bus = bus
         self.selection_url = selection_url
         self.owner = owner
-        self.on_timers = on_timers
+        self.timers = timers
         self.wake = asyncio.Event()
         self.page = page
 
     # -- the API -------------------------------------------------------------------------
     async def _campaign(self, campaign_id: str) -> tuple[dict[str, Any], str]:
         async with self.db.sessions() as s:
-            row = (
-                await s.execute(
-                    sa.text("SELECT body, state FROM decision.campaign WHERE campaign_id = :c"),
-                    {"c": campaign_id},
-                )
-            ).first()
-        if row is None:
+            found = await CatalogRows(s).campaign(campaign_id)
+        if found is None:
             raise NotFound(f"Campaign '{campaign_id}' does not exist.")
-        return row[0], row[1]
+        return found
 
     async def start(
         self, campaign_id: str, principal: str | None, tick: datetime | None = None
     ) -> str | None:
         """Start a run now (None: a cron tick another replica already started)."""
         body, state = await self._campaign(campaign_id)
-        if body.get("type") != "batch":
+        kind = api.CampaignPut.model_validate(body).type
+        if kind != "batch":
             raise Conflict(
-                f"Campaign '{campaign_id}' is {body.get('type')}; only batch campaigns run "
+                f"Campaign '{campaign_id}' is {kind}; only batch campaigns run "
                 "over their audience (triggered ones fire on events)."
             )
         if state != "active":
             raise Conflict(f"Campaign '{campaign_id}' is {state}; activate it to run it.")
         run_id = "run-" + secrets.token_hex(8)
         async with self.db.transaction() as uow:
-            s = uow.session
+            repo = RunRepository(uow.session)
             if tick is None:
-                busy = (
-                    await s.execute(
-                        sa.text(
-                            "SELECT run_id FROM decision.run WHERE campaign_id = :c "
-                            "AND status = 'running' AND NOT dry_run LIMIT 1"
-                        ),
-                        {"c": campaign_id},
-                    )
-                ).scalar()
+                busy = await repo.busy(campaign_id)
                 if busy:
                     raise Conflict(
                         f"Run '{busy}' of campaign '{campaign_id}' is still running; cancel it "
                         "or wait for it to finish."
                     )
-            res = await s.execute(
-                sa.text(
-                    "INSERT INTO decision.run (run_id, campaign_id, status, tick, counts, "
-                    "started_at, created_by) VALUES (:r, :c, 'running', :t, "
-                    "CAST(:counts AS jsonb), now(), :by) ON CONFLICT (campaign_id, tick) "
-                    "DO NOTHING"
-                ),
-                {
-                    "r": run_id,
-                    "c": campaign_id,
-                    "t": tick,
-                    "counts": _json(empty_counts()),
-                    "by": principal,
-                },
+            made = await repo.insert(
+                run_id, campaign_id, tick=tick, counts=tallies.empty(), principal=principal
             )
-            if not res.rowcount:  # type: ignore[attr-defined]
+            if not made:
                 return None
         self.wake.set()
         return run_id
 
     async def get(self, campaign_id: str, run_id: str) -> api.RunInfo:
         async with self.db.sessions() as s:
-            row = (
-                (
-                    await s.execute(
-                        sa.text(
-                            "SELECT * FROM decision.run WHERE run_id = :r AND campaign_id = :c"
-                        ),
-                        {"r": run_id, "c": campaign_id},
-                    )
-                )
-                .mappings()
-                .first()
-            )
+            row = await RunRepository(s).get(campaign_id, run_id)
         if row is None:
             raise NotFound(f"Run '{run_id}' of campaign '{campaign_id}' does not exist.")
         return _info(row)
@@ -226,31 +151,12 @@ class Runs:
     async def runs(self, campaign_id: str, limit: int) -> api.RunList:
         await self._campaign(campaign_id)
         async with self.db.sessions() as s:
-            rows = (
-                (
-                    await s.execute(
-                        sa.text(
-                            "SELECT * FROM decision.run WHERE campaign_id = :c "
-                            "ORDER BY started_at DESC LIMIT :n"
-                        ),
-                        {"c": campaign_id, "n": limit},
-                    )
-                )
-                .mappings()
-                .all()
-            )
+            rows = await RunRepository(s).latest(campaign_id, limit)
         return api.RunList(campaign_id=campaign_id, runs=[_info(r) for r in rows])
 
     async def cancel(self, campaign_id: str, run_id: str) -> api.RunInfo:
         async with self.db.transaction() as uow:
-            res = await uow.session.execute(
-                sa.text(
-                    "UPDATE decision.run SET status = 'cancelled', finished_at = now() "
-                    "WHERE run_id = :r AND campaign_id = :c AND status = 'running'"
-                ),
-                {"r": run_id, "c": campaign_id},
-            )
-            done = bool(res.rowcount)  # type: ignore[attr-defined]
+            done = await RunRepository(uow.session).cancel(campaign_id, run_id)
         info = await self.get(campaign_id, run_id)
         if not done:
             raise Conflict(f"Run '{run_id}' is {info.status}; only a running run can be cancelled.")
@@ -261,7 +167,8 @@ class Runs:
         await self.engine.loaded.wait()
         while True:
             try:
-                row = await self._claim()
+                async with self.db.transaction() as uow:
+                    row = await RunRepository(uow.session).claim(self.owner, LEASE_S)
             except Exception as exc:
                 log.warning("runs: claim failed: %s", exc)
                 row = None
@@ -276,39 +183,11 @@ class Runs:
                 log.exception("run %s failed", row["run_id"])
                 await self._failed(row, exc)
 
-    async def _claim(self) -> Any:
-        async with self.db.transaction() as uow:
-            return (
-                (
-                    await uow.session.execute(
-                        sa.text(
-                            "UPDATE decision.run SET owner = :me, lease_until = now() + "
-                            "make_interval(secs => :lease) WHERE run_id = (SELECT run_id FROM "
-                            "decision.run WHERE status = 'running' AND (lease_until IS NULL OR "
-                            "lease_until < now()) ORDER BY started_at LIMIT 1 FOR UPDATE SKIP "
-                            "LOCKED) RETURNING *"
-                        ),
-                        {"me": self.owner, "lease": LEASE_S},
-                    )
-                )
-                .mappings()
-                .first()
-            )
-
     async def _failed(self, row: Any, exc: Exception) -> None:
-        counts = dict(row["counts"])
-        counts["failures"] = counts.get("failures", 0) + 1
-        final = counts["failures"] >= MAX_FAILURES
+        failures = int(row["counts"].get("failures", 0)) + 1
         async with self.db.transaction() as uow:
-            await uow.session.execute(
-                sa.text(
-                    "UPDATE decision.run SET error = :e, counts = jsonb_set(counts, '{failures}', "
-                    "to_jsonb(CAST(:f AS int))), status = CASE WHEN :final THEN 'failed' "
-                    "ELSE status END, finished_at = CASE WHEN :final THEN now() END, "
-                    "lease_until = now() + interval '5 seconds' "
-                    "WHERE run_id = :r AND status = 'running'"
-                ),
-                {"e": str(exc)[:1000], "f": counts["failures"], "final": final, "r": row["run_id"]},
+            await RunRepository(uow.session).failed(
+                row["run_id"], str(exc), failures, final=failures >= MAX_FAILURES
             )
 
     async def walk(self, row: Any) -> None:
@@ -317,20 +196,19 @@ class Runs:
         if state != "active":
             await self._finish(run_id, "cancelled", f"campaign is {state}")
             return
-        live = await compile_one(cid, body, self.selection_url)
+        camp = await compile_one(cid, body, self.selection_url)
         snapshot_id, selected = row["snapshot_id"], row["selected"]
         if snapshot_id is None:
             snapshot_id, selected = await self._snapshot(body)
             async with self.db.transaction() as uow:
-                await uow.session.execute(
-                    sa.text(
-                        "UPDATE decision.run SET snapshot_id = :s, selected = :n "
-                        "WHERE run_id = :r AND owner = :me"
-                    ),
-                    {"s": snapshot_id, "n": selected, "r": run_id, "me": self.owner},
+                await RunRepository(uow.session).set_snapshot(
+                    run_id, self.owner, snapshot_id, selected
                 )
         position = int(row["position"])
         counts = dict(row["counts"])
+        # A walker that died may have planned (reserved, published) up to two pages past its
+        # checkpoint: those are planned again ledger first, so they count what went out.
+        redo = 2 if row["snapshot_id"] is not None else 0
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
             # A one-page pipeline: while JetStream stores page N's events (and selection
             # serves page N+1), page N+1 is planned; page N is checkpointed once acked.
@@ -351,8 +229,9 @@ class Runs:
                     )
                 futures: list[Any] = []
                 if members:
-                    futures = await self._chunk(run_id, live, members, counts)
+                    futures = await self._chunk(run_id, camp, members, counts, redo=redo > 0)
                     position += len(members)
+                    redo -= 1
                 if inflight is not None:
                     at, snap, acks = inflight
                     await self.bus.acked(acks)
@@ -368,8 +247,8 @@ class Runs:
                 inflight = (position, orjson.loads(orjson.dumps(counts)), futures)
         await self._finish(run_id, "completed", None)
 
-    async def _snapshot(self, body: dict[str, Any]) -> tuple[str, int]:
-        rule = body.get("audience") or {"all": []}
+    async def _snapshot(self, body: Mapping[str, Any]) -> tuple[str, int]:
+        rule = api.CampaignPut.model_validate(body).audience or {"all": []}
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http,
             http.post(f"{self.selection_url}/v1/snapshots", json={"rule": rule}) as resp,
@@ -393,71 +272,63 @@ class Runs:
             return list((await resp.json())["members"])
 
     async def _chunk(
-        self, run_id: str, live: Live, members: Sequence[str], counts: dict[str, Any]
+        self,
+        run_id: str,
+        camp: Campaign,
+        members: Sequence[str],
+        counts: dict[str, Any],
+        *,
+        redo: bool = False,
     ) -> list[Any]:
         """Plan one page and start publishing it; returns the ack futures."""
         outs = await self.plan(
-            live, members, {"run_id": run_id}, lambda c: tracking_id(run_id, c), dry=False
+            camp,
+            members,
+            {"run_id": run_id},
+            lambda c: tracking_id(run_id, c),
+            dry=False,
+            redo=redo,
         )
         records: list[tuple[str, CloudEvent]] = []
         timers = []
         for it, o in outs:
-            tally(counts, o)
+            tallies.tally(counts, o)
+            tallies.observe("run", o)
             if o.status == "deferred":
-                timers.append(deferred_timer(it, o))
+                timers.append(deferred(it, o))
                 if o.kind == "send":
                     continue
             records += o.records
-        if timers:
-            async with self.db.transaction() as uow:
-                await insert_timers(uow.session, timers)
-            self.on_timers()
+        await self.timers.store(timers)
         return await self.bus.publish_pending(records)
 
     async def plan(
         self,
-        live: Live,
+        camp: Campaign,
         members: Sequence[str],
-        origin: dict[str, Any],
+        origin: Mapping[str, Any],
         tracking: Callable[[str], str],
         *,
         dry: bool,
-        events: Sequence[dict[str, Any]] | None = None,
+        events: Sequence[Mapping[str, Any]] | None = None,
         audience_checked: bool = True,
+        redo: bool = False,
     ) -> list[tuple[Item, Outcome]]:
-        """Plan one page of customers for one campaign (the ledger is only read when dry)."""
+        """One page of customers for one campaign through the pipeline (the ledger is only
+        read when ``dry``; ``redo``: the page may have been planned before)."""
         now = datetime.now(UTC)
-        docs: list[Any] = []
-        redis, keys = self.engine.redis, self.engine.keys
-        for start in range(0, len(members), 1000):
-            docs += await read_projections(redis, keys, list(members[start : start + 1000]))
+        whos = await self.planner.customers(members, [camp], now, events=events)
+        items = [Item(who, camp, tracking(who.customer_id), origin=origin) for who in whos]
+        if redo and not dry:
+            await self.planner.recall(items)
         done: list[tuple[Item, Outcome]] = []
         todo: list[Item] = []
-        for i, (cid, doc) in enumerate(zip(members, docs, strict=True)):
-            event = events[i] if events is not None else None
-            it = Item(
-                cid,
-                doc,
-                live,
-                tracking(cid),
-                event=event,
-                origin=origin,
-                audience_checked=audience_checked,
-            )
-            if doc is None:
-                done.append((it, Outcome("suppressed", "unknown", "no profile (erased?)")))
-                continue
-            out = self.planner.check(it, now)
+        for it in items:
+            out = self.planner.eligible(it, now, audience_checked=audience_checked)
             if out is None:
-                out = self.planner.control(it, now)
-            if out is not None:
+                todo.append(it)
+            else:
                 done.append((it, out))
-                continue
-            if live.where is not None and event is not None:
-                if not live.where(rules.Subject(doc, event=event, now=now)):
-                    done.append((it, Outcome("ineligible", "where", "trigger condition not met")))
-                    continue
-            todo.append(it)
         if todo:
             done += zip(todo, await self.planner.contact(todo, now, dry=dry), strict=True)
         return done
@@ -466,34 +337,14 @@ class Runs:
         """Save how far the run got (also when it was cancelled meanwhile: what went out is
         counted); False when it must stop (cancelled, or another replica took it over)."""
         async with self.db.transaction() as uow:
-            status = (
-                await uow.session.execute(
-                    sa.text(
-                        "UPDATE decision.run SET position = :p, counts = CAST(:counts AS jsonb), "
-                        "lease_until = now() + make_interval(secs => :lease) "
-                        "WHERE run_id = :r AND owner = :me AND status IN ('running', 'cancelled') "
-                        "RETURNING status"
-                    ),
-                    {
-                        "p": position,
-                        "counts": _json(counts),
-                        "lease": LEASE_S,
-                        "r": run_id,
-                        "me": self.owner,
-                    },
-                )
-            ).scalar()
-            return status == "running"
+            status = await RunRepository(uow.session).checkpoint(
+                run_id, self.owner, position, counts, LEASE_S
+            )
+        return status == "running"
 
     async def _finish(self, run_id: str, status: str, error: str | None) -> None:
         async with self.db.transaction() as uow:
-            await uow.session.execute(
-                sa.text(
-                    "UPDATE decision.run SET status = :s, error = :e, finished_at = now() "
-                    "WHERE run_id = :r AND status = 'running'"
-                ),
-                {"s": status, "e": error, "r": run_id},
-            )
+            await RunRepository(uow.session).finish(run_id, status, error)
 
     # -- cron ----------------------------------------------------------------------------
     async def cron_forever(self, every_s: float = 1.0) -> None:
@@ -508,47 +359,48 @@ class Runs:
     async def cron_once(self, now: datetime) -> list[str]:
         """Start the runs whose tick has come (once each, whichever replica sees it first)."""
         started = []
-        for live in list(self.engine.catalog.by_id.values()):
-            sched = live.body.get("schedule") or {}
-            if live.body.get("type") != "batch" or not sched.get("cron"):
+        for camp in list(self.engine.catalog.by_id.values()):
+            if camp.type != "batch" or not camp.cron:
                 continue
-            local = now.astimezone(ZoneInfo(sched.get("timezone") or "UTC"))
-            tick = croniter(sched["cron"], local).get_prev(datetime).astimezone(UTC)
+            local = now.astimezone(ZoneInfo(camp.timezone))
+            tick = croniter(camp.cron, local).get_prev(datetime).astimezone(UTC)
             if (now - tick).total_seconds() > CRON_GRACE_S:
                 continue
-            if live.since is not None and tick < live.since:
+            if camp.since is not None and tick < camp.since:
                 continue  # the tick came before the campaign was activated
-            if (live.start and tick < live.start) or (live.end and tick >= live.end):
+            if (camp.start and tick < camp.start) or (camp.end and tick >= camp.end):
                 continue
             try:
-                run_id = await self.start(live.campaign_id, "cron", tick=tick)
+                run_id = await self.start(camp.campaign_id, "cron", tick=tick)
             except (Conflict, NotFound):
                 continue
             if run_id:
-                log.info("cron: run %s of %s for tick %s", run_id, live.campaign_id, iso(tick))
+                log.info("cron: run %s of %s for tick %s", run_id, camp.campaign_id, iso(tick))
                 started.append(run_id)
         return started
 
     # -- simulation ----------------------------------------------------------------------
     async def simulate(self, campaign_id: str) -> api.Simulation:
+        """What a run (or a day of trigger events) would do: the same ``plan`` as a run, with
+        the ledger only read."""
         t0 = time.perf_counter()
         body, _ = await self._campaign(campaign_id)
-        live = await compile_one(campaign_id, body, self.selection_url)
-        counts = empty_counts()
-        if body.get("type") == "triggered":
-            events = await self._replay(body["trigger"]["event"])
+        camp = await compile_one(campaign_id, body, self.selection_url)
+        counts = tallies.empty()
+
+        async def walk(members: Sequence[str], **kw: Any) -> None:
+            for _, o in await self.plan(
+                camp, members, {}, lambda c: tracking_id("simulate", c), dry=True, **kw
+            ):
+                tallies.tally(counts, o)
+
+        if camp.type == "triggered" and camp.event is not None:
+            events = await self._replay(camp.event)
             for start in range(0, len(events), self.page):
                 part = events[start : start + self.page]
-                for _, o in await self.plan(
-                    live,
-                    [c for c, _ in part],
-                    {},
-                    lambda c: tracking_id("simulate", c),
-                    dry=True,
-                    events=[e for _, e in part],
-                    audience_checked=False,
-                ):
-                    tally(counts, o)
+                await walk(
+                    [c for c, _ in part], events=[e for _, e in part], audience_checked=False
+                )
             selected, kind, n_events = len(events), "triggers", len(events)
         else:
             snapshot_id, selected = await self._snapshot(body)
@@ -558,10 +410,7 @@ class Runs:
                     members = await self._page(http, snapshot_id, position)
                     if not members:
                         break
-                    for _, o in await self.plan(
-                        live, members, {}, lambda c: tracking_id("simulate", c), dry=True
-                    ):
-                        tally(counts, o)
+                    await walk(members)
                     position += len(members)
             kind, n_events = "run", None
         return api.Simulation(
@@ -569,7 +418,7 @@ class Runs:
             kind=kind,  # type: ignore[arg-type]
             events=n_events,
             selected=selected,
-            **_counted(counts),
+            **tallies.fields(counts),
             took_ms=round((time.perf_counter() - t0) * 1000, 1),
         )
 
@@ -578,7 +427,7 @@ class Runs:
         since = datetime.now(UTC) - timedelta(days=1)
         js = self.bus.js
         sub = await js.pull_subscribe(
-            self.bus.subject(f"events.{event_type}"),
+            self.bus.subject(events_of_type(event_type)),
             stream=self.bus.stream("EVENTS"),
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.BY_START_TIME,
@@ -596,28 +445,15 @@ class Runs:
                     break
                 for m in msgs:
                     ev = CloudEvent.from_bytes(m.data)
-                    d = ev.data
-                    cid = d.get("customer_id") or (
-                        "anon:" + str(d["anonymous_id"]) if d.get("anonymous_id") else None
-                    )
+                    try:
+                        occurred = EventOccurred.parse(ev)
+                    except ValueError:  # a malformed event: the trigger consumer skips it too
+                        continue
+                    cid = occurred.who()
                     if cid:
-                        out.append(
-                            (
-                                str(cid),
-                                {
-                                    "id": ev.id,
-                                    "type": event_type,
-                                    "time": d.get("time") or ev.time,
-                                    "properties": d.get("properties") or {},
-                                },
-                            )
-                        )
+                        out.append((cid, occurred.as_fired(ev)))
                 if msgs and (msgs[-1].metadata.num_pending or 0) == 0:
                     break
         finally:
             await sub.unsubscribe()
         return out
-
-
-def _json(v: Any) -> str:
-    return orjson.dumps(v).decode()

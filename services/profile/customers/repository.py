@@ -37,6 +37,57 @@ class CustomerRepository(Repository[Customer]):
         )
         return {r[0]: r[1] for r in rows.all()}
 
+    async def lock_anonymous(self, anonymous_ids: Iterable[str]) -> None:
+        """Hold transaction advisory locks on anonymous ids (in key order, so two batches
+        cannot deadlock on them): batches that resolve the same anonymous id run one at a time."""
+        ids = sorted(set(anonymous_ids))
+        if ids:
+            await self.session.execute(
+                sa.text(
+                    "SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT DISTINCT"
+                    " hashtextextended('kairos.anonymous_id:' || a, 0) AS k"
+                    " FROM unnest(CAST(:ids AS text[])) AS a ORDER BY k) AS s"
+                ),
+                {"ids": ids},
+            )
+
+    async def lock_profiles(self, ids: Iterable[str]) -> None:
+        """Lock profile rows in id order before a batch writes any of them."""
+        ids = sorted(set(ids))
+        if ids:
+            await self.session.execute(
+                sa.text(
+                    "SELECT count(*) FROM (SELECT 1 FROM profile.customer"
+                    " WHERE customer_id = ANY(:ids) ORDER BY customer_id FOR UPDATE) AS s"
+                ),
+                {"ids": ids},
+            )
+
+    async def owners_of_events(
+        self, customer_ids: Iterable[str], anonymous_ids: Iterable[str]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """In one query: the surviving profile of each known customer id, and the surviving
+        owner of each known anonymous id."""
+        cids, anons = sorted(set(customer_ids)), sorted(set(anonymous_ids))
+        if not cids and not anons:
+            return {}, {}
+        rows = await self.session.execute(
+            sa.text(
+                "SELECT 'c', customer_id, COALESCE(merged_into, customer_id) FROM profile.customer"
+                " WHERE customer_id = ANY(:cids)"
+                " UNION ALL SELECT 'a', i.value, COALESCE(c.merged_into, i.customer_id)"
+                " FROM profile.identity i LEFT JOIN profile.customer c"
+                " ON c.customer_id = i.customer_id"
+                " WHERE i.kind = 'anonymous_id' AND i.value = ANY(:anons)"
+            ),
+            {"cids": cids, "anons": anons},
+        )
+        resolved: dict[str, str] = {}
+        anon: dict[str, str] = {}
+        for kind, key, owner in rows.all():
+            (resolved if kind == "c" else anon)[key] = owner
+        return resolved, anon
+
     async def ensure(self, ids: Iterable[str], now: datetime) -> set[str]:
         """Create empty profiles for ids seen for the first time; returns those created."""
         ids = sorted(set(ids))
@@ -126,6 +177,19 @@ class CustomerRepository(Repository[Customer]):
             {"k": [p[0] for p in pairs], "v": [p[1] for p in pairs]},
         )
         return {(r[0], r[1]): r[2] for r in rows.all()}
+
+    async def identity_conflicts(
+        self, lines: list[int], ids: list[str], kinds: list[str], values: list[str]
+    ) -> list[tuple[int, str, str, int | None]]:
+        """Claims (line, customer, kind, value) that another customer holds: (line, kind,
+        owner, None) when a stored identity belongs to another customer, (line, kind, owner,
+        first line) when an earlier claim of the same request names another customer."""
+        if not lines:
+            return []
+        rows = await self.session.execute(
+            sa.text(CONFLICTS_SQL), {"l": lines, "c": ids, "k": kinds, "v": values}
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows.all()]
 
     async def set_identities(
         self, customer_id: str, identities: dict[str, str], *, replace: bool
@@ -307,6 +371,18 @@ class CustomerRepository(Repository[Customer]):
             for r in rows.all()
         ]
 
+    async def projection_docs_mixed(self, ids: Sequence[str], whole: set[str]) -> list[Doc]:
+        """One query for a batch: whole documents for ``whole``, counters only for the rest."""
+        if not ids:
+            return []
+        rows = await self.session.execute(
+            sa.text(MIXED_SQL), {"ids": list(ids), "whole": sorted(whole & set(ids))}
+        )
+        return [
+            Doc(r[0], r[1], int(r[2]), r[4].encode(), r[3].encode() if r[3] is not None else None)
+            for r in rows.all()
+        ]
+
     async def export_page(self, after: str, limit: int) -> list[bytes]:
         """Projection documents (both parts and the version, one JSON object each) of the
         customers after ``after`` in id order: how other services rebuild their read models."""
@@ -370,6 +446,22 @@ class CustomerRepository(Repository[Customer]):
         return ids
 
 
+# One rule for identities: a stored owner wins; among claims of one request, the first line.
+CONFLICTS_SQL = """
+WITH c(line, cid, kind, value) AS (
+  SELECT * FROM unnest(CAST(:l AS int[]), CAST(:c AS text[]), CAST(:k AS text[]),
+                       CAST(:v AS text[]))),
+first AS (SELECT DISTINCT ON (kind, value) kind, value, cid, line FROM c
+          ORDER BY kind, value, line)
+SELECT c.line, c.kind, COALESCE(i.customer_id, f.cid),
+       CASE WHEN i.customer_id IS NULL THEN f.line END
+FROM c JOIN first f ON f.kind = c.kind AND f.value = c.value
+LEFT JOIN profile.identity i ON i.kind = c.kind AND i.value = c.value
+WHERE COALESCE(i.customer_id, f.cid) <> c.cid
+ORDER BY c.line, c.kind
+"""
+
+
 def to_json(v: Any) -> str:
     return _j(v)
 
@@ -416,3 +508,15 @@ FROM profile.customer c
 WHERE c.customer_id = ANY(:ids) AND c.merged_into IS NULL
 """
 )
+# Whole documents for some ids, the counters part alone for the others (an event batch).
+MIXED_SQL = PROJECTION_SQL.replace(
+    "  jsonb_build_object(\n    'customer_id'",
+    "  CASE WHEN c.customer_id = ANY(:whole) THEN jsonb_build_object(\n    'customer_id'",
+    1,
+).replace(
+    "'created_at', c.created_at, 'updated_at', c.updated_at)::text,",
+    "'created_at', c.created_at, 'updated_at', c.updated_at)::text END,",
+    1,
+)
+assert MIXED_SQL.count("CASE WHEN") == 1
+assert MIXED_SQL.count("::text END,") == 1

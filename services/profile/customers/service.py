@@ -6,20 +6,19 @@ after it has committed (see endpoints and the consumer).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
 from services.profile.customers.repository import CustomerRepository
 from services.profile.models import Counter, Merge
 from services.profile.projection import Doc
 from shared import counters
-from shared.contracts.bus import ProfileErased
+from shared.contracts.bus import ProfileChanged, ProfileErased
 from shared.contracts.customers import (
-    CustomerImportLine,
     CustomerPatch,
     CustomerPut,
     Device,
@@ -28,9 +27,9 @@ from shared.contracts.customers import (
 from shared.db import UnitOfWork
 from shared.errors import Conflict, NotFound, Unprocessable
 from shared.events import CloudEvent, iso
+from shared.privacy import ANON_PREFIX, customer_subject
 
 SOURCE = "kairos/profile"
-ANON_PREFIX = "anon:"
 
 
 def _event(type_: str, customer_id: str, data: dict[str, Any]) -> CloudEvent:
@@ -40,11 +39,8 @@ def _event(type_: str, customer_id: str, data: dict[str, Any]) -> CloudEvent:
 def _changed(
     uow: UnitOfWork, customer_id: str, version: int, changed: list[str], **extra: Any
 ) -> None:
-    data = {"customer_id": customer_id, "version": version, "changed": changed, **extra}
-    uow.emit_envelope(
-        "profile.changed",
-        CloudEvent.envelope(source=SOURCE, type="profile.changed", subject=customer_id, data=data),
-    )
+    msg = ProfileChanged(customer_id=customer_id, version=version, changed=changed, **extra)
+    uow.emit_envelope(*msg.outbox_item(source=SOURCE))
 
 
 # -- reads ---------------------------------------------------------------------
@@ -123,18 +119,52 @@ async def lookup(uow: UnitOfWork, *, kind: str, value: str) -> str:
 
 
 # -- writes --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Claim:
+    """A request's claim that an identity belongs to a customer: ``line`` orders the claims
+    of one request (an import's line number; 0 for PUT and PATCH)."""
+
+    line: int
+    customer_id: str
+    kind: str
+    value: str
+
+
+def claims_of(line: int, customer_id: str, identities: dict[str, str]) -> list[Claim]:
+    return [Claim(line, customer_id, k, v) for k, v in identities.items()]
+
+
+async def identity_conflicts(
+    repo: CustomerRepository, claims: Sequence[Claim]
+) -> dict[int, list[dict[str, Any]]]:
+    """The one rule for identities (PUT, PATCH and import): an identity belongs to one
+    customer. A claim fails when another customer owns the identity, or when an earlier line
+    of the same request claims it for another customer (the first claim wins). Returns the
+    failures by line, each with its ``field`` (``identities.email``) and a message."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for line, kind, owner, first_line in await repo.identity_conflicts(
+        [c.line for c in claims],
+        [c.customer_id for c in claims],
+        [c.kind for c in claims],
+        [c.value for c in claims],
+    ):
+        msg = (
+            f"already belongs to customer '{owner}'"
+            if first_line is None
+            else f"already claimed for customer '{owner}' by line {first_line}"
+        )
+        out.setdefault(line, []).append({"field": f"identities.{kind}", "msg": msg})
+    return out
+
+
 async def _check_identities(
     repo: CustomerRepository, customer_id: str, idents: dict[str, str]
 ) -> None:
-    owners = await repo.owners(list(idents.items()))
-    taken = [
-        {"loc": ["identities", k], "msg": f"already belongs to customer '{owner}'"}
-        for (k, _), owner in owners.items()
-        if owner != customer_id
-    ]
-    if taken:
+    conflicts = await identity_conflicts(repo, claims_of(0, customer_id, idents))
+    if conflicts:
         raise Conflict(
-            "An identity belongs to another customer; merge the two profiles instead.", errors=taken
+            "An identity belongs to another customer; merge the two profiles instead.",
+            errors=[{"loc": e["field"].split("."), "msg": e["msg"]} for e in conflicts[0]],
         )
 
 
@@ -347,7 +377,7 @@ async def merge(
         ["attributes", "tags", "consents", "identities", "devices", "counters"],
     )
     uow.emit(
-        "profile.merged",
+        customer_subject("profile.merged", target),
         _event(
             "profile.merged",
             target,
@@ -396,7 +426,7 @@ class EventData:
     @classmethod
     def from_cloudevent(cls, ev: CloudEvent) -> EventData:
         d = ev.data
-        t = datetime.fromisoformat(str(d.get("time") or ev.time).replace("Z", "+00:00"))
+        t = datetime.fromisoformat(str(d.get("time") or ev.time))  # "Z" is read since 3.11
         if t.tzinfo is None:
             t = t.replace(tzinfo=UTC)
         return cls(
@@ -420,49 +450,113 @@ class Applied:
     owners: dict[str, str] = field(default_factory=dict)  # event id -> customer it landed on
 
 
+@dataclass
+class Plan:
+    """What one batch does to identities, and where each of its events lands."""
+
+    links: dict[str, str] = field(default_factory=dict)  # new: anonymous id -> owner
+    folds: list[tuple[str, str]] = field(default_factory=list)  # (customer, anonymous profile)
+    owner: dict[str, str] = field(default_factory=dict)  # event id -> the profile it lands on
+    counted: dict[str, list[EventData]] = field(default_factory=dict)  # profile -> fresh events
+
+
+def _plan(
+    events: Sequence[EventData],
+    fresh: set[str],
+    resolved: dict[str, str],
+    anon_owner: dict[str, str],
+) -> Plan:
+    """Decide a batch, with no I/O: which anonymous histories fold into which customer, and
+    which profile every event counts on.
+
+    ``resolved`` maps known customer ids to their surviving profile; ``anon_owner`` maps
+    anonymous ids to the profile that owned them when the batch started (read under the
+    batch's locks on those anonymous ids, so no other batch changes them meanwhile). The rules,
+    applied to the batch's new (``fresh``) events in order:
+
+    - an anonymous id already owned by a customer (not an anonymous profile) stays with it:
+      a second person on a shared device does not merge two customers;
+    - otherwise the first event carrying it beside a customer id gives it to that customer,
+      and the anonymous profile that held its history (if any) folds into the customer;
+    - otherwise it stays with its anonymous profile ``anon:<id>`` (created on first sight).
+
+    Every event of an anonymous id counts on the id's owner at the end of the batch, whether
+    it came before or after the identifying event, so no count lands on a profile that the
+    same batch folds away; events that arrive after the fold find the customer through the
+    identity (the alias). Redelivered events change nothing; they only name their owner.
+    """
+    plan = Plan()
+    final: dict[str, str] = {}  # anonymous id -> owner after the batch
+    folded: dict[str, str] = {}  # anonymous profile -> the customer it folds into
+
+    def current(anon: str) -> str | None:
+        cur = anon_owner.get(anon)
+        return folded.get(cur, cur) if cur is not None else None
+
+    new = [e for e in events if e.id in fresh]
+    for e in new:
+        if not (e.customer_id and e.anonymous_id) or e.anonymous_id in final:
+            continue
+        cid = resolved.get(e.customer_id, e.customer_id)
+        cur = current(e.anonymous_id)
+        if cur is None:
+            plan.links[e.anonymous_id] = cid
+        elif cur != cid and cur.startswith(ANON_PREFIX) and not cid.startswith(ANON_PREFIX):
+            plan.folds.append((cid, cur))
+            folded[cur] = cid
+        else:
+            cid = cur
+        final[e.anonymous_id] = cid
+    for e in new:
+        if e.anonymous_id and e.anonymous_id not in final:
+            cur = current(e.anonymous_id)
+            if cur is None:
+                cur = plan.links[e.anonymous_id] = ANON_PREFIX + e.anonymous_id
+            final[e.anonymous_id] = cur
+    for e in events:
+        if e.customer_id:
+            cid = resolved.get(e.customer_id, e.customer_id)
+        else:
+            assert e.anonymous_id is not None
+            cid = (
+                final.get(e.anonymous_id) or current(e.anonymous_id) or ANON_PREFIX + e.anonymous_id
+            )
+        cid = folded.get(cid, cid)
+        plan.owner[e.id] = cid
+        if e.id in fresh:
+            plan.counted.setdefault(cid, []).append(e)
+    return plan
+
+
 async def apply_events(uow: UnitOfWork, events: list[EventData], now: datetime) -> Applied:
-    """Apply a batch of events: identity resolution, counters, last values, one version bump each."""
+    """Apply a batch of events: identity resolution, counters, last values, one version bump
+    each. Safe beside other batches in flight (other replicas, or this one's next batch):
+
+    - the batch's anonymous ids are locked first (transaction advisory locks, in key order),
+      so two batches never resolve the same anonymous id at once;
+    - profile rows are locked in id order before anything is written;
+    - a deadlock or serialization failure that slips through rolls back the whole batch,
+      and the caller retries it (``shared.db.is_transient``)."""
     repo = CustomerRepository(uow.session)
     out = Applied()
     events = list({e.id: e for e in reversed(events)}.values())[::-1]  # one copy per id
-    fresh_ids = await repo.claim_events([e.id for e in events], now)
-    # Redelivered events still re-project their customers (the projection may have missed them).
-    explicit = {e.customer_id for e in events if e.customer_id}
-    resolved = await repo.resolve(explicit)
-    anon = await repo.owners([("anonymous_id", e.anonymous_id) for e in events if e.anonymous_id])
-    anon_owner = {v: c for (_, v), c in anon.items()}
-    new_links: list[tuple[str, str, str]] = []
-    folds: list[tuple[str, str]] = []
-    targets: list[tuple[EventData, str]] = []
-    for e in events:
-        if e.customer_id:
-            cid = resolved.get(e.customer_id) or e.customer_id
-            if e.anonymous_id:
-                owner = anon_owner.get(e.anonymous_id)
-                if owner is None:
-                    new_links.append(("anonymous_id", e.anonymous_id, cid))
-                elif owner != cid and e.id in fresh_ids:
-                    folds.append((cid, owner))
-                anon_owner[e.anonymous_id] = cid
-        else:
-            assert e.anonymous_id is not None
-            cid = anon_owner.get(e.anonymous_id) or ANON_PREFIX + e.anonymous_id
-            if e.anonymous_id not in anon_owner:
-                new_links.append(("anonymous_id", e.anonymous_id, cid))
-                anon_owner[e.anonymous_id] = cid
-        targets.append((e, cid))
-        out.customers.add(cid)
-        out.owners[e.id] = cid
-    created = await repo.ensure({cid for e, cid in targets if e.id in fresh_ids}, now)
-    await repo.add_identities(new_links)
-    for target, source in dict.fromkeys(folds):
+    await repo.lock_anonymous({e.anonymous_id for e in events if e.anonymous_id})
+    fresh = await repo.claim_events([e.id for e in events], now)
+    resolved, anon_owner = await repo.owners_of_events(
+        {e.customer_id for e in events if e.customer_id},
+        {e.anonymous_id for e in events if e.anonymous_id},
+    )
+    plan = _plan(events, fresh, resolved, anon_owner)
+    out.owners = plan.owner
+    out.customers = set(plan.owner.values())
+    created = await repo.ensure([*plan.counted, *(t for t, _ in plan.folds)], now)
+    await repo.add_identities([("anonymous_id", a, c) for a, c in plan.links.items()])
+    await repo.lock_profiles([*plan.counted, *(c for fold in plan.folds for c in fold)])
+    for target, source in plan.folds:
         await merge(uow, target=target, source=source, principal="identity-resolution", now=now)
         out.folded.append(source)
         created.add(target)  # its profile part changed: project it whole
-    by_customer: dict[str, list[EventData]] = {}
-    for e, cid in targets:
-        if e.id in fresh_ids:
-            by_customer.setdefault(cid, []).append(e)
+    by_customer = plan.counted
     if not by_customer:  # only redeliveries: re-project them whole
         out.docs = await repo.projection_docs(sorted(out.customers))
         return out
@@ -493,49 +587,13 @@ async def apply_events(uow: UnitOfWork, events: list[EventData], now: datetime) 
     versions = await repo.bump(by_customer, now)
     for cid, v in versions.items():
         _changed(uow, cid, v, ["counters"], event_types=sorted({e.type for e in by_customer[cid]}))
-    # Read back in the same transaction: what is projected is exactly what commits. Known
-    # customers whose events only moved counters get a counters-only write.
-    whole = sorted(c for c in out.customers if c in created or c not in by_customer)
-    partial = sorted(c for c in by_customer if c not in created)
-    out.docs = await repo.projection_docs(whole)
-    out.docs += await repo.projection_docs(partial, counters_only=True)
+    # Read back in the same transaction (one query): what is projected is exactly what
+    # commits. Known customers whose events only moved counters get a counters-only write.
+    whole = {c for c in out.customers if c in created or c not in by_customer}
+    out.docs = await repo.projection_docs_mixed(sorted(out.customers), whole)
     return out
 
 
 def _scalars(props: dict[str, Any]) -> dict[str, Any]:
     """Last values keep scalars (and short lists); nested objects are not rule material."""
     return {k: v for k, v in props.items() if not isinstance(v, dict)}
-
-
-# -- import --------------------------------------------------------------------
-def parse_import_line(
-    line: bytes, lineno: int
-) -> tuple[CustomerImportLine | None, dict[str, Any] | None]:
-    """Validate one NDJSON line; returns the body or an error naming the line and field."""
-    try:
-        body = CustomerImportLine.model_validate_json(line)
-        body.identities.as_dict()
-        return body, None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "line"
-        return None, {"line": lineno, "detail": f"{where}: {first['msg']}"}
-    except ValueError as exc:
-        return None, {"line": lineno, "detail": str(exc)}
-
-
-async def import_batch(
-    uow: UnitOfWork, bodies: list[CustomerImportLine], now: datetime
-) -> list[str]:
-    """Upsert a batch of import lines in one statement; returns the customer ids written."""
-    repo = CustomerRepository(uow.session)
-    last: dict[str, CustomerImportLine] = {b.customer_id: b for b in bodies}  # last line wins
-    rows = [_row(cid, b, now) for cid, b in last.items()]
-    await repo.upsert_many(rows)
-    links = [(k, v, cid) for cid, b in last.items() for k, v in b.identities.as_dict().items()]
-    if links:
-        await repo.add_identities(links)
-    versions = await repo.versions(list(last))
-    for cid, v in versions.items():
-        _changed(uow, cid, v, ["attributes", "tags", "consents", "identities"], source="import")
-    return list(versions)

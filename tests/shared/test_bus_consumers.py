@@ -1,0 +1,119 @@
+"""No consumer left behind: per-process consumers (named after their process) are removed
+when the process stops, and by the server when it was killed; restarts leave none behind."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+import nats
+import pytest
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from shared.bus import Bus, Consumer
+from shared.events import CloudEvent
+from shared.stack import Stack
+from tests.conftest import _drop_streams
+from tests.helpers import eventually
+
+
+@pytest.fixture
+async def bus(stack: Stack) -> AsyncIterator[Bus]:
+    b = Bus(stack.env["KAIROS_NATS_URL"], prefix=f"c{uuid.uuid4().hex[:8]}")
+    await b.connect()
+    yield b
+    await _drop_streams(b)
+    await b.close()
+
+
+async def _names(js: JetStreamContext, stream: str) -> list[str]:
+    return sorted(str(c.name) for c in await js.consumers_info(stream))
+
+
+async def _nothing(batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
+    return None
+
+
+async def test_restarts_leave_no_per_process_consumer(bus: Bus) -> None:
+    stream = bus.stream("CATALOG")
+    shared = Consumer(bus, "catalog-shared", ["catalog.>"], "CATALOG", _nothing)
+    await shared.start()
+    for pid in range(5):  # five "restarts", each with messages still pending
+        own = Consumer(
+            bus, f"proc-{pid}", ["catalog.>"], "CATALOG", _nothing, inactive_threshold_s=60.0
+        )
+        await own.start()
+        assert bus.durable(f"proc-{pid}") in await _names(bus.js, stream)
+        for _ in range(3):
+            await bus.publish(
+                "catalog.changed",
+                CloudEvent.new(source="t", type="catalog.changed", subject=None, data={}),
+            )
+        await own.stop()
+    await shared.stop()
+    # The shared durable stays (its replicas share its position); no process's own is left.
+    assert await _names(bus.js, stream) == [bus.durable("catalog-shared")]
+    assert await own.remove() is False  # already gone: removing again is harmless
+
+
+async def test_a_killed_process_consumer_is_removed_by_the_server(bus: Bus, stack: Stack) -> None:
+    """A process killed with -9 cannot clean up: the inactive threshold does."""
+    victim = Bus(stack.env["KAIROS_NATS_URL"], prefix=bus.prefix)
+    await victim.connect(ensure_streams=False)
+    own = Consumer(
+        victim, "killed-proc", ["segment.>"], "SEGMENT", _nothing, inactive_threshold_s=1.0
+    )
+    await own.start()
+    stream = bus.stream("SEGMENT")
+    assert bus.durable("killed-proc") in await _names(bus.js, stream)
+    assert victim.nc is not None
+    await victim.nc.close()  # gone without stop(): no more pulls, no delete
+    await eventually(lambda: _names(bus.js, stream), lambda names: names == [], timeout=20)
+
+
+async def test_service_restarts_leave_one_consumer_each(stack: Stack) -> None:
+    """Decision keeps consumers of its own (named by pid) on CATALOG and SEGMENT: after
+    three restarts the server holds only the live process's."""
+    nc = await nats.connect(stack.env["KAIROS_NATS_URL"])
+    js = nc.jetstream()
+    prefix = stack.env["KAIROS_BUS_PREFIX"]
+    streams = [f"{prefix.upper()}_CATALOG", f"{prefix.upper()}_SEGMENT"]
+    try:
+        before = {s: await _names(js, s) for s in streams}
+        for _ in range(3):
+            stack.stop("decision")
+            stack.start("decision")
+            stack.wait_ready(["decision"])
+        after = {s: await _names(js, s) for s in streams}
+        for s in streams:
+            mine = [n for n in after[s] if "decision-" in n]
+            assert len(mine) == 1, after[s]
+            assert len(after[s]) <= len(before[s]), (before[s], after[s])
+    finally:
+        await nc.close()
+
+
+async def test_batches_in_flight_are_each_acked_once(bus: Bus) -> None:
+    """Two batches in flight: every message is handled once and acknowledged (nothing left
+    pending on the server, nothing redelivered)."""
+    seen: list[str] = []
+
+    async def handle(batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
+        seen.extend(ev.id for _, ev in batch)
+
+    c = Consumer(bus, "in-flight", ["response.>"], "RESPONSE", handle, batch=50, in_flight=2)
+    await c.start()
+    sent = [
+        CloudEvent.new(source="t", type="response.recorded", subject=None, data={"i": i})
+        for i in range(1000)
+    ]
+    await bus.publish_many(("response.recorded", ev) for ev in sent)
+
+    async def state() -> tuple[int, int, int]:
+        info = await bus.js.consumer_info(bus.stream("RESPONSE"), bus.durable("in-flight"))
+        return len(seen), int(info.num_pending), int(info.num_ack_pending)
+
+    await eventually(state, lambda s: s == (1000, 0, 0), timeout=30)
+    await c.stop()
+    assert sorted(seen) == sorted(ev.id for ev in sent)
