@@ -30,7 +30,7 @@ SCALE = float(os.environ.get("FAULTS_SCALE", "0.02"))
 N_EVENTS = max(200, int(10_000 * SCALE))
 N_BATCH = max(1_000, int(100_000 * SCALE))
 N_MESSAGES = max(200, int(10_000 * SCALE))
-HEADER_TIMEOUT_S = 2.0
+HEADER_TIMEOUT_S = 5.0
 
 
 @pytest.fixture(scope="session")
@@ -45,8 +45,8 @@ def fstack(tmp_path_factory: pytest.TempPathFactory, peers: dict[str, Peer]) -> 
     for peer in peers.values():
         env.update(peer.env)
     env.update(
+        # Short enough for the slow-loris case, long enough for a loaded 2-core machine.
         KAIROS_REQUEST_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
-        KAIROS_REQUEST_BODY_IDLE_S=str(HEADER_TIMEOUT_S),
         KAIROS_REQUEST_BODY_TIMEOUT_S="10",
         KAIROS_DECISION_RUN_PAGE="500",
     )
@@ -112,4 +112,9 @@ def figures() -> Iterator[Figures]:
     }
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():  # a run of some cases updates those and keeps the others
+        before = json.loads(path.read_text())
+        if before.get("scale") == SCALE:
+            ran = {r["case"] for r in fig.rows}
+            doc["cases"] = [r for r in before["cases"] if r["case"] not in ran] + fig.rows
     path.write_text(json.dumps(doc, indent=2) + "\n")
