@@ -82,6 +82,11 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["import"]:  # its own options: python -m bench import --customers N
+        from bench import profile_import
+
+        profile_import.main(sys.argv[2:])
+        return
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument(
         "scenario",

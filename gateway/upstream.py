@@ -171,7 +171,11 @@ class Upstreams:
 
 def relay(resp: Reply) -> Response:
     """Pass a service's answer through unchanged."""
-    return Response(resp.content, status_code=resp.status_code, media_type=resp.content_type)
+    # A service's 503 says "a dependency is down, come back": keep saying when.
+    headers = {"retry-after": "1"} if resp.status_code == 503 else None
+    return Response(
+        resp.content, status_code=resp.status_code, media_type=resp.content_type, headers=headers
+    )
 
 
 async def forward(

@@ -409,6 +409,8 @@ class TimerFailed(BusMessage):
     """A decision timer that kept failing, dead-lettered (``dlq.decision-timers``)."""
 
     TYPE: ClassVar[str] = "dlq.decision-timers"
+    # a dead letter like every other (dlq.<name>): erasure scans the small DLQ by content
+    PERSONAL: ClassVar[bool] = False
     timer_id: str
     kind: str
     due: str
@@ -418,3 +420,28 @@ class TimerFailed(BusMessage):
     payload: dict[str, Any] = Field(default_factory=dict)
     attempts: int = 0
     error: str = ""
+
+
+class ProfileChanged(BusMessage):
+    """A profile's stored state changed (``profile.changed``): consumers re-read the projection
+    once it holds ``version`` (selection's audience index). ``changed`` names the parts that
+    moved; ``event_types`` the counters an event batch touched; ``source`` is ``import`` for
+    lines of a bulk import."""
+
+    TYPE: ClassVar[str] = "profile.changed"
+    customer_id: str
+    version: int
+    changed: list[str] = Field(default_factory=list)
+    event_types: list[str] | None = None
+    source: str | None = None
+
+    def outbox_item(self, *, source: str) -> tuple[str, dict[str, Any]]:
+        """(subject with the customer token, CloudEvents envelope as a plain dict), for
+        ``UnitOfWork.emit_envelope``: hot paths (an import writes one per customer) skip
+        building a ``CloudEvent`` model."""
+        return customer_subject(self.TYPE, self.customer_id), CloudEvent.envelope(
+            source=source,
+            type=self.TYPE,
+            subject=self.customer_id,
+            data=self.model_dump(mode="json", exclude_none=True),
+        )

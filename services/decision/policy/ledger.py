@@ -186,6 +186,16 @@ class Ledger:
         (res,) = await self.reserve_many([Reservation("", [caps])], now_ms, dry=True)
         return None if res.option is not None else res.blocked[0]
 
+    async def holding(self, asks: Sequence[tuple[str, str]]) -> list[bool]:
+        """Whether each (key, member) is recorded: a contact reserved before."""
+        if not asks:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, member in asks:
+                pipe.zscore(key, member)
+            raw = await pipe.execute()
+        return [v is not None for v in raw]
+
     async def frees_at(self, cap: Cap, now_ms: int) -> int:
         """When a full cap gets room again (ms): its oldest contact in the window leaves it."""
         first = await self.redis.zrangebyscore(
