@@ -129,7 +129,14 @@ def main() -> None:
         stack = start_stack(Path(tmp), key, trace_env)
         floor_port = free_port()
         floor = subprocess.Popen([sys.executable, "-m", "bench.floor", str(floor_port)])
-        wait_port(floor_port, floor, "floor app")
+        try:  # a loaded machine can take long to start a process; never leave the stack up
+            wait_port(floor_port, floor, "floor app", timeout=180)
+        except BaseException:
+            floor.kill()
+            stack.down()
+            if sink is not None:
+                sink.terminate()
+            raise
         ctx = scenarios.Context(
             stack=stack,
             key=key,

@@ -304,7 +304,7 @@ async def decision(ctx: Context, run: int) -> dict[str, Any]:
     env = {**ctx.stack.env, "KAIROS_DECISION_PORT": str(port2), "KAIROS_RUN_CONSUMERS": "false"}
     second = _spawn(env)
     try:
-        wait_port(port2, second, "second decision replica")
+        wait_port(port2, second, "second decision replica", timeout=180)
         await asyncio.sleep(2)
         halves = await asyncio.gather(
             closed_loop("127.0.0.1", port1, ctx.headers, make, concurrency=16, duration=secs),
