@@ -47,7 +47,8 @@ log = logging.getLogger("kairos.profile.erasure")
 Batch = Sequence[tuple[Msg, CloudEvent]]
 
 NAME = "profile-erasure"
-PATIENCE = 4  # deliveries of one erasure waiting for the other consumers (~40 s)
+PATIENCE = 30  # deliveries of one erasure waiting for the other consumers (~90 s)
+GRACE_S = 0.5  # how long a consumer may still be handling a message it took in
 STREAMS = tuple(dict.fromkeys(s for s, _ in CUSTOMER_SUBJECTS))
 ERASURE_SECONDS = Histogram(
     "kairos_erasure_seconds",
@@ -59,7 +60,7 @@ ERASURE_SECONDS = Histogram(
 class Erasure:
     """The ``profile-erasure`` consumer's work (one erasure at a time)."""
 
-    def __init__(self, rt: Runtime, *, wait_s: float = 8.0) -> None:
+    def __init__(self, rt: Runtime, *, wait_s: float = 1.0) -> None:
         self.rt = rt
         self.bus = rt.bus
         self.redis = rt.redis
@@ -207,6 +208,7 @@ class Erasure:
         idle_once: set[tuple[str, str]] = set()
         while True:
             behind = []
+            grace = False
             for name, mark in marks.items():
                 try:
                     infos = await self.bus.js.consumers_info(self.bus.stream(name))
@@ -218,6 +220,13 @@ class Erasure:
                     floor = c.ack_floor.stream_seq if c.ack_floor else 0
                     if floor >= mark or (not c.num_pending and not c.num_ack_pending):
                         continue
+                    if (c.delivered.stream_seq if c.delivered else 0) >= mark:
+                        # It has taken in everything up to the mark; what it holds unacked is
+                        # in its hands now (GRACE_S covers that) or waits for a redelivery
+                        # that the second purge cancels. A consumer that keeps naking one
+                        # message (feedback waiting for a contact) must not hold us back.
+                        grace = True
+                        continue
                     key = (name, c.name)
                     if not c.num_waiting and not c.num_ack_pending:  # nobody is reading it
                         if key in idle_once:
@@ -227,6 +236,8 @@ class Erasure:
                         idle_once.discard(key)
                     behind.append(c.name)
             if not behind:
+                if grace:
+                    await asyncio.sleep(GRACE_S)
                 return True
             if time.monotonic() >= deadline:
                 log.warning("erasure: consumers still behind: %s", behind[:10])

@@ -134,7 +134,7 @@ def _by_plan(
     return {p: c for p, c in counts.items() if +c}, owner
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(cases(), st.dictionaries(st.sampled_from(ANON_PROFILES), st.integers(1, 5)))
 def test_plan_equals_one_event_at_a_time(
     case: tuple[list[EventData], set[str], dict[str, str], dict[str, str]],

@@ -92,3 +92,28 @@ async def test_service_restarts_leave_one_consumer_each(stack: Stack) -> None:
             assert len(after[s]) <= len(before[s]), (before[s], after[s])
     finally:
         await nc.close()
+
+
+async def test_batches_in_flight_are_each_acked_once(bus: Bus) -> None:
+    """Two batches in flight: every message is handled once and acknowledged (nothing left
+    pending on the server, nothing redelivered)."""
+    seen: list[str] = []
+
+    async def handle(batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
+        seen.extend(ev.id for _, ev in batch)
+
+    c = Consumer(bus, "in-flight", ["response.>"], "RESPONSE", handle, batch=50, in_flight=2)
+    await c.start()
+    sent = [
+        CloudEvent.new(source="t", type="response.recorded", subject=None, data={"i": i})
+        for i in range(1000)
+    ]
+    await bus.publish_many(("response.recorded", ev) for ev in sent)
+
+    async def state() -> tuple[int, int, int]:
+        info = await bus.js.consumer_info(bus.stream("RESPONSE"), bus.durable("in-flight"))
+        return len(seen), int(info.num_pending), int(info.num_ack_pending)
+
+    await eventually(state, lambda s: s == (1000, 0, 0), timeout=30)
+    await c.stop()
+    assert sorted(seen) == sorted(ev.id for ev in sent)
