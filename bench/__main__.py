@@ -82,6 +82,11 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["import"]:  # its own options: python -m bench import --customers N
+        from bench import profile_import
+
+        profile_import.main(sys.argv[2:])
+        return
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument(
         "scenario",
@@ -103,6 +108,13 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--customers", type=int, default=100_000, help="profile: population size")
     ap.add_argument("--tags-max", type=int, default=200, help="profile: most tags per customer")
+    ap.add_argument(
+        "--trace",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help="tracing on, OTLP/HTTP to a local sink, this share of traces sampled (0..1)",
+    )
     args = ap.parse_args()
     if args.scenario == ["rules"]:
         from bench import rules_eval
@@ -113,10 +125,18 @@ def main() -> None:
         return
     key = "bench-" + uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="kairos-bench-") as tmp:
-        stack = start_stack(Path(tmp), key)
+        trace_env, sink = _trace_sink(args.trace)
+        stack = start_stack(Path(tmp), key, trace_env)
         floor_port = free_port()
         floor = subprocess.Popen([sys.executable, "-m", "bench.floor", str(floor_port)])
-        wait_port(floor_port, floor, "floor app")
+        try:  # a loaded machine can take long to start a process; never leave the stack up
+            wait_port(floor_port, floor, "floor app", timeout=180)
+        except BaseException:
+            floor.kill()
+            stack.down()
+            if sink is not None:
+                sink.terminate()
+            raise
         ctx = scenarios.Context(
             stack=stack,
             key=key,
@@ -134,6 +154,7 @@ def main() -> None:
             },
             "runs": args.runs,
             "duration_s": args.duration,
+            "tracing_sampled": args.trace,
         }
         try:
             todo = (
@@ -163,7 +184,24 @@ def main() -> None:
         finally:
             floor.terminate()
             stack.down()
+            if sink is not None:
+                sink.terminate()
     _write("-".join(args.scenario), report, args.runs)
+
+
+def _trace_sink(ratio: float | None) -> tuple[dict[str, str], subprocess.Popen[bytes] | None]:
+    """With ``--trace``: an OTLP/HTTP receiver process and the settings that export to it."""
+    if ratio is None:
+        return {}, None
+    port = free_port()
+    sink = subprocess.Popen([sys.executable, "-m", "bench.otlp_sink", str(port)])
+    wait_port(port, sink, "OTLP sink")
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": str(ratio),
+    }
+    return env, sink
 
 
 def _write(scenario: str, report: dict[str, Any], runs: int) -> None:

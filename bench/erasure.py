@@ -88,7 +88,8 @@ async def _flows(ctx: Context, gw: httpx.AsyncClient, tp: str, needles: dict[str
     )
     assert r.status_code == 200, r.text
     r = await gw.post(
-        f"/v1/customers/{cid}/devices", json={"platform": "ios", "token": needles["device"]}
+        f"/v1/customers/{cid}/devices",
+        json={"platform": "ios", "token": needles["device"], "app_id": "com.example.app"},
     )
     assert r.status_code in (200, 201), r.text
     events = [{"type": f"page.viewed.{i % 5}", "customer_id": cid} for i in range(50)]

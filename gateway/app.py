@@ -6,9 +6,10 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 
+import gateway.openapi
 from gateway import catalog, customers, dispatch, events, feedback, links, rewards, segments
+from gateway.media import MediaTypes
 from gateway.upstream import Upstreams
 from shared.auth import dev_key_path, load_keyring
 from shared.service import Runtime, create_service_app
@@ -47,21 +48,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body_overrides={"/v1/customers:import": cfg.import_max_bytes},
         title="Kairos",
     )
+    app.add_middleware(MediaTypes)
     # Fail fast on a bad key configuration rather than at the first request.
     app.state.keyring = load_keyring(cfg)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            doc = get_openapi(
-                title="Kairos",
-                version="1",
-                routes=app.routes,
-                description="Real-time campaign management: the public /v1 API.",
-            )
-            doc.setdefault("components", {}).setdefault("schemas", {}).update(events.EXTRA_SCHEMAS)
-            doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-            doc["security"] = [{"bearer": []}]
-            app.openapi_schema = doc
+            app.openapi_schema = gateway.openapi.build(app, cfg)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -10,6 +10,7 @@ from starlette.responses import Response
 from gateway.upstream import Upstreams, forward, relay
 from shared.auth import Principal, require
 from shared.contracts import catalog as api
+from shared.contracts import params
 from shared.service import Runtime, runtime
 
 router = APIRouter(tags=["catalog"])
@@ -163,7 +164,7 @@ async def get_policy(request: Request, principal: Reader, rt: RuntimeDep) -> Res
     return await _forward(request, rt, principal, "GET", "/v1/contact-policy")
 
 
-RunId = Annotated[str, Path(pattern=r"^run-[0-9a-f]{16}$")]
+RunId = Annotated[str, Path(pattern=params.RUN_ID_PATTERN)]
 
 
 @router.post("/v1/campaigns/{campaign_id}/runs", response_model=api.RunStarted, status_code=202)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
@@ -18,13 +19,15 @@ from shared.contracts.customers import (
     CustomerPut,
     CustomerView,
     Device,
+    ErasureAccepted,
     ImportResult,
+    LookupResult,
     MergeList,
     MergeRecord,
     MergeRequest,
     WriteAccepted,
 )
-from shared.errors import JSONResponse, NotFound
+from shared.errors import JSONResponse, NotFound, Unprocessable
 from shared.service import Runtime, runtime
 
 router = APIRouter(tags=["customers"])
@@ -86,7 +89,7 @@ async def patch_customer(
     return await _forward(request, rt, principal, "PATCH", f"/v1/customers/{customer_id}", body)
 
 
-@router.delete("/v1/customers/{customer_id}", status_code=202)
+@router.delete("/v1/customers/{customer_id}", status_code=202, response_model=ErasureAccepted)
 async def erase_customer(
     request: Request, customer_id: CustomerId, principal: Writer, rt: RuntimeDep
 ) -> Response:
@@ -124,7 +127,11 @@ async def list_merges(
     return await _forward(request, rt, principal, "GET", f"/v1/customers/{customer_id}/merges")
 
 
-@router.get("/v1/customers:lookup")
+@router.get(
+    "/v1/customers:lookup",
+    response_model=LookupResult,
+    responses={404: {"description": "No customer has this identity"}},
+)
 async def lookup_customer(
     principal: Reader,
     rt: RuntimeDep,
@@ -164,14 +171,40 @@ NDJSON_BODY = {
 }
 
 
+async def _not_empty(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The body as it streams, once a first line has arrived: an empty (or blank) body is a
+    422 before anything is sent on, not an import of nothing."""
+    head = b""
+    async for chunk in chunks:
+        head += chunk
+        if head.strip():
+            break
+        if len(head) > 65_536:  # only blank space so far: keep no more of it
+            head = b""
+    if not head.strip():
+        raise Unprocessable(
+            "The body is empty: send one customer per line (NDJSON: a PUT body plus customer_id).",
+            errors=[{"loc": ["body"], "msg": "no lines"}],
+        )
+
+    async def rest() -> AsyncIterator[bytes]:
+        yield head
+        async for chunk in chunks:
+            yield chunk
+
+    return rest()
+
+
 @router.post("/v1/customers:import", response_model=ImportResult, openapi_extra=NDJSON_BODY)
 async def import_customers(request: Request, principal: Writer, rt: RuntimeDep) -> Response:
-    """Stream NDJSON through to the profile service (no buffering at the gateway)."""
+    """Stream NDJSON (or gzip-compressed NDJSON) through to the profile service (no buffering
+    at the gateway)."""
+    headers = {"content-type": "application/x-ndjson", "x-kairos-principal": principal.name}
+    encoding = request.headers.get("content-encoding")
+    if encoding:  # gzip bodies go through compressed; the profile service inflates them
+        headers["content-encoding"] = encoding
     resp = await upstreams(rt).stream(
-        "profile",
-        "/v1/customers:import",
-        request.stream(),
-        {"content-type": "application/x-ndjson", "x-kairos-principal": principal.name},
+        "profile", "/v1/customers:import", await _not_empty(request.stream()), headers
     )
     return relay(resp)
 

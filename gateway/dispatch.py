@@ -11,9 +11,10 @@ from starlette.responses import Response
 from gateway.upstream import Upstreams, forward, relay
 from shared.auth import Principal, require
 from shared.contracts import dispatch as api
+from shared.contracts import params
 from shared.contracts.customers import CUSTOMER_ID_PATTERN
 from shared.errors import NotFound
-from shared.links import InvalidLink, signer_from
+from shared.links import MAX_TOKEN, InvalidLink, signer_from
 from shared.service import Runtime, runtime
 
 router = APIRouter(tags=["messages"])
@@ -69,8 +70,8 @@ async def outbox(
     request: Request,
     principal: Reporter,
     rt: RuntimeDep,
-    channel: Annotated[str | None, Query(pattern=r"^(push|email|sms)$")] = None,
-    after: Annotated[int, Query(ge=0)] = 0,
+    channel: Annotated[str | None, Query(pattern=params.OUTBOX_CHANNEL_PATTERN)] = None,
+    after: Annotated[int, Query(ge=0, le=params.SEQUENCE_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     """What the local outbox received (channels without a configured provider)."""
@@ -79,7 +80,11 @@ async def outbox(
 
 
 @router.post("/callbacks/sms/{token}", status_code=204, responses={404: {"description": "Forged"}})
-async def sms_status_callback(token: str, request: Request, rt: RuntimeDep) -> Response:
+async def sms_status_callback(
+    token: Annotated[str, Path(max_length=MAX_TOKEN, description="A signed callback token")],
+    request: Request,
+    rt: RuntimeDep,
+) -> Response:
     """The SMS provider's delivery receipt (Twilio StatusCallback, form-encoded): open, but
     only a URL dispatch signed for that message is accepted."""
     try:

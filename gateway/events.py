@@ -14,10 +14,10 @@ from starlette.responses import Response
 
 from gateway.idempotency import idempotent
 from shared.auth import Principal, require
+from shared.contracts.bus import EventOccurred
 from shared.contracts.events import MAX_BATCH, EventBatch, EventIn, EventsAccepted
 from shared.errors import JSONResponse, Unavailable, Unprocessable, describe
 from shared.events import iso, utcnow
-from shared.privacy import event_subject
 from shared.service import Runtime, runtime
 
 log = logging.getLogger("kairos.gateway.events")
@@ -84,26 +84,17 @@ def encode_events(events: list[EventIn], principal: str) -> list[tuple[str, str,
     for ev in events:
         # Event ids only need to be unique (not secret): a fast random UUIDv4.
         eid = str(ev.id or uuid.UUID(int=_rand(128), version=4))
-        envelope = {
-            "id": eid,
-            "source": "kairos/gateway",
-            "type": f"kairos.event.{ev.type}",
-            "specversion": "1.0",
-            "time": now,
-            "subject": ev.customer_id or ev.anonymous_id,
-            "datacontenttype": "application/json",
-            "data": {
-                "type": ev.type,
-                "customer_id": ev.customer_id,
-                "anonymous_id": ev.anonymous_id,
-                "time": iso(ev.time) if ev.time else now,
-                "properties": ev.properties,
-                "received_at": now,
-                "principal": principal,
-            },
-        }
-        subject = event_subject(ev.type, ev.customer_id, ev.anonymous_id)
-        out.append((subject, eid, orjson.dumps(envelope)))
+        subject, wire = EventOccurred.wire(
+            event_id=eid,
+            type=ev.type,
+            customer_id=ev.customer_id,
+            anonymous_id=ev.anonymous_id,
+            time=iso(ev.time) if ev.time else now,
+            properties=ev.properties,
+            received_at=now,
+            principal=principal,
+        )
+        out.append((subject, eid, wire))
     return out
 
 

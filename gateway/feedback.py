@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Annotated, Literal
 
 import aiohttp
@@ -19,6 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from gateway.upstream import Upstreams, forward
 from shared.auth import Principal, require
 from shared.contracts.catalog import ID_PATTERN
+from shared.contracts.params import MONTH_PATTERN, Rfc3339
 from shared.contracts.reports import CampaignReport, ProgrammeReport, ResponseAccepted, ResponseIn
 from shared.errors import Unavailable
 from shared.service import Runtime, runtime
@@ -73,7 +73,9 @@ async def programme_report(
     request: Request,
     principal: Reporter,
     rt: RuntimeDep,
-    month: Annotated[str | None, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$")] = None,
+    month: Annotated[
+        str | None, Query(pattern=MONTH_PATTERN, description="YYYY-MM, default now")
+    ] = None,
 ) -> Response:
     """The global control group against everyone treated, and contacts per customer."""
     params = {"month": month} if month else None
@@ -121,8 +123,8 @@ def _export(table: str) -> None:
     async def export(
         principal: Reporter,
         rt: RuntimeDep,
-        since: datetime | None = None,
-        until: datetime | None = None,
+        since: Rfc3339 | None = None,
+        until: Rfc3339 | None = None,
         format: Literal["ndjson", "csv", "parquet"] = "ndjson",  # noqa: A002 (the API's name)
     ) -> Response:
         params: dict[str, str] = {"format": format}

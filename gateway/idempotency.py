@@ -1,4 +1,5 @@
-"""``Idempotency-Key``: a retried write returns the first answer and changes nothing.
+"""``Idempotency-Key``: a retried write returns the first answer and changes nothing; the same
+key with another body is a mistake the caller must hear about (409), never a silent replay.
 
 A stored answer is personal data when it is about a customer: each is listed under the
 customer's token (``idem-of:<token>``) so that erasure deletes it. The answer of an erasure
@@ -8,6 +9,7 @@ itself is never stored (it names the customer; a retried ``DELETE`` answers 404,
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 from collections.abc import Awaitable, Callable
 from urllib.parse import unquote
@@ -57,11 +59,18 @@ async def idempotent(
     if not 1 <= len(key) <= 200:
         raise Unprocessable("Idempotency-Key must be 1 to 200 characters.")
     rkey = keys("idem", principal, request.method, request.url.path, key)
+    digest = hashlib.sha256(await request.body()).hexdigest()
     if not await redis.set(rkey, PENDING, nx=True, ex=60):
         stored = await redis.get(rkey)
         if stored is None or stored == PENDING:
             raise Conflict("A request with this Idempotency-Key is still being processed.")
         doc = orjson.loads(stored)
+        if doc.get("digest", digest) != digest:
+            raise Conflict(
+                "This Idempotency-Key was used with a different body; use a new key for a "
+                "new request.",
+                errors=[{"loc": ["header", "Idempotency-Key"], "msg": "reused, other body"}],
+            )
         return Response(
             doc["body"].encode(),
             status_code=doc["status"],
@@ -81,6 +90,7 @@ async def idempotent(
         "status": resp.status_code,
         "type": resp.media_type or "application/json",
         "body": body.decode(),
+        "digest": digest,
     }
     async with redis.pipeline(transaction=False) as pipe:
         pipe.set(rkey, orjson.dumps(doc), ex=TTL_S)

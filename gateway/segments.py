@@ -9,6 +9,7 @@ from starlette.responses import Response
 
 from gateway.upstream import forward
 from shared.auth import Principal, require
+from shared.contracts.params import SNAPSHOT_ID_PATTERN
 from shared.contracts.segments import (
     SEGMENT_ID_PATTERN,
     IndexStatus,
@@ -105,7 +106,7 @@ async def create_snapshot(
 async def snapshot_page(
     request: Request,
     segment_id: SegmentId,
-    snapshot_id: Annotated[str, Path(max_length=64)],
+    snapshot_id: Annotated[str, Path(pattern=SNAPSHOT_ID_PATTERN)],
     principal: Reader,
     rt: RuntimeDep,
     cursor: Annotated[str | None, Query(max_length=64)] = None,

@@ -1,7 +1,10 @@
 """Forwarding from the gateway to the services that own the data.
 
-aiohttp rather than httpx here: httpcore's pool checks every pooled connection on each
-request, which made the 360° view (three upstream calls) CPU-bound at ~180 requests/s.
+Calls whose answer is read whole go through ``gateway.client`` (keep-alive pools and an
+``httptools`` parser: a fraction of aiohttp's CPU per call, see bench/upstream.py); streamed
+bodies (imports, exports) through aiohttp. httpx is not used here: httpcore's pool checks
+every pooled connection on each request, which made the 360° view (three upstream calls)
+CPU-bound at ~180 requests/s. Each call carries the trace context (``traceparent``).
 """
 
 from __future__ import annotations
@@ -9,17 +12,19 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.client import Pool, UpstreamError, target_of
 from gateway.idempotency import idempotent
 from shared.auth import Principal
 from shared.errors import DomainError, Unavailable
 from shared.service import Runtime
 from shared.settings import SERVICES, Settings
+from shared.tracing import client_span, record_status
 
 log = logging.getLogger("kairos.gateway.upstream")
 
@@ -39,24 +44,31 @@ class Reply:
 
 
 class Upstreams:
-    """One pooled keep-alive HTTP session per service."""
+    """One keep-alive pool per service (and an aiohttp session for streamed bodies)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, pool_limit: int = 64) -> None:
         self.settings = settings
         self.base = {name: settings.url_of(name).rstrip("/") for name in SERVICES}
         self.timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout_s, connect=1.0)
         self._session: aiohttp.ClientSession | None = None
+        self.pools: dict[str, Pool] = {}
+        for name, url in self.base.items():
+            parts = urlsplit(url)
+            if parts.scheme == "http" and parts.hostname and not parts.path:
+                self.pools[name] = Pool(parts.hostname, parts.port or 80, limit=pool_limit)
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, keepalive_timeout=30)
+            connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, keepalive_timeout=4)
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self.timeout, auto_decompress=False
             )
         return self._session
 
     async def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
         if self._session is not None:
             await self._session.close()
 
@@ -67,7 +79,7 @@ class Upstreams:
         path: str,
         *,
         principal: str | None = None,
-        content: Any = None,
+        content: bytes | None = None,
         headers: dict[str, str] | None = None,
         params: dict[str, str] | None = None,
         timeout: float | None = None,
@@ -76,29 +88,69 @@ class Upstreams:
         hdrs = dict(headers or {})
         if principal:
             hdrs["x-kairos-principal"] = principal
-        kw: dict[str, Any] = {}
-        if timeout is not None:
-            kw["timeout"] = aiohttp.ClientTimeout(total=timeout, connect=min(1.0, timeout))
-        try:
-            async with self.session.request(
-                method, self.base[service] + path, data=content, headers=hdrs, params=params, **kw
-            ) as resp:
-                body = await resp.read()
-                return Reply(
-                    resp.status, body, resp.headers.get("content-type", "application/json")
-                )
-        except TimeoutError as exc:
-            raise GatewayTimeout(f"The {service} service did not answer in time.") from exc
-        except aiohttp.ClientError as exc:
-            log.warning("%s unreachable: %s", service, exc)
-            raise Unavailable(
-                f"The {service} service is not reachable; try again shortly."
-            ) from exc
+        total = self.settings.upstream_timeout_s if timeout is None else timeout
+        pool = self.pools.get(service)
+        with client_span(service, method, path, hdrs) as span:
+            try:
+                if pool is None:
+                    reply = await self._aiohttp(service, method, path, hdrs, content, params, total)
+                else:
+                    ans = await pool.request(
+                        method,
+                        target_of(path, params),
+                        hdrs,
+                        content,
+                        total=total,
+                        connect=min(1.0, total),
+                    )
+                    reply = Reply(
+                        ans.status, ans.body, ans.headers.get("content-type", "application/json")
+                    )
+            except TimeoutError as exc:
+                raise GatewayTimeout(f"The {service} service did not answer in time.") from exc
+            except (UpstreamError, aiohttp.ClientError) as exc:
+                log.warning("%s unreachable: %s", service, exc)
+                raise Unavailable(
+                    f"The {service} service is not reachable; try again shortly."
+                ) from exc
+            record_status(span, reply.status_code)
+            return reply
+
+    async def _aiohttp(
+        self,
+        service: str,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        content: bytes | None,
+        params: dict[str, str] | None,
+        total: float,
+    ) -> Reply:
+        """A service behind a URL the pool does not take (https, a path prefix)."""
+        async with self.session.request(
+            method,
+            self.base[service] + path,
+            data=content,
+            headers=headers,
+            params=params,
+            timeout=aiohttp.ClientTimeout(total=total, connect=min(1.0, total)),
+        ) as resp:
+            body = await resp.read()
+            return Reply(resp.status, body, resp.headers.get("content-type", "application/json"))
 
     async def stream(
         self, service: str, path: str, body: AsyncIterator[bytes], headers: dict[str, str]
     ) -> Reply:
         """POST a streamed body (imports) with no overall time limit."""
+        headers = dict(headers)
+        with client_span(service, "POST", path, headers) as span:
+            reply = await self._stream(service, path, body, headers)
+            record_status(span, reply.status_code)
+            return reply
+
+    async def _stream(
+        self, service: str, path: str, body: AsyncIterator[bytes], headers: dict[str, str]
+    ) -> Reply:
         try:
             async with self.session.post(
                 self.base[service] + path,
@@ -119,7 +171,11 @@ class Upstreams:
 
 def relay(resp: Reply) -> Response:
     """Pass a service's answer through unchanged."""
-    return Response(resp.content, status_code=resp.status_code, media_type=resp.content_type)
+    # A service's 503 says "a dependency is down, come back": keep saying when.
+    headers = {"retry-after": "1"} if resp.status_code == 503 else None
+    return Response(
+        resp.content, status_code=resp.status_code, media_type=resp.content_type, headers=headers
+    )
 
 
 async def forward(

@@ -6,7 +6,6 @@ import hashlib
 import hmac
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,11 +97,14 @@ def load_keyring(settings: Settings) -> KeyRing:
     return KeyRing([ApiKeyConfig(name="dev-admin", key=key, scopes=["admin"])])
 
 
-def require(scope: str, *alternatives: str) -> Callable[[Request], Awaitable[Principal]]:
-    """Dependency: the caller's principal, if its key carries ``scope`` (or an alternative)."""
-    wanted = (scope, *alternatives)
+class RequireScope:
+    """Dependency: the caller's principal, if its key carries one of ``scopes``. A class so the
+    OpenAPI document can read which scopes an operation needs (``gateway.openapi``)."""
 
-    async def dependency(request: Request) -> Principal:
+    def __init__(self, scopes: tuple[str, ...]) -> None:
+        self.scopes = scopes
+
+    async def __call__(self, request: Request) -> Principal:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
@@ -112,8 +114,12 @@ def require(scope: str, *alternatives: str) -> Callable[[Request], Awaitable[Pri
         if principal is None:
             raise Unauthorized("The API key is not known.")
         request.state.principal = principal.name
-        if not any(principal.can(s) for s in wanted):
-            raise Forbidden(f"The key '{principal.name}' lacks the scope '{' or '.join(wanted)}'.")
+        if not any(principal.can(s) for s in self.scopes):
+            wanted = "' or '".join(self.scopes)
+            raise Forbidden(f"The key '{principal.name}' lacks the scope '{wanted}'.")
         return principal
 
-    return dependency
+
+def require(scope: str, *alternatives: str) -> RequireScope:
+    """Dependency: the caller's principal, if its key carries ``scope`` (or an alternative)."""
+    return RequireScope((scope, *alternatives))

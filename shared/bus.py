@@ -375,6 +375,7 @@ class Consumer:
     _sub: Any = field(default=None, init=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     healthy: bool = field(default=False, init=False)
+    _only: list[str] | None = field(default=None, init=False)
 
     async def start(self) -> None:
         """Create the durable consumer and start the fetch loop in the background."""
@@ -391,10 +392,13 @@ class Consumer:
             # ``max_deliver`` deliveries, so nothing is dropped silently.
             max_deliver=-1,
             max_ack_pending=max(self.batch * 4, 1000),
-            filter_subjects=wire if len(wire) > 1 else None,
+            filter_subjects=wire if len(wire) > 1 and _multi_filter(self.bus) else None,
             filter_subject=wire[0] if len(wire) == 1 else None,
             inactive_threshold=self.inactive_threshold_s,
         )
+        # A server before 2.10 ignores filter_subjects: the consumer then takes the whole
+        # stream and the runner acks what is not for it without handling it.
+        self._only = wire if len(wire) > 1 and not config.filter_subjects else None
         if self.start_seq is not None:
             config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = max(1, self.start_seq)
@@ -532,6 +536,11 @@ class Consumer:
 
     async def _handle(self, msgs: list[Msg]) -> None:
         good: list[tuple[Msg, CloudEvent]] = []
+        only = self._only
+        if only:
+            skip = [m for m in msgs if not any(subject_matches(m.subject, f) for f in only)]
+            await asyncio.gather(*(m.ack() for m in skip))
+            msgs = [m for m in msgs if any(subject_matches(m.subject, f) for f in only)]
         for m in msgs:
             try:
                 good.append((m, CloudEvent.from_bytes(m.data)))
@@ -604,6 +613,25 @@ class Consumer:
         return tracer.start_as_current_span(
             f"consume {self.name}", context=ctx, attributes={"messaging.batch.message_count": n}
         )
+
+
+def _multi_filter(bus: Bus) -> bool:
+    """Whether the connected server honours a consumer's ``filter_subjects`` (2.10+)."""
+    version = bus.nc.connected_server_version if bus.nc is not None else None
+    if version is None:
+        return True
+    return (version.major, version.minor) >= (2, 10)
+
+
+def subject_matches(subject: str, pattern: str) -> bool:
+    """NATS subject matching: ``*`` is one token, a final ``>`` one or more."""
+    s, p = subject.split("."), pattern.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s) or (tok != "*" and tok != s[i]):
+            return False
+    return len(s) == len(p)
 
 
 def decode_data(ev: CloudEvent) -> dict[str, Any]:

@@ -135,14 +135,19 @@ def migrate() -> None:
 @app.command("import")
 def import_(
     file: Annotated[
-        Path, typer.Argument(exists=True, dir_okay=False, help="NDJSON, one customer a line")
+        Path,
+        typer.Argument(exists=True, dir_okay=False, help="NDJSON, one customer a line (.gz too)"),
     ],
     gateway: Annotated[
         str | None, typer.Option(help="Gateway URL (default: .run/stack.json)")
     ] = None,
 ) -> None:
-    """Stream an NDJSON file of customers through the gateway, with rate and ETA."""
+    """Stream an NDJSON file of customers through the gateway, with rate and ETA; a ``.gz``
+    file is sent compressed as it is (``Content-Encoding: gzip``)."""
     url = gateway or str(_stack_doc()["gateway"])
+    headers = {"authorization": f"Bearer {_api_key()}", "content-type": "application/x-ndjson"}
+    if file.suffix == ".gz":
+        headers["content-encoding"] = "gzip"
     size = file.stat().st_size
     columns = (
         TextColumn("[bold]import"),
@@ -164,10 +169,7 @@ def import_(
         resp = httpx.post(
             f"{url}/v1/customers:import",
             content=chunks(),
-            headers={
-                "authorization": f"Bearer {_api_key()}",
-                "content-type": "application/x-ndjson",
-            },
+            headers=headers,
             timeout=httpx.Timeout(None, connect=5),
         )
     elapsed = time.monotonic() - started

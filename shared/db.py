@@ -13,6 +13,9 @@ from typing import Any, Generic, TypeVar
 import orjson
 import sqlalchemy as sa
 from fastapi import Request
+from redis.exceptions import BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -32,20 +35,41 @@ log = logging.getLogger("kairos.db")
 _UNAVAILABLE = (OperationalError, InterfaceError, ConnectionError, TimeoutError, OSError)
 
 
+# SQLSTATE classes of "the server cannot serve this now": connection exceptions (08),
+# insufficient resources (53: "too many clients", out of memory, disk full) and operator
+# intervention (57P01-57P05: shutdown, crash recovery, "cannot connect now"). A statement
+# timeout (57014) is the caller's own bound and stays what it is.
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57P")
+_UNAVAILABLE_ALL = (*_UNAVAILABLE, RedisConnectionError, RedisTimeoutError, BusyLoadingError)
 # Two transactions that met (a deadlock, a serialization failure): the loser was rolled
 # back whole and succeeds when run again.
 _RETRY_SQLSTATES = frozenset({"40P01", "40001"})
 
 
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a Postgres error, raw (asyncpg) or wrapped (SQLAlchemy)."""
+    for e in (exc, getattr(exc, "orig", None), getattr(exc, "__cause__", None)):
+        code = getattr(e, "sqlstate", None)
+        if isinstance(code, str):
+            return code
+    orig = getattr(exc, "orig", None)
+    code = getattr(getattr(orig, "__cause__", None), "sqlstate", None)
+    return code if isinstance(code, str) else None
+
+
 def is_conflict(exc: BaseException) -> bool:
     """The transaction lost a deadlock or a serialization conflict to another one."""
-    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES
+    return _sqlstate(exc) in _RETRY_SQLSTATES
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Postgres (or the network) is unavailable, or the transaction lost a deadlock or a
-    serialization conflict: retry later rather than give up."""
-    if isinstance(exc, _UNAVAILABLE):
+    """A dependency (Postgres, Redis, the network) is unavailable, or the transaction lost a
+    deadlock or a serialization conflict: retry later rather than give up. The one rule
+    behind both a consumer's nak and an HTTP 503 with Retry-After."""
+    if isinstance(exc, _UNAVAILABLE_ALL):
+        return True
+    code = _sqlstate(exc)
+    if code is not None and code.startswith(_TRANSIENT_SQLSTATE_PREFIXES):
         return True
     if is_conflict(exc):
         return True
@@ -68,8 +92,9 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        # No pre-ping round trip per checkout: a connection that broke is invalidated on its
-        # first error, which answers 503 (shared.errors) and is retried by the caller.
+        # A pooled connection that a Postgres restart broke is found at checkout and replaced,
+        # rather than failing the first request after the restart (one cheap round trip).
+        pool_pre_ping=True,
         pool_recycle=1800,
         # Plan each statement for its actual arguments: a generic plan cached while a table
         # was empty turns `= ANY(:ids)` lookups into sequential scans once it has grown.

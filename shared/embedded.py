@@ -223,3 +223,35 @@ class Embedded:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+
+    def stop_one(self, name: str, *, kill: bool = False) -> None:
+        """Stop one server ("postgres", "redis" or "nats"): cleanly, or with SIGKILL to its
+        whole process group (Postgres' backends die with the postmaster, as in a crash)."""
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            if kill:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.send_signal(signal.SIGINT if name == "postgres" else signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        port = {"postgres": self.pg_port, "redis": self.redis_port, "nats": self.nats_port}[name]
+        deadline = time.monotonic() + 10
+        while port_open(port) and time.monotonic() < deadline:  # children closing the socket
+            time.sleep(0.05)
+
+    def start_one(self, name: str) -> None:
+        """Start one server again on its port and data directory."""
+        {"postgres": self.start_postgres, "redis": self.start_redis, "nats": self.start_nats}[
+            name
+        ]()
+
+    def restart(self, name: str, *, kill: bool = False) -> None:
+        """Stop and start one server; its data survives (that is what is being tested)."""
+        self.stop_one(name, kill=kill)
+        self.start_one(name)

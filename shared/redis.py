@@ -7,11 +7,29 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+
+# A command that meets a broken pooled connection (Redis restarted) reconnects and runs again,
+# a few times over about a second, before the error reaches the caller (a 503 or a nak).
+RETRY = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 4)
+RETRY_ON = [ConnectionError, TimeoutError, BusyLoadingError]
 
 
 def make_redis(url: str) -> Redis:
-    """An asyncio Redis client (hiredis parser when installed) with a connection pool."""
-    return Redis.from_url(url, max_connections=200, socket_timeout=5, socket_connect_timeout=5)
+    """An asyncio Redis client (hiredis parser when installed) with a connection pool that
+    survives a Redis restart: idle connections are checked before use, failed commands are
+    retried on a fresh connection."""
+    return Redis.from_url(
+        url,
+        max_connections=200,
+        socket_timeout=5,
+        socket_connect_timeout=5,
+        retry=RETRY,
+        retry_on_error=RETRY_ON,
+        health_check_interval=5,
+    )
 
 
 class Keys:

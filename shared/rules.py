@@ -195,8 +195,11 @@ def _parse(doc: Any, loc: str, depth: int, counter: list[int]) -> Node:
         key = "all" if "all" in doc else "any"
         _keys(doc, loc, {key}, {key})
         items = doc[key]
-        if not isinstance(items, list) or not items:
-            raise RuleError(f"{loc}.{key}", "must be a non-empty list of rules")
+        # An empty "all" holds for everyone (a campaign without an audience is frozen as
+        # {"all": []}); an empty "any" would hold for nobody, which is never meant.
+        if not isinstance(items, list) or (key == "any" and not items):
+            what = "a non-empty list of rules" if key == "any" else "a list of rules"
+            raise RuleError(f"{loc}.{key}", f"must be {what}")
         children = tuple(
             _parse(x, f"{loc}.{key}[{i}]", depth + 1, counter) for i, x in enumerate(items)
         )
@@ -290,6 +293,7 @@ def uses_event_props(node: Node) -> bool:
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+DURATION_PATTERN = r"^[0-9]+[smhd]$"  # what parse_duration reads, for schemas
 
 
 def parse_duration(text: Any) -> int:
@@ -298,7 +302,7 @@ def parse_duration(text: Any) -> int:
         not isinstance(text, str)
         or len(text) < 2
         or text[-1] not in _UNITS
-        or not text[:-1].isdigit()
+        or not (text[:-1].isascii() and text[:-1].isdigit())
     ):
         raise ValueError(f"not a duration: {text!r} (use 90s, 15m, 48h, 30d)")
     return int(text[:-1]) * _UNITS[text[-1]]

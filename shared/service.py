@@ -11,11 +11,13 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from redis.asyncio import Redis
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared import errors, metrics
 from shared.bus import Bus, Consumer
 from shared.db import Database, OutboxRelay
+from shared.deadlines import BodyDeadline
 from shared.errors import JSONResponse
 from shared.redis import Keys, make_redis
 from shared.settings import Settings, get_settings
@@ -85,8 +87,11 @@ class BodyLimit:
             await _too_large(scope, receive, send, limit)
 
 
-class _BodyTooLarge(Exception):
+class _BodyTooLarge(StarletteHTTPException):
+    # An HTTPException: FastAPI's body parsing passes it through (it turned any other
+    # exception from ``receive`` into a 400), and the problem+json handler answers 413.
     def __init__(self, limit: int) -> None:
+        super().__init__(413, f"The request body is larger than {limit} bytes.")
         self.limit = limit
 
 
@@ -166,6 +171,9 @@ def create_service_app(
     )
     errors.install(app)
     app.add_middleware(BodyLimit, default=cfg.max_body_bytes, overrides=body_overrides or {})
+    app.add_middleware(
+        BodyDeadline, idle_s=cfg.request_body_idle_s, total_s=cfg.request_body_timeout_s
+    )
     app.add_middleware(MetricsMiddleware, service=name)
     configure_tracing(name, app)
 

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     view_budget_ms: int = 250
     upstream_timeout_s: float = 5.0
     max_body_bytes: int = 1_048_576
+    # Slow clients: request headers must arrive within this (else 408 and the connection
+    # closes); a body may keep the server waiting at most idle_s per chunk, and after
+    # timeout_s of waiting it must average 16 KiB/s (shared.deadlines).
+    request_header_timeout_s: float = 10.0
+    request_body_idle_s: float = 10.0
+    request_body_timeout_s: float = 60.0
     import_max_bytes: int = 1_073_741_824
 
     # Selection's audience index: where it is saved for fast restarts (default

@@ -84,18 +84,34 @@ class Stack:
 
     def url(self, name: str) -> str:
         host = (
-            self.env.get("KAIROS_GATEWAY_HOST", "127.0.0.1") if name == "gateway" else "127.0.0.1"
+            self.env.get("KAIROS_GATEWAY_HOST", "127.0.0.1")
+            if name.partition("#")[0] == "gateway"
+            else "127.0.0.1"
         )
         return f"http://{host}:{self.ports[name]}"
 
     def start(self, name: str) -> None:
-        """Start (or restart) one process."""
+        """Start (or restart) one process. ``decision#2`` is a second replica of decision:
+        the same module on a port of its own (picked at its first start), with its own
+        instance id; it shares the durable consumers, leases and stores with the first."""
         logs = self.run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        out = open(logs / f"{name}.log", "ab")  # noqa: SIM115
+        out = open(logs / f"{name.replace('#', '-')}.log", "ab")  # noqa: SIM115
+        base, _, replica = name.partition("#")
+        env = self.env
+        if replica:
+            if name not in self.ports:
+                from shared.embedded import free_port
+
+                self.ports[name] = free_port()
+            env = {
+                **self.env,
+                f"KAIROS_{base.upper()}_PORT": str(self.ports[name]),
+                "KAIROS_INSTANCE_ID": f"{base}-{replica}",
+            }
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", PROCESSES[name]],
-            env=self.env,
+            [sys.executable, "-m", PROCESSES[base]],
+            env=env,
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -153,6 +169,8 @@ class Stack:
 
     def down(self) -> None:
         """Stop the processes (gateway first), then the embedded servers."""
+        for name in [n for n in self.procs if "#" in n]:  # replicas first
+            self.stop(name)
         for name in reversed(list(PROCESSES)):
             self.stop(name)
         if self.embedded is not None:

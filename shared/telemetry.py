@@ -81,8 +81,24 @@ def fastapi_telemetry_kwargs() -> dict[str, Any]:
     if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
         return {}
     if tracing_enabled():
-        return {"telemetry": {"exclude": list(QUIET_PATHS)}}
+        # ``exclude`` is a predicate over the ASGI scope (a list made every request fail
+        # with "'list' object is not callable"). One server span per request is what a
+        # trace needs: no operation spans (dependencies, endpoint, serialisation) on the hot
+        # path; metrics stay with Prometheus.
+        return {
+            "telemetry": {
+                "exclude": _quiet,
+                "operation_spans": False,
+                "metrics": False,
+                "logs": False,
+            }
+        }
     return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+
+
+def _quiet(scope: Any) -> bool:
+    """Health and metrics probes are never traced."""
+    return scope.get("path") in QUIET_PATHS
 
 
 def configure_tracing(service: str, app: Any | None = None) -> None:

@@ -16,6 +16,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from shared.bus import STREAMS
 from shared.stack import Stack
 
+READ: dict[str, Any] = {
+    "string": lambda p, k: p.get(k),
+    "hash": lambda p, k: p.hgetall(k),
+    "set": lambda p, k: p.smembers(k),
+    "zset": lambda p, k: p.zrange(k, 0, -1),
+    "list": lambda p, k: p.lrange(k, 0, -1),
+    "stream": lambda p, k: p.xrange(k),
+}
 SCHEMAS = ("profile", "decision", "dispatch", "feedback", "selection")
 
 
@@ -74,7 +82,7 @@ class Stores:
         try:
             while True:
                 try:
-                    msgs = await sub.fetch(1000, timeout=0.3)
+                    msgs = await sub.fetch(5000, timeout=0.3)
                 except TimeoutError:
                     break
                 for m in msgs:
@@ -88,29 +96,31 @@ class Stores:
         return found
 
     async def _redis(self, needles: list[str]) -> list[str]:
+        """Every key of the run and its whole value, read in pipelined pages."""
         raw = [n.encode() for n in needles]
         found = []
-        async for key in self.redis.scan_iter(match=f"{self.env['KAIROS_REDIS_PREFIX']}:*"):
-            kind = (await self.redis.type(key)).decode()
-            value: Any
-            if kind == "string":
-                value = await self.redis.get(key)
-            elif kind == "hash":
-                value = await self.redis.hgetall(key)
-            elif kind == "set":
-                value = await self.redis.smembers(key)
-            elif kind == "zset":
-                value = await self.redis.zrange(key, 0, -1)
-            elif kind == "list":
-                value = await self.redis.lrange(key, 0, -1)
-            elif kind == "stream":
-                value = await self.redis.xrange(key)
-            else:
-                value = b""
-            text = key + repr(value).encode()
-            if any(n in text for n in raw):
-                found.append(f"redis:{key.decode()}")
-        return found
+        cursor: Any = 0
+        match = f"{self.env['KAIROS_REDIS_PREFIX']}:*"
+        while True:
+            cursor, keys = await self.redis.scan(cursor, match=match, count=2000)
+            if keys:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key in keys:
+                        pipe.type(key)
+                    kinds = await pipe.execute()
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key, kind in zip(keys, kinds, strict=True):
+                        read = READ.get(kind.decode() if isinstance(kind, bytes) else kind)
+                        if read is None:
+                            pipe.exists(key)
+                        else:
+                            read(pipe, key)
+                    values = await pipe.execute()
+                for key, value in zip(keys, values, strict=True):
+                    if any(n in key + repr(value).encode() for n in raw):
+                        found.append(f"redis:{key.decode()}")
+            if not cursor:
+                return found
 
     async def _tables(self, needles: list[str]) -> list[str]:
         found = []

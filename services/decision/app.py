@@ -38,6 +38,7 @@ from shared.events import CloudEvent
 from shared.privacy import any_customer
 from shared.service import Runtime, create_service_app
 from shared.settings import Settings
+from shared.stream_outbox import StreamOutbox
 
 log = logging.getLogger("kairos.decision")
 
@@ -155,6 +156,10 @@ async def _setup(rt: Runtime) -> None:
     rt.background.append(
         asyncio.create_task(refresh_forever(eng.set_catalog, rt.db, selection, wake))
     )
+    # Touchpoint decisions write their contact records to a Redis stream in the step that
+    # reserves the caps; every replica (consumers or not) relays it to JetStream.
+    relay = StreamOutbox(rt.redis, rt.bus, eng.ledger.outbox_key(), name)
+    rt.background.append(asyncio.create_task(relay.run(), name="contact-outbox"))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

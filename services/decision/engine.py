@@ -1,9 +1,11 @@
 """The next best offer at a touchpoint: the pipeline's steps over the active catalog.
 
 A decision reads the customer's projection from Redis, runs every campaign of the touchpoint
-through the eligibility steps, ranks the candidates, reserves the contact in the ledger
-(atomic caps) in rank order, renders the content, and records every offered and control
-contact as ``contact.recorded``. No database write on the request path.
+through the eligibility steps, ranks the candidates and renders the best ones' content; one
+Lua step then reserves their caps in rank order (atomic) and writes the ``contact.recorded``
+of every offered and control contact to a Redis stream in the same step, which a relay
+takes to JetStream (``shared.stream_outbox``). No database write and no JetStream ack on
+the request path, and no contact counted without its record or recorded without its count.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from opentelemetry import propagate
+
 from services.decision import messages
 from services.decision.pipeline import counts, steps
 from services.decision.pipeline.catalog import Catalog
 from services.decision.pipeline.model import Campaign
 from services.decision.pipeline.steps import Candidate, Customer, Outcome
-from services.decision.policy.ledger import Ledger
+from services.decision.policy.ledger import Cap, Ledger, Ranked, Record
 from shared import rules
 from shared.bus import Bus
 from shared.contracts import catalog as api
@@ -112,48 +116,14 @@ class Engine:
             else:
                 candidates.append(got)
         await self.rank(candidates)
-        offers: list[api.DecidedOffer] = []
-        records: list[tuple[str, CloudEvent]] = []
         decision_id = str(uuid.uuid4())
         now_ms = int(now.timestamp() * 1000)
-        for cand in candidates:
-            camp = cand.campaign
-            if len(offers) >= req.limit:
-                self._considered(considered, camp, steps.outranked(cand), cand.score)
-                continue
-            tracking = secrets.token_urlsafe(16)
-            caps = steps.caps(self.ledger, req.customer_id, camp, req.touchpoint, cat.policy)
-            full = (
-                await self.ledger.room(caps, now_ms)
-                if dry_run
-                else await self.ledger.reserve(caps, tracking, now_ms)
+        if dry_run:
+            offers = await self._look(req, who, candidates, considered, now_ms)
+        else:
+            offers = await self._offer(
+                req, who, candidates, controls, considered, decision_id, now, now_ms
             )
-            if full is not None:
-                out = Outcome("suppressed", full.kind, full.label, treatment=cand.treatment.id)
-                self._considered(considered, camp, out, cand.score)
-                continue
-            content = steps.content(cand.offer, req.touchpoint, who)
-            if isinstance(content, Outcome):
-                self._considered(considered, camp, content)
-                continue
-            offers.append(
-                api.DecidedOffer(
-                    tracking_id=tracking,
-                    offer_id=cand.offer.offer_id,
-                    campaign_id=camp.campaign_id,
-                    treatment=cand.treatment.id,
-                    score=round(cand.score, 4),
-                    content=content,
-                    link=cand.offer.link,
-                )
-            )
-            out = Outcome("offered", "offered", "offered", treatment=cand.treatment.id)
-            self._considered(considered, camp, out, cand.score)
-            records.append(self._record(req, decision_id, cand, tracking, now))
-        for cand in controls:
-            records.append(self._record(req, decision_id, cand, secrets.token_urlsafe(16), now))
-        if records and not dry_run:
-            await self.bus.publish_many(records)
         counts.observe_many("decision", (out for _, out, _ in considered))
         return api.DecisionResponse(
             decision_id=decision_id,
@@ -166,6 +136,131 @@ class Engine:
                 else None
             ),
         )
+
+    async def _offer(
+        self,
+        req: api.DecisionRequest,
+        who: Customer,
+        candidates: list[Candidate],
+        controls: list[Candidate],
+        considered: list[tuple[Campaign, Outcome, float | None]],
+        decision_id: str,
+        now: datetime,
+        now_ms: int,
+    ) -> list[api.DecidedOffer]:
+        """Offer the best candidates whose caps have room: content first, then one atomic
+        Redis step reserves their caps in rank order and writes their contact records (and
+        the control group's) to the outbox stream, which a relay takes to JetStream. A
+        second step runs only when a cap was full and more candidates are waiting."""
+        trace = self._traceparent()
+        held = [
+            self._outbox(req, decision_id, cand, secrets.token_urlsafe(16), now, trace)
+            for cand in controls
+        ]
+        offers: list[api.DecidedOffer] = []
+        todo = list(candidates)
+        while todo and len(offers) < req.limit:
+            want = req.limit - len(offers)
+            batch: list[tuple[Candidate, str, dict[str, str]]] = []
+            while todo and len(batch) < want:
+                cand = todo.pop(0)
+                content = steps.content(cand.offer, req.touchpoint, who)
+                if isinstance(content, Outcome):
+                    self._considered(considered, cand.campaign, content)
+                    continue
+                batch.append((cand, secrets.token_urlsafe(16), content))
+            ranked = [
+                Ranked(
+                    tracking,
+                    steps.caps(
+                        self.ledger,
+                        req.customer_id,
+                        cand.campaign,
+                        req.touchpoint,
+                        self.catalog.policy,
+                    ),
+                    self._outbox(req, decision_id, cand, tracking, now, trace),
+                )
+                for cand, tracking, _ in batch
+            ]
+            results = await self.ledger.reserve_ranked(ranked, want, now_ms, held)
+            held = []
+            for (cand, tracking, content), full in zip(batch, results, strict=True):
+                if isinstance(full, Cap):
+                    out = Outcome("suppressed", full.kind, full.label, treatment=cand.treatment.id)
+                    self._considered(considered, cand.campaign, out, cand.score)
+                    continue
+                offers.append(self._decided(cand, tracking, content))
+                out = Outcome("offered", "offered", "offered", treatment=cand.treatment.id)
+                self._considered(considered, cand.campaign, out, cand.score)
+        for cand in todo:
+            self._considered(considered, cand.campaign, steps.outranked(cand), cand.score)
+        if held:  # no candidate at all: the control group's records still go out
+            await self.ledger.reserve_ranked([], 0, now_ms, held)
+        return offers
+
+    async def _look(
+        self,
+        req: api.DecisionRequest,
+        who: Customer,
+        candidates: list[Candidate],
+        considered: list[tuple[Campaign, Outcome, float | None]],
+        now_ms: int,
+    ) -> list[api.DecidedOffer]:
+        """A dry run: what would be offered, looking at the caps without reserving."""
+        offers: list[api.DecidedOffer] = []
+        for cand in candidates:
+            camp = cand.campaign
+            if len(offers) >= req.limit:
+                self._considered(considered, camp, steps.outranked(cand), cand.score)
+                continue
+            caps = steps.caps(
+                self.ledger, req.customer_id, camp, req.touchpoint, self.catalog.policy
+            )
+            full = await self.ledger.room(caps, now_ms)
+            if full is not None:
+                out = Outcome("suppressed", full.kind, full.label, treatment=cand.treatment.id)
+                self._considered(considered, camp, out, cand.score)
+                continue
+            content = steps.content(cand.offer, req.touchpoint, who)
+            if isinstance(content, Outcome):
+                self._considered(considered, camp, content)
+                continue
+            offers.append(self._decided(cand, secrets.token_urlsafe(16), content))
+            out = Outcome("offered", "offered", "offered", treatment=cand.treatment.id)
+            self._considered(considered, camp, out, cand.score)
+        return offers
+
+    @staticmethod
+    def _decided(cand: Candidate, tracking: str, content: dict[str, str]) -> api.DecidedOffer:
+        return api.DecidedOffer(
+            tracking_id=tracking,
+            offer_id=cand.offer.offer_id,
+            campaign_id=cand.campaign.campaign_id,
+            treatment=cand.treatment.id,
+            score=round(cand.score, 4),
+            content=content,
+            link=cand.offer.link,
+        )
+
+    @staticmethod
+    def _traceparent() -> str:
+        """The current trace context, carried by the records to the bus (empty when off)."""
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return carrier.get("traceparent", "")
+
+    def _outbox(
+        self,
+        req: api.DecisionRequest,
+        decision_id: str,
+        cand: Candidate,
+        tracking: str,
+        now: datetime,
+        trace: str,
+    ) -> Record:
+        subject, ev = self._record(req, decision_id, cand, tracking, now)
+        return Record(subject, ev.id, ev.to_bytes(), trace)
 
     @staticmethod
     def _considered(

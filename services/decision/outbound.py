@@ -56,6 +56,7 @@ class Item:
     tracking: str
     origin: Mapping[str, Any] = field(default_factory=dict)  # event_id / run_id / timer_id
     cand: Candidate | None = None  # set by ``eligible``
+    reserved: str | None = None  # the channel the ledger already holds this contact on
 
     @property
     def customer_id(self) -> str:
@@ -97,12 +98,33 @@ class Planner:
             for cid, doc, ev, s in zip(ids, docs, evs, seen, strict=True)
         ]
 
+    async def recall(self, items: Sequence[Item]) -> None:
+        """For items that may have been planned before (a redelivery, a resumed page), the
+        channel the ledger already holds their contact on: one round trip."""
+        ledger = self.engine.ledger
+        asks = [
+            (it, ch, ledger.channel_key(it.customer_id, ch))
+            for it in items
+            for ch in it.campaign.channels
+        ]
+        held = await ledger.holding([(key, it.tracking) for it, _, key in asks])
+        for (it, ch, _), yes in zip(asks, held, strict=True):
+            if yes and it.reserved is None:
+                it.reserved = ch
+
     def eligible(
         self, it: Item, now: datetime, *, audience_checked: bool = False
     ) -> Outcome | None:
         """Every eligibility step: None when the item may be contacted (its candidate is kept),
-        else its outcome; a control customer's carries its ``contact.recorded``."""
+        else its outcome; a control customer's carries its ``contact.recorded``. A contact the
+        ledger already holds (``recall``) is not asked again."""
         cat = self.engine.catalog
+        if it.reserved is not None:
+            again = steps.redo(it.campaign, it.who, it.reserved, offers=cat.offers, now=now)
+            if isinstance(again, Outcome):
+                return again
+            it.cand = again
+            return None
         got = steps.eligible(
             it.campaign,
             it.who,

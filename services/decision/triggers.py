@@ -51,6 +51,12 @@ class Fired:
 
     customer_id: str
     event: Mapping[str, Any]  # id, type, time, properties
+    again: bool = False  # delivered before: its contacts may be in the ledger already
+
+
+def _again(msg: Msg) -> bool:
+    md = msg.metadata
+    return md is not None and (md.num_delivered or 1) > 1
 
 
 def _age_s(msg: Msg) -> float:
@@ -103,7 +109,7 @@ class Triggers:
                 cid = occurred.who()  # the profile rejected it or forgot: go on
                 if cid is None:
                     continue
-            fired.append(Fired(cid, occurred.as_fired(ev)))
+            fired.append(Fired(cid, occurred.as_fired(ev), _again(msg)))
         await self.process(fired)
         return later
 
@@ -124,8 +130,9 @@ class Triggers:
                     "time": r.time,
                     "properties": r.model_dump(mode="json", exclude_none=True),
                 },
+                _again(msg),
             )
-            for ev, r in responses
+            for (msg, _), (ev, r) in zip(batch, responses, strict=True)
         ]
         await self.process(fired)
 
@@ -166,17 +173,21 @@ class Triggers:
             for f in fired
             if f.event["type"] in cat.by_unless
         ]
-        timers: list[NewTimer] = []
-        exclusive: dict[int, list[Item]] = {}  # per event: its exclusive candidates
-        solo: list[Item] = []
-        held: list[tuple[Item, Outcome]] = []  # control customers, recorded as contacts
-        for (f, camp), who in zip(pairs, whos, strict=True):
-            it = Item(
+        items = [
+            Item(
                 who,
                 camp,
                 tracking_id(str(f.event["id"]), camp.campaign_id),
                 origin={"event_id": f.event["id"], "event_type": f.event["type"]},
             )
+            for (f, camp), who in zip(pairs, whos, strict=True)
+        ]
+        await self.planner.recall([it for it, (f, _) in zip(items, pairs, strict=True) if f.again])
+        timers: list[NewTimer] = []
+        exclusive: dict[int, list[Item]] = {}  # per event: its exclusive candidates
+        solo: list[Item] = []
+        held: list[tuple[Item, Outcome]] = []  # control customers, recorded as contacts
+        for (f, camp), it in zip(pairs, items, strict=True):
             out = self.planner.eligible(it, now)
             if camp.timed:
                 # eligible now (control included): it fires later, through the same steps

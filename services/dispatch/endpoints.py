@@ -15,6 +15,7 @@ from services.dispatch import store
 from services.dispatch.channels import sms
 from services.dispatch.sender import SOURCE
 from shared.contracts import dispatch as api
+from shared.contracts import params
 from shared.contracts.bus import ProviderReceipt, ResponseReceived
 from shared.contracts.customers import CUSTOMER_ID_PATTERN
 from shared.db import UnitOfWork, get_uow
@@ -150,8 +151,8 @@ async def inbound_sms(body: api.InboundSms, uow: UowDep) -> api.InboundMatch:
 @router.get("/v1/outbox", response_model=api.OutboxPage)
 async def outbox(
     uow: UowDep,
-    channel: Annotated[str | None, Query(pattern=r"^(push|email|sms)$")] = None,
-    after: Annotated[int, Query(ge=0)] = 0,
+    channel: Annotated[str | None, Query(pattern=params.OUTBOX_CHANNEL_PATTERN)] = None,
+    after: Annotated[int, Query(ge=0, le=params.SEQUENCE_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> api.OutboxPage:
     """What the local outbox received, oldest first from ``after`` (``kairos outbox``)."""

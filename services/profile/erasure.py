@@ -48,6 +48,7 @@ Batch = Sequence[tuple[Msg, CloudEvent]]
 
 NAME = "profile-erasure"
 PATIENCE = 30  # deliveries of one erasure waiting for the other consumers (~90 s)
+GRACE_S = 0.5  # how long a consumer may still be handling a message it took in
 STREAMS = tuple(dict.fromkeys(s for s, _ in CUSTOMER_SUBJECTS))
 ERASURE_SECONDS = Histogram(
     "kairos_erasure_seconds",
@@ -176,13 +177,19 @@ class Erasure:
 
     async def _purge(self, tokens: Sequence[str], *, profile_below: int | None) -> dict[str, int]:
         """Purge every stream by these tokens (``PROFILE`` only below ``profile_below`` when
-        given: the erasure itself stays); returns each stream's last sequence beforehand,
-        what the other consumers must have acked before the second purge."""
+        given: the erasure itself stays); returns, per stream, the sequence of the customer's
+        last message there (and of the erasure), which every consumer that may read the
+        customer's messages must have acked before the second purge."""
         marks: dict[str, int] = {}
-        for name in STREAMS:
-            with contextlib.suppress(NotFoundError):
-                info = await self.bus.js.stream_info(self.bus.stream(name))
-                marks[name] = int(info.state.last_seq)
+        if profile_below:
+            marks["PROFILE"] = profile_below  # the erasure itself
+        for t in tokens:  # where the customer's last message of each stream is
+            for stream, subject in purge_subjects(t):
+                with contextlib.suppress(NotFoundError):
+                    last = await self.bus.js.get_last_msg(
+                        self.bus.stream(stream), self.bus.subject(subject)
+                    )
+                    marks[stream] = max(marks.get(stream, 0), int(last.seq or 0))
         for t in tokens:
             for stream, subject in purge_subjects(t):
                 seq = profile_below if stream == "PROFILE" else None
@@ -193,23 +200,32 @@ class Erasure:
         return marks
 
     async def _settled(self, marks: dict[str, int]) -> bool:
-        """True once every other consumer of these streams has acked past its mark, or has
-        nothing left to do, or nobody reads it (two looks in a row); False after ``wait_s``."""
+        """True once every other consumer that may read the customer's messages has acked past
+        its stream's mark, or has nothing left to do, or nobody reads it (two looks in a row);
+        False after ``wait_s``."""
         deadline = time.monotonic() + self.wait_s
         own = self.bus.durable(NAME)
         idle_once: set[tuple[str, str]] = set()
         while True:
             behind = []
+            grace = False
             for name, mark in marks.items():
                 try:
                     infos = await self.bus.js.consumers_info(self.bus.stream(name))
                 except NotFoundError:
                     continue
                 for c in infos:
-                    if c.name == own:
+                    if c.name == own or not self._reads_customers(name, c.config):
                         continue
                     floor = c.ack_floor.stream_seq if c.ack_floor else 0
                     if floor >= mark or (not c.num_pending and not c.num_ack_pending):
+                        continue
+                    if (c.delivered.stream_seq if c.delivered else 0) >= mark:
+                        # It has taken in everything up to the mark; what it holds unacked is
+                        # in its hands now (GRACE_S covers that) or waits for a redelivery
+                        # that the second purge cancels. A consumer that keeps naking one
+                        # message (feedback waiting for a contact) must not hold us back.
+                        grace = True
                         continue
                     key = (name, c.name)
                     if not c.num_waiting and not c.num_ack_pending:  # nobody is reading it
@@ -220,11 +236,20 @@ class Erasure:
                         idle_once.discard(key)
                     behind.append(c.name)
             if not behind:
+                if grace:
+                    await asyncio.sleep(GRACE_S)
                 return True
             if time.monotonic() >= deadline:
                 log.warning("erasure: consumers still behind: %s", behind[:10])
                 return False
             await asyncio.sleep(0.05)
+
+    def _reads_customers(self, stream: str, config: Any) -> bool:
+        """Whether a consumer's filter can match a customer's subjects on this stream (a
+        consumer of provider receipts never sees one: it is not waited for)."""
+        filters = config.filter_subjects or [config.filter_subject or ">"]
+        mine = [self.bus.subject(p.format(t="*")) for s, p in CUSTOMER_SUBJECTS if s == stream]
+        return any(_overlap(f, m) for f in filters for m in mine)
 
     async def _dead_letters(self, ids: Sequence[str], tokens: Sequence[str]) -> int:
         """Delete every dead letter that names the customer (the DLQ is small: scanned)."""
@@ -282,6 +307,21 @@ class Traces:
         self.event_ids |= other.event_ids
         self.offered |= other.offered
         return self
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether two NATS subject filters can match a common subject."""
+    x, y = a.split("."), b.split(".")
+    for i in range(max(len(x), len(y))):
+        p = x[i] if i < len(x) else None
+        q = y[i] if i < len(y) else None
+        if p == ">" or q == ">":
+            return p is not None and q is not None
+        if p is None or q is None:
+            return False
+        if p != q and "*" not in (p, q):
+            return False
+    return True
 
 
 def _glob_escape(text: str) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, Self
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.events import CloudEvent, iso, utcnow
@@ -340,6 +341,41 @@ class EventOccurred(BusMessage):
         ev.type = f"kairos.event.{self.type}"
         return event_subject(self.type, self.customer_id, self.anonymous_id), ev
 
+    @staticmethod
+    def wire(
+        *,
+        event_id: str,
+        type: str,
+        customer_id: str | None,
+        anonymous_id: str | None,
+        time: str,
+        properties: dict[str, Any],
+        received_at: str,
+        principal: str,
+    ) -> tuple[str, bytes]:
+        """(subject, serialised envelope) of an accepted event, the gateway's hot path: the
+        same envelope :meth:`to_event` builds, without a model per event (this is the one
+        place it is spelled out; :meth:`parse` reads it back)."""
+        envelope = {
+            "id": event_id,
+            "source": "kairos/gateway",
+            "type": f"kairos.event.{type}",
+            "specversion": "1.0",
+            "time": received_at,
+            "subject": customer_id or anonymous_id,
+            "datacontenttype": "application/json",
+            "data": {
+                "type": type,
+                "customer_id": customer_id,
+                "anonymous_id": anonymous_id,
+                "time": time,
+                "properties": properties,
+                "received_at": received_at,
+                "principal": principal,
+            },
+        }
+        return event_subject(type, customer_id, anonymous_id), orjson.dumps(envelope)
+
     def who(self) -> str | None:
         """The customer before identity resolution: the id, else ``anon:<anonymous id>``."""
         if self.customer_id:
@@ -420,3 +456,28 @@ class TimerFailed(BusMessage):
     payload: dict[str, Any] = Field(default_factory=dict)
     attempts: int = 0
     error: str = ""
+
+
+class ProfileChanged(BusMessage):
+    """A profile's stored state changed (``profile.changed``): consumers re-read the projection
+    once it holds ``version`` (selection's audience index). ``changed`` names the parts that
+    moved; ``event_types`` the counters an event batch touched; ``source`` is ``import`` for
+    lines of a bulk import."""
+
+    TYPE: ClassVar[str] = "profile.changed"
+    customer_id: str
+    version: int
+    changed: list[str] = Field(default_factory=list)
+    event_types: list[str] | None = None
+    source: str | None = None
+
+    def outbox_item(self, *, source: str) -> tuple[str, dict[str, Any]]:
+        """(subject with the customer token, CloudEvents envelope as a plain dict), for
+        ``UnitOfWork.emit_envelope``: hot paths (an import writes one per customer) skip
+        building a ``CloudEvent`` model."""
+        return customer_subject(self.TYPE, self.customer_id), CloudEvent.envelope(
+            source=source,
+            type=self.TYPE,
+            subject=self.customer_id,
+            data=self.model_dump(mode="json", exclude_none=True),
+        )

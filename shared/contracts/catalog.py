@@ -9,12 +9,19 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from shared.rules import parse_duration
+from shared.contracts.params import (
+    NAME_HELP,
+    NAME_PATTERN,
+    POLICY_SCOPE_PATTERN,
+    RunId,
+    SnapshotId,
+)
+from shared.rules import DURATION_PATTERN, parse_duration
 
 ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,128}$"
 CatalogId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 Channel = Literal["push", "email", "sms", "inapp"]
-Touchpoint = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,39}$")]
+Touchpoint = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Rule = dict[str, Any]
 CampaignType = Literal["realtime", "triggered", "batch"]
 CampaignState = Literal["draft", "submitted", "approved", "active", "paused", "completed"]
@@ -25,7 +32,11 @@ def _duration(v: str) -> str:
     return v
 
 
-Duration = Annotated[str, StringConstraints(max_length=16)]
+Duration = Annotated[
+    str,
+    StringConstraints(max_length=16),
+    Field(json_schema_extra={"pattern": DURATION_PATTERN}, examples=["90s", "15m", "48h", "30d"]),
+]
 
 
 class Content(BaseModel):
@@ -49,10 +60,15 @@ class OfferContent(BaseModel):
     inapp: Content | None = None
 
 
-class Reward(BaseModel):
+class OfferReward(BaseModel):
+    """What an offer grants when it is accepted or converts."""
+
     model_config = ConfigDict(extra="forbid")
     type: str = Field(min_length=1, max_length=100)
     amount: float = Field(gt=0)
+
+
+Reward = OfferReward  # the name this contract had first
 
 
 class OfferPut(BaseModel):
@@ -65,7 +81,7 @@ class OfferPut(BaseModel):
     valid_from: datetime | None = None
     valid_to: datetime | None = None
     content: OfferContent
-    reward: Reward | None = None
+    reward: OfferReward | None = None
 
     @field_validator("valid_to")
     @classmethod
@@ -209,8 +225,8 @@ class TransitionList(BaseModel):
 
 class PolicyRule(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    channel: Annotated[str, StringConstraints(pattern=r"^(\*|[a-z][a-z0-9_]{0,39})$")] = Field(
-        description="'*' for every contact, a channel, or a touchpoint name"
+    channel: Annotated[str, StringConstraints(pattern=POLICY_SCOPE_PATTERN)] = Field(
+        description=f"'*' for every contact, a channel, or a touchpoint name ({NAME_HELP})"
     )
     max: int = Field(ge=0, le=10_000)
     per: Duration
@@ -293,18 +309,18 @@ class RunCounts(BaseModel):
 
 
 class RunStarted(BaseModel):
-    run_id: str
+    run_id: RunId
 
 
 class RunInfo(RunCounts):
     """``GET /v1/campaigns/{campaign_id}/runs/{run_id}``."""
 
-    run_id: str
+    run_id: RunId
     campaign_id: str
     status: RunStatus
     trigger: Literal["manual", "cron"]
     tick: datetime | None = None
-    snapshot_id: str | None = None
+    snapshot_id: SnapshotId | None = None
     error: str | None = None
     started_at: datetime
     finished_at: datetime | None = None

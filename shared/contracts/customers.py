@@ -44,8 +44,17 @@ class Consents(BaseModel):
 class Identities(BaseModel):
     """Known identities; extra keys are external ids (``crm_id`` …) and must be strings."""
 
-    model_config = ConfigDict(extra="allow")
-    email: str | None = Field(default=None, max_length=320)
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "additionalProperties": {
+                "anyOf": [{"type": "string", "minLength": 1, "maxLength": 200}, {"type": "null"}]
+            }
+        },
+    )
+    email: str | None = Field(
+        default=None, max_length=320, json_schema_extra={"pattern": "@"}, examples=["a@example.com"]
+    )
     msisdn: str | None = Field(default=None, pattern=r"^\+?[0-9]{5,20}$")
     device_id: str | None = Field(default=None, max_length=200)
     anonymous_id: str | None = Field(default=None, max_length=200)
@@ -194,3 +203,17 @@ class MergeRecord(BaseModel):
 
 class MergeList(BaseModel):
     merges: list[MergeRecord]
+
+
+class LookupResult(BaseModel):
+    """``GET /v1/customers:lookup``: the surviving profile that owns the identity."""
+
+    customer_id: str
+
+
+class ErasureAccepted(BaseModel):
+    """``DELETE /v1/customers/{customer_id}``: the ids whose personal data is being erased
+    (the customer and every profile merged into it)."""
+
+    customer_id: str
+    erased: list[str]

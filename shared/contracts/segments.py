@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from shared.contracts.params import SnapshotId
+
 SEGMENT_ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,128}$"
 SegmentId = Annotated[str, StringConstraints(pattern=SEGMENT_ID_PATTERN)]
 Rule = dict[str, Any]
@@ -79,14 +81,14 @@ class RuleSnapshotRequest(BaseModel):
 
 
 class SnapshotCreated(BaseModel):
-    snapshot_id: str
+    snapshot_id: SnapshotId
     segment_id: str
     count: int
     created_at: datetime
 
 
 class SnapshotPage(BaseModel):
-    snapshot_id: str
+    snapshot_id: SnapshotId
     segment_id: str
     count: int
     members: list[str]

@@ -378,3 +378,18 @@ def test_rules_compile_against_segments_given_at_load() -> None:
     c = compile_campaign("x", body, {"vips": rules.parse({"tag": "vip"})}, lambda sid: seg)
     assert isinstance(_eligible(c, _who(_doc()), outbound=False), Candidate)
     assert _reason(_eligible(c, _who(_doc(tags=[])), outbound=False)) == ("ineligible", "audience")
+
+
+def test_a_contact_the_ledger_holds_is_not_asked_again() -> None:
+    """A redo (redelivered event, resumed page) rebuilds treatment and offer only."""
+    c = _campaign(control_group=0.5, audience={"tag": "nobody"})
+    withdrawn = _who(_doc(consents={}))
+    assert _reason(_eligible(c, withdrawn)) == ("ineligible", "audience")
+    again = steps.redo(c, withdrawn, "sms", offers=OFFERS, now=NOW)
+    assert isinstance(again, Candidate)
+    assert (again.channels, again.control, again.treatment.id) == (("sms",), None, "std")
+    gone = _campaign(treatments=[{"id": "t", "offer": "nope"}])
+    assert _reason(steps.redo(gone, withdrawn, "sms", offers=OFFERS, now=NOW)) == (
+        "ineligible",
+        "offer",
+    )

@@ -219,7 +219,7 @@ async def test_a_run_resumes_after_the_decision_process_dies_and_sends_nobody_tw
     assert run["status"] == "completed" and run["processed"] == 1500
     want = _expected(people, cid, 0.0)
     assert run["dispatched"] == want["dispatched"]
-    await listen.wait(cid, want["dispatched"], timeout=10)
+    await listen.wait(cid, want["dispatched"], timeout=30)  # a bounded poll
     sent = listen.sent(cid)
     assert len({d["customer_id"] for d in sent}) == want["dispatched"]
     # a page redone after the crash asks for the same contacts again (same ids): dispatch

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.bus import Bus
-from shared.contracts.bus import DispatchRequested, ResponseRecorded
+from shared.contracts.bus import DispatchRequested, ResponseRecorded, TimerFailed
 from shared.events import CloudEvent
 from shared.stack import Stack
 from tests.conftest import auth
@@ -523,7 +523,7 @@ async def test_a_poisoned_timer_is_dead_lettered_and_its_neighbours_still_fire(
     subject, good = request.to_event(source="test", id_=request.event_id_())
     prefix = stack.env["KAIROS_BUS_PREFIX"]
     nc = await nats.connect(stack.env["KAIROS_NATS_URL"])
-    dead = await nc.jetstream().subscribe(f"{prefix}.dlq.decision-timers", ordered_consumer=True)
+    dead = await nc.jetstream().subscribe(f"{prefix}.{TimerFailed.TYPE}", ordered_consumer=True)
     engine = create_async_engine(stack.env["KAIROS_DATABASE_URL"])
     try:
         async with engine.begin() as conn:

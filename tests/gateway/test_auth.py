@@ -41,6 +41,7 @@ async def test_401_without_or_with_unknown_key(
             assert r.status_code == 401, (path, r.text)
             assert r.headers["content-type"].startswith("application/problem+json")
             assert r.json()["status"] == 401
+            assert r.headers["www-authenticate"].startswith("Bearer")
 
 
 @pytest.mark.parametrize(("method", "path", "body", "_"), ROUTES)

@@ -112,7 +112,8 @@ def test_segment_and_contacted() -> None:
         ({"event": "topup", "count": {"most": 3}}, "rule.count.most"),
         ({"event": "topup", "count": {"gte": 3}, "within": "2w"}, "rule.within"),
         ({"frobnicate": 1}, "rule.frobnicate"),
-        ({"all": []}, "rule.all"),
+        ({"any": []}, "rule.any"),
+        ({"all": {"tag": "a"}}, "rule.all"),
         ({"not": {"tag": "a"}, "extra": 1}, "rule.extra"),
         ([], "rule"),
     ],
@@ -121,6 +122,13 @@ def test_errors_name_the_place(rule: object, loc: str) -> None:
     with pytest.raises(rules.RuleError) as err:
         rules.parse(rule)
     assert err.value.loc == loc
+
+
+def test_empty_all_is_everyone() -> None:
+    # A campaign without an audience is frozen as {"all": []}: every customer.
+    rule = rules.parse({"all": []})
+    assert rules.evaluate(rule, {"customer_id": "c-1", "tags": [], "attributes": {}})
+    assert rules.evaluate(rules.parse({"not": {"all": []}}), {"customer_id": "c-1"}) is False
 
 
 def test_depth_is_bounded() -> None:

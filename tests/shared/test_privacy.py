@@ -15,6 +15,7 @@ from shared.contracts.bus import (
     ProviderReceipt,
     ResponseReceived,
     ResponseRecorded,
+    TimerFailed,
 )
 from shared.contracts.events import EventIn
 from shared.privacy import (
@@ -103,6 +104,11 @@ def test_contract_subjects_end_with_the_token_and_keep_their_type() -> None:
     # A receipt names no customer: its subject has no token.
     receipt = ProviderReceipt(tracking_id="t", channel="sms", status="delivered")
     assert receipt.to_event(source="test")[0] == "dispatch.receipt.sms"
+    # Dead letters keep the DLQ's naming; erasure finds them by content.
+    failed = TimerFailed(
+        timer_id="t", kind="send", due="x", customer_id=cid, campaign_id="k", attempts=5
+    )
+    assert failed.to_event(source="test")[0] == "dlq.decision-timers"
 
 
 def test_consumer_filters_see_every_customer_and_the_lanes_stay_apart() -> None:
@@ -168,3 +174,16 @@ def test_subjects_stored_without_a_token_get_it() -> None:
     assert with_token("contact.recorded", "c-1") == f"contact.recorded.{t}"
     assert with_token(f"contact.recorded.{t}", "c-1") == f"contact.recorded.{t}"
     assert with_token("response.received._", None) == "response.received._"
+
+
+def test_erasure_waits_only_for_consumers_that_may_read_a_customer() -> None:
+    from services.profile.erasure import _overlap
+
+    assert not _overlap("dispatch.receipt.>", "dispatch.requested.*.*")
+    assert _overlap("delivery.>", "delivery.*.*")
+    assert _overlap("events.>", "events.*.>")
+    assert _overlap("dispatch.requested.*.*", "dispatch.requested.*.*")
+    assert not _overlap("dispatch.requested.*.*", "dispatch.requested.*.batch.*")
+    assert _overlap("dispatch.requested.*.batch.*", "dispatch.requested.*.batch.*")
+    assert _overlap("profile.erased.*", "profile.*.*")
+    assert not _overlap("segment.>", "profile.*.*")

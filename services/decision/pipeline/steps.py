@@ -222,6 +222,29 @@ def eligible(
     return cand
 
 
+def redo(
+    c: Campaign,
+    who: Customer,
+    channel: str,
+    *,
+    offers: Mapping[str, Offer],
+    now: datetime,
+) -> Candidate | Outcome:
+    """A contact the ledger already holds on ``channel`` (a redelivered event, a resumed run's
+    page, a timer tried again) was decided the first time: eligibility is not asked again
+    (the profile may have changed since, but the contact went out), only the treatment and
+    offer are read again to rebuild its messages, with the same ids."""
+    picked = treatment(c, who)
+    if isinstance(picked, Outcome):
+        return picked
+    t, fit = picked
+    o = offer(t, offers, now)
+    if isinstance(o, Outcome):
+        o.treatment = t.id
+        return o
+    return Candidate(c, t, o, fit, channels=(channel,))
+
+
 def held_out(cand: Candidate) -> Outcome:
     """The outcome of a candidate held out as control."""
     return Outcome("control", "control", cand.control_label, treatment=cand.treatment.id)

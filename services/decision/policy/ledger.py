@@ -131,6 +131,7 @@ class Ledger:
         self.redis = redis
         self.keys = keys
         self._reserve = redis.register_script(_RESERVE)
+        self._ranked = redis.register_script(_RESERVE_RANKED)
 
     def channel_key(self, customer_id: str, channel: str) -> str:
         return self.keys("ledger", customer_id, channel)
@@ -185,6 +186,16 @@ class Ledger:
         (res,) = await self.reserve_many([Reservation("", [caps])], now_ms, dry=True)
         return None if res.option is not None else res.blocked[0]
 
+    async def holding(self, asks: Sequence[tuple[str, str]]) -> list[bool]:
+        """Whether each (key, member) is recorded: a contact reserved before."""
+        if not asks:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, member in asks:
+                pipe.zscore(key, member)
+            raw = await pipe.execute()
+        return [v is not None for v in raw]
+
     async def frees_at(self, cap: Cap, now_ms: int) -> int:
         """When a full cap gets room again (ms): its oldest contact in the window leaves it."""
         first = await self.redis.zrangebyscore(
@@ -193,3 +204,121 @@ class Ledger:
         if not first:
             return now_ms
         return int(first[0][1]) + cap.window_s * 1000 + 1
+
+    def outbox_key(self) -> str:
+        """The stream of contact records waiting for the relay to JetStream."""
+        return self.keys("outbox", "contact")
+
+    async def reserve_ranked(
+        self, ranked: Sequence[Ranked], limit: int, now_ms: int, controls: Sequence[Record] = ()
+    ) -> list[Cap | None | bool]:
+        """Reserve candidates in order until ``limit`` are; per candidate: None reserved (its
+        record is in the outbox), the full Cap, or False when the limit was reached first.
+        Control records are written whatever happens to the candidates."""
+        if not ranked and not controls:
+            return []
+        keys = [self.outbox_key()]
+        args: list[int | str | bytes] = [now_ms, 0, limit, len(ranked), len(controls)]
+        longest = HISTORY_S
+        for r in ranked:
+            args += [r.member, len(r.caps)]
+            for c in r.caps:
+                keys.append(c.key)
+                args += [c.window_s * 1000, c.max]
+                longest = max(longest, c.window_s)
+            args += [r.record.subject, r.record.event_id, r.record.data, r.record.traceparent]
+        for rec in controls:
+            args += [rec.subject, rec.event_id, rec.data, rec.traceparent]
+        args[1] = (longest + 60) * 1000
+        raw = await self._ranked(keys=keys, args=args)
+        out: list[Cap | None | bool] = []
+        for r, res in zip(ranked, raw, strict=True):
+            v = int(res)
+            out.append(None if v == 0 else False if v < 0 else r.caps[v - 1])
+        return out
+
+
+_RESERVE_RANKED = """
+-- A touchpoint decision's contacts in one atomic step: reserve the ranked candidates in
+-- order until LIMIT are reserved, appending the contact record of each reserved one, and
+-- of every control-group hold-out, to the outbox stream (relayed to JetStream later).
+-- KEYS[1]: the outbox stream; KEYS[2..]: every candidate's caps, in candidate order.
+-- ARGV: now_ms, ttl_ms, limit, n_candidates, n_controls;
+--   per candidate: member, n_caps, window_ms and max per cap, then its record;
+--   per control: its record. A record is subject, event id, bytes, traceparent.
+-- Returns per candidate: 0 reserved, j > 0 its cap j was full, -1 not tried (limit reached).
+local now = tonumber(ARGV[1])
+local ttl_ms = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
+local nctl = tonumber(ARGV[5])
+local stream = KEYS[1]
+local a, k, got = 6, 2, 0
+local out = {}
+local trimmed = {}
+local function record(i)
+  redis.call('XADD', stream, '*', 's', ARGV[i], 'i', ARGV[i + 1], 'd', ARGV[i + 2],
+    't', ARGV[i + 3])
+end
+for r = 1, n do
+  local member = ARGV[a]
+  local ncap = tonumber(ARGV[a + 1])
+  a = a + 2
+  local caps = {}
+  for j = 1, ncap do
+    caps[j] = {KEYS[k], tonumber(ARGV[a]), tonumber(ARGV[a + 1])}
+    k = k + 1
+    a = a + 2
+  end
+  if got >= limit then
+    out[r] = -1
+  else
+    local full = 0
+    for j, cap in ipairs(caps) do
+      if not trimmed[cap[1]] then
+        redis.call('ZREMRANGEBYSCORE', cap[1], '-inf', now - ttl_ms)
+        trimmed[cap[1]] = true
+      end
+      if redis.call('ZCOUNT', cap[1], '(' .. (now - cap[2]), '+inf') >= cap[3] then
+        full = j
+        break
+      end
+    end
+    out[r] = full
+    if full == 0 then
+      for _, cap in ipairs(caps) do
+        redis.call('ZADD', cap[1], now, member)
+        redis.call('PEXPIRE', cap[1], ttl_ms)
+      end
+      record(a)
+      got = got + 1
+    end
+  end
+  a = a + 4
+end
+for c = 1, nctl do
+  record(a)
+  a = a + 4
+end
+return out
+"""
+
+
+@dataclass(frozen=True)
+class Record:
+    """A bus message written to the outbox stream: logical subject, event id, bytes, and the
+    writer's trace context (``traceparent``, empty without tracing)."""
+
+    subject: str
+    event_id: str
+    data: bytes
+    traceparent: str = ""
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One ranked candidate: its tracking id, every cap it must respect, its contact record."""
+
+    member: str
+    caps: Sequence[Cap]
+    record: Record

@@ -8,11 +8,12 @@ from fastapi import APIRouter, Depends, Header, Path, Query
 
 from services.decision.runs.service import Runs
 from shared.contracts import catalog as api
+from shared.contracts.params import RUN_ID_PATTERN
 from shared.service import Runtime, runtime
 
 router = APIRouter(tags=["runs"])
 IdPath = Annotated[str, Path(pattern=api.ID_PATTERN)]
-RunPath = Annotated[str, Path(pattern=r"^run-[0-9a-f]{16}$")]
+RunPath = Annotated[str, Path(pattern=RUN_ID_PATTERN)]
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
 PrincipalHeader = Annotated[str | None, Header(alias="x-kairos-principal")]
 

@@ -206,6 +206,9 @@ class Runs:
                 )
         position = int(row["position"])
         counts = dict(row["counts"])
+        # A walker that died may have planned (reserved, published) up to two pages past its
+        # checkpoint: those are planned again ledger first, so they count what went out.
+        redo = 2 if row["snapshot_id"] is not None else 0
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
             # A one-page pipeline: while JetStream stores page N's events (and selection
             # serves page N+1), page N+1 is planned; page N is checkpointed once acked.
@@ -226,8 +229,9 @@ class Runs:
                     )
                 futures: list[Any] = []
                 if members:
-                    futures = await self._chunk(run_id, camp, members, counts)
+                    futures = await self._chunk(run_id, camp, members, counts, redo=redo > 0)
                     position += len(members)
+                    redo -= 1
                 if inflight is not None:
                     at, snap, acks = inflight
                     await self.bus.acked(acks)
@@ -268,11 +272,22 @@ class Runs:
             return list((await resp.json())["members"])
 
     async def _chunk(
-        self, run_id: str, camp: Campaign, members: Sequence[str], counts: dict[str, Any]
+        self,
+        run_id: str,
+        camp: Campaign,
+        members: Sequence[str],
+        counts: dict[str, Any],
+        *,
+        redo: bool = False,
     ) -> list[Any]:
         """Plan one page and start publishing it; returns the ack futures."""
         outs = await self.plan(
-            camp, members, {"run_id": run_id}, lambda c: tracking_id(run_id, c), dry=False
+            camp,
+            members,
+            {"run_id": run_id},
+            lambda c: tracking_id(run_id, c),
+            dry=False,
+            redo=redo,
         )
         records: list[tuple[str, CloudEvent]] = []
         timers = []
@@ -297,15 +312,18 @@ class Runs:
         dry: bool,
         events: Sequence[Mapping[str, Any]] | None = None,
         audience_checked: bool = True,
+        redo: bool = False,
     ) -> list[tuple[Item, Outcome]]:
         """One page of customers for one campaign through the pipeline (the ledger is only
-        read when ``dry``)."""
+        read when ``dry``; ``redo``: the page may have been planned before)."""
         now = datetime.now(UTC)
         whos = await self.planner.customers(members, [camp], now, events=events)
+        items = [Item(who, camp, tracking(who.customer_id), origin=origin) for who in whos]
+        if redo and not dry:
+            await self.planner.recall(items)
         done: list[tuple[Item, Outcome]] = []
         todo: list[Item] = []
-        for who in whos:
-            it = Item(who, camp, tracking(who.customer_id), origin=origin)
+        for it in items:
             out = self.planner.eligible(it, now, audience_checked=audience_checked)
             if out is None:
                 todo.append(it)

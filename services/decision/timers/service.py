@@ -258,6 +258,8 @@ class Timers:
                 t.timer_id if t.kind == "fire" else t.payload["tracking"],
                 origin=t.payload.get("origin") or {},
             )
+            if t.attempts > 1:  # claimed before: its contact may be in the ledger already
+                await self.planner.recall([it])
             out = self.planner.eligible(it, now)
             if out is not None:
                 counts.observe("timer", out)

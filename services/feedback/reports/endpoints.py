@@ -14,6 +14,7 @@ from starlette.responses import Response
 from services.feedback import stats
 from services.feedback.reports.repository import FIELDS, ReportRepository
 from shared.contracts.catalog import ID_PATTERN
+from shared.contracts.params import MONTH_PATTERN
 from shared.contracts.reports import (
     CampaignReport,
     Counts,
@@ -116,7 +117,7 @@ def _quantile(hist: list[tuple[int, int]], q: float) -> float:
 async def programme(
     rt: RuntimeDep,
     month: Annotated[
-        str | None, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$", description="YYYY-MM, default now")
+        str | None, Query(pattern=MONTH_PATTERN, description="YYYY-MM, default now")
     ] = None,
 ) -> ProgrammeReport:
     """The global control group against every treated contact, and contacts per customer."""

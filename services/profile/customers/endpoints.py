@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
@@ -10,10 +9,11 @@ from starlette.responses import Response
 
 from services.profile.customers import service
 from services.profile.customers.repository import CustomerRepository
+from services.profile.imports.pipeline import run_import
+from services.profile.imports.reader import decoder_for
 from services.profile.projection import Projection
 from shared.contracts.customers import (
     CUSTOMER_ID_PATTERN,
-    CustomerImportLine,
     CustomerPatch,
     CustomerPut,
     Device,
@@ -33,7 +33,6 @@ router = APIRouter(prefix="/v1/customers", tags=["customers"])
 CustomerIdPath = Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)]
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
 PrincipalHeader = Annotated[str | None, Header(alias="x-kairos-principal")]
-IMPORT_BATCH = 2000
 
 
 def projection(rt: Runtime) -> Projection:
@@ -196,54 +195,14 @@ NDJSON_BODY = {
 
 
 @lookup_router.post("/v1/customers:import", response_model=ImportResult, openapi_extra=NDJSON_BODY)
-async def import_customers(request: Request, rt: RuntimeDep) -> ImportResult:
-    """Stream NDJSON; each good line is kept, each bad line reported by number."""
+async def import_customers(
+    request: Request,
+    rt: RuntimeDep,
+    content_encoding: Annotated[str | None, Header()] = None,
+) -> ImportResult:
+    """Stream NDJSON (gzip-compressed with ``Content-Encoding: gzip``); each good line is
+    kept, each bad line reported with its number (and the field, where one is at fault)."""
     assert rt.db is not None
-    imported, errors = 0, []
-    pending: list[CustomerImportLine] = []
-    lineno = 0
-    buf = b""
-
-    in_flight: asyncio.Task[int] | None = None
-
-    async def write(batch: list[CustomerImportLine]) -> int:
-        assert rt.db is not None
-        async with rt.db.transaction() as uow:
-            ids = await service.import_batch(uow, batch, utcnow())
-        await reproject(rt, ids)
-        return len(batch)
-
-    async def flush() -> None:
-        # One batch is written while the next is parsed; at most one in flight.
-        nonlocal imported, pending, in_flight
-        if in_flight is not None:
-            imported += await in_flight
-            in_flight = None
-        if pending:
-            in_flight = asyncio.create_task(write(pending))
-            pending = []
-
-    async for chunk in request.stream():
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for line in lines:
-            lineno += 1
-            if not line.strip():
-                continue
-            body, err = service.parse_import_line(line, lineno)
-            if err is not None:
-                errors.append(err)
-            elif body is not None:
-                pending.append(body)
-                if len(pending) >= IMPORT_BATCH:
-                    await flush()
-    if buf.strip():
-        lineno += 1
-        body, err = service.parse_import_line(buf, lineno)
-        if err is not None:
-            errors.append(err)
-        elif body is not None:
-            pending.append(body)
-    await flush()
-    await flush()  # wait for the last batch
-    return ImportResult(imported=imported, failed=len(errors), errors=errors[:1000])
+    decoder_for(content_encoding)  # 415 before reading anything
+    out = await run_import(rt.db, projection(rt), request.stream(), content_encoding)
+    return ImportResult(imported=out.imported, failed=out.failed, errors=out.errors)

@@ -178,6 +178,19 @@ class CustomerRepository(Repository[Customer]):
         )
         return {(r[0], r[1]): r[2] for r in rows.all()}
 
+    async def identity_conflicts(
+        self, lines: list[int], ids: list[str], kinds: list[str], values: list[str]
+    ) -> list[tuple[int, str, str, int | None]]:
+        """Claims (line, customer, kind, value) that another customer holds: (line, kind,
+        owner, None) when a stored identity belongs to another customer, (line, kind, owner,
+        first line) when an earlier claim of the same request names another customer."""
+        if not lines:
+            return []
+        rows = await self.session.execute(
+            sa.text(CONFLICTS_SQL), {"l": lines, "c": ids, "k": kinds, "v": values}
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows.all()]
+
     async def set_identities(
         self, customer_id: str, identities: dict[str, str], *, replace: bool
     ) -> None:
@@ -431,6 +444,22 @@ class CustomerRepository(Repository[Customer]):
             sa.text("DELETE FROM profile.customer WHERE customer_id = ANY(:ids)"), {"ids": ids}
         )
         return ids
+
+
+# One rule for identities: a stored owner wins; among claims of one request, the first line.
+CONFLICTS_SQL = """
+WITH c(line, cid, kind, value) AS (
+  SELECT * FROM unnest(CAST(:l AS int[]), CAST(:c AS text[]), CAST(:k AS text[]),
+                       CAST(:v AS text[]))),
+first AS (SELECT DISTINCT ON (kind, value) kind, value, cid, line FROM c
+          ORDER BY kind, value, line)
+SELECT c.line, c.kind, COALESCE(i.customer_id, f.cid),
+       CASE WHEN i.customer_id IS NULL THEN f.line END
+FROM c JOIN first f ON f.kind = c.kind AND f.value = c.value
+LEFT JOIN profile.identity i ON i.kind = c.kind AND i.value = c.value
+WHERE COALESCE(i.customer_id, f.cid) <> c.cid
+ORDER BY c.line, c.kind
+"""
 
 
 def to_json(v: Any) -> str:

@@ -12,15 +12,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
 from services.profile.customers.repository import CustomerRepository
 from services.profile.models import Counter, Merge
 from services.profile.projection import Doc
 from shared import counters
-from shared.contracts.bus import ProfileErased
+from shared.contracts.bus import ProfileChanged, ProfileErased
 from shared.contracts.customers import (
-    CustomerImportLine,
     CustomerPatch,
     CustomerPut,
     Device,
@@ -41,11 +39,8 @@ def _event(type_: str, customer_id: str, data: dict[str, Any]) -> CloudEvent:
 def _changed(
     uow: UnitOfWork, customer_id: str, version: int, changed: list[str], **extra: Any
 ) -> None:
-    data = {"customer_id": customer_id, "version": version, "changed": changed, **extra}
-    uow.emit_envelope(
-        customer_subject("profile.changed", customer_id),
-        CloudEvent.envelope(source=SOURCE, type="profile.changed", subject=customer_id, data=data),
-    )
+    msg = ProfileChanged(customer_id=customer_id, version=version, changed=changed, **extra)
+    uow.emit_envelope(*msg.outbox_item(source=SOURCE))
 
 
 # -- reads ---------------------------------------------------------------------
@@ -124,18 +119,52 @@ async def lookup(uow: UnitOfWork, *, kind: str, value: str) -> str:
 
 
 # -- writes --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Claim:
+    """A request's claim that an identity belongs to a customer: ``line`` orders the claims
+    of one request (an import's line number; 0 for PUT and PATCH)."""
+
+    line: int
+    customer_id: str
+    kind: str
+    value: str
+
+
+def claims_of(line: int, customer_id: str, identities: dict[str, str]) -> list[Claim]:
+    return [Claim(line, customer_id, k, v) for k, v in identities.items()]
+
+
+async def identity_conflicts(
+    repo: CustomerRepository, claims: Sequence[Claim]
+) -> dict[int, list[dict[str, Any]]]:
+    """The one rule for identities (PUT, PATCH and import): an identity belongs to one
+    customer. A claim fails when another customer owns the identity, or when an earlier line
+    of the same request claims it for another customer (the first claim wins). Returns the
+    failures by line, each with its ``field`` (``identities.email``) and a message."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for line, kind, owner, first_line in await repo.identity_conflicts(
+        [c.line for c in claims],
+        [c.customer_id for c in claims],
+        [c.kind for c in claims],
+        [c.value for c in claims],
+    ):
+        msg = (
+            f"already belongs to customer '{owner}'"
+            if first_line is None
+            else f"already claimed for customer '{owner}' by line {first_line}"
+        )
+        out.setdefault(line, []).append({"field": f"identities.{kind}", "msg": msg})
+    return out
+
+
 async def _check_identities(
     repo: CustomerRepository, customer_id: str, idents: dict[str, str]
 ) -> None:
-    owners = await repo.owners(list(idents.items()))
-    taken = [
-        {"loc": ["identities", k], "msg": f"already belongs to customer '{owner}'"}
-        for (k, _), owner in owners.items()
-        if owner != customer_id
-    ]
-    if taken:
+    conflicts = await identity_conflicts(repo, claims_of(0, customer_id, idents))
+    if conflicts:
         raise Conflict(
-            "An identity belongs to another customer; merge the two profiles instead.", errors=taken
+            "An identity belongs to another customer; merge the two profiles instead.",
+            errors=[{"loc": e["field"].split("."), "msg": e["msg"]} for e in conflicts[0]],
         )
 
 
@@ -568,37 +597,3 @@ async def apply_events(uow: UnitOfWork, events: list[EventData], now: datetime) 
 def _scalars(props: dict[str, Any]) -> dict[str, Any]:
     """Last values keep scalars (and short lists); nested objects are not rule material."""
     return {k: v for k, v in props.items() if not isinstance(v, dict)}
-
-
-# -- import --------------------------------------------------------------------
-def parse_import_line(
-    line: bytes, lineno: int
-) -> tuple[CustomerImportLine | None, dict[str, Any] | None]:
-    """Validate one NDJSON line; returns the body or an error naming the line and field."""
-    try:
-        body = CustomerImportLine.model_validate_json(line)
-        body.identities.as_dict()
-        return body, None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "line"
-        return None, {"line": lineno, "detail": f"{where}: {first['msg']}"}
-    except ValueError as exc:
-        return None, {"line": lineno, "detail": str(exc)}
-
-
-async def import_batch(
-    uow: UnitOfWork, bodies: list[CustomerImportLine], now: datetime
-) -> list[str]:
-    """Upsert a batch of import lines in one statement; returns the customer ids written."""
-    repo = CustomerRepository(uow.session)
-    last: dict[str, CustomerImportLine] = {b.customer_id: b for b in bodies}  # last line wins
-    rows = [_row(cid, b, now) for cid, b in last.items()]
-    await repo.upsert_many(rows)
-    links = [(k, v, cid) for cid, b in last.items() for k, v in b.identities.as_dict().items()]
-    if links:
-        await repo.add_identities(links)
-    versions = await repo.versions(list(last))
-    for cid, v in versions.items():
-        _changed(uow, cid, v, ["attributes", "tags", "consents", "identities"], source="import")
-    return list(versions)

@@ -10,6 +10,7 @@ from starlette.responses import Response
 from services.selection.audience import Audience
 from services.selection.segments import service
 from shared.contracts.customers import CUSTOMER_ID_PATTERN
+from shared.contracts.params import SNAPSHOT_ID_PATTERN
 from shared.contracts.segments import (
     SEGMENT_ID_PATTERN,
     IndexStatus,
@@ -118,7 +119,7 @@ async def create_snapshot(
 @router.get("/v1/segments/{segment_id}/snapshots/{snapshot_id}", response_model=SnapshotPage)
 async def snapshot_page(
     segment_id: SegmentIdPath,
-    snapshot_id: Annotated[str, Path(pattern=r"^snap-[0-9a-f]{16}$")],
+    snapshot_id: Annotated[str, Path(pattern=SNAPSHOT_ID_PATTERN)],
     rt: RuntimeDep,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
@@ -144,7 +145,7 @@ async def create_rule_snapshot(
 
 @router.get("/v1/snapshots/{snapshot_id}", response_model=SnapshotPage)
 async def rule_snapshot_page(
-    snapshot_id: Annotated[str, Path(pattern=r"^snap-[0-9a-f]{16}$")],
+    snapshot_id: Annotated[str, Path(pattern=SNAPSHOT_ID_PATTERN)],
     rt: RuntimeDep,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,

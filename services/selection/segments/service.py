@@ -17,6 +17,7 @@ from services.selection.index import UnknownField
 from services.selection.models import Segment, Snapshot
 from services.selection.segments.repository import SegmentRepository, SnapshotRepository
 from shared import rules
+from shared.contracts.bus import SegmentChanged, SegmentDeleted, SegmentSnapshotReady
 from shared.contracts.segments import (
     PreviewRequest,
     PreviewResult,
@@ -28,7 +29,6 @@ from shared.contracts.segments import (
 from shared.contracts.segments import Segment as SegmentView
 from shared.db import UnitOfWork
 from shared.errors import Conflict, NotFound, Unavailable, Unprocessable
-from shared.events import CloudEvent
 from shared.paging import decode_cursor, encode_cursor
 
 SOURCE = "kairos/selection"
@@ -178,13 +178,9 @@ async def put_segment(
         seg.updated_at, seg.updated_by = now, principal
     await uow.session.flush()
     uow.emit(
-        "segment.changed",
-        CloudEvent.new(
-            source=SOURCE,
-            type="segment.changed",
-            subject=segment_id,
-            data={"segment_id": segment_id, "version": seg.version, "rule": body.rule},
-        ),
+        *SegmentChanged(segment_id=segment_id, version=seg.version, rule=body.rule).to_event(
+            source=SOURCE
+        )
     )
     return seg
 
@@ -213,15 +209,7 @@ async def delete_segment(uow: UnitOfWork, segment_id: str) -> None:
             f"Segment '{segment_id}' is used by {', '.join(sorted(users))}; change those first."
         )
     await repo.delete(seg)
-    uow.emit(
-        "segment.deleted",
-        CloudEvent.new(
-            source=SOURCE,
-            type="segment.deleted",
-            subject=segment_id,
-            data={"segment_id": segment_id},
-        ),
-    )
+    uow.emit(*SegmentDeleted(segment_id=segment_id).to_event(source=SOURCE))
 
 
 # -- previews -------------------------------------------------------------------------------
@@ -298,18 +286,12 @@ async def create_snapshot(
     await uow.session.flush()
     await repo.write_members(snapshot_id, members, CHUNK)
     uow.emit(
-        "segment.snapshot.ready",
-        CloudEvent.new(
-            source=SOURCE,
-            type="segment.snapshot.ready",
-            subject=segment_id,
-            data={
-                "snapshot_id": snapshot_id,
-                "segment_id": segment_id,
-                "segment_version": version,
-                "count": len(members),
-            },
-        ),
+        *SegmentSnapshotReady(
+            snapshot_id=snapshot_id,
+            segment_id=segment_id,
+            segment_version=version,
+            count=len(members),
+        ).to_event(source=SOURCE)
     )
     return SnapshotCreated(
         snapshot_id=snapshot_id, segment_id=segment_id, count=len(members), created_at=now

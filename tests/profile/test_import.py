@@ -1,0 +1,342 @@
+"""Bulk import through the gateway: identity conflicts (the PUT rule) with line and field,
+gzip bodies, per-line errors with good lines kept, files larger than one batch, the
+projection and ``profile.changed`` of every imported customer, and a kill mid-import."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import nats
+import orjson
+from nats.js.api import DeliverPolicy
+
+from shared.stack import Stack
+from tests.conftest import KEYS
+from tests.helpers import eventually
+
+NDJSON = {"content-type": "application/x-ndjson"}
+
+
+def _ndjson(lines: list[object]) -> bytes:
+    return b"".join((x if isinstance(x, bytes) else orjson.dumps(x)) + b"\n" for x in lines)
+
+
+def _prefix(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+async def _import(gw: httpx.AsyncClient, body: bytes, **headers: str) -> dict[str, Any]:
+    r = await gw.post(
+        "/v1/customers:import", content=body, headers={**NDJSON, **headers}, timeout=600
+    )
+    assert r.status_code == 200, r.text
+    doc: dict[str, Any] = r.json()
+    return doc
+
+
+async def _owner(gw: httpx.AsyncClient, kind: str, value: str) -> str | None:
+    r = await gw.get("/v1/customers:lookup", params={"kind": kind, "value": value})
+    return str(r.json()["customer_id"]) if r.status_code == 200 else None
+
+
+async def test_identity_of_another_customer_fails_the_line_with_its_field(
+    gw: httpx.AsyncClient,
+) -> None:
+    p = _prefix("conf")
+    email, msisdn = f"{p}@example.com", "+4917" + str(uuid.uuid4().int)[:9]
+    r = await gw.put(
+        f"/v1/customers/{p}-owner", json={"identities": {"email": email, "msisdn": msisdn}}
+    )
+    assert r.status_code == 200, r.text
+    doc = await _import(
+        gw,
+        _ndjson(
+            [
+                {"customer_id": f"{p}-a", "identities": {"email": email}},  # owned: fails
+                {"customer_id": f"{p}-b", "identities": {"email": f"{p}-b@example.com"}},
+                {"customer_id": f"{p}-c", "identities": {"msisdn": msisdn}},  # owned: fails
+                {"customer_id": f"{p}-owner", "identities": {"email": email, "msisdn": msisdn}},
+            ]
+        ),
+    )
+    assert doc["imported"] == 2 and doc["failed"] == 2, doc
+    assert [(e["line"], e["field"]) for e in doc["errors"]] == [
+        (1, "identities.email"),
+        (3, "identities.msisdn"),
+    ]
+    assert f"{p}-owner" in doc["errors"][0]["detail"]
+    # A failed line writes nothing; the identity stays with its owner.
+    assert (await gw.get(f"/v1/customers/{p}-a")).status_code == 404
+    assert (await gw.get(f"/v1/customers/{p}-c")).status_code == 404
+    assert await _owner(gw, "email", email) == f"{p}-owner"
+    assert await _owner(gw, "msisdn", msisdn) == f"{p}-owner"
+    assert await _owner(gw, "email", f"{p}-b@example.com") == f"{p}-b"
+    # PUT refuses the same body the same way: one rule.
+    r = await gw.put(f"/v1/customers/{p}-a", json={"identities": {"email": email}})
+    assert r.status_code == 409
+    assert r.json()["errors"][0]["loc"] == ["identities", "email"]
+    r = await gw.patch(f"/v1/customers/{p}-b", json={"identities": {"msisdn": msisdn}})
+    assert r.status_code == 409
+    assert r.json()["errors"][0]["loc"] == ["identities", "msisdn"]
+
+
+async def test_two_lines_claiming_one_identity_the_first_wins(gw: httpx.AsyncClient) -> None:
+    p = _prefix("twice")
+    email = f"{p}@example.com"
+    doc = await _import(
+        gw,
+        _ndjson(
+            [
+                {"customer_id": f"{p}-1", "identities": {"email": email}},
+                {"customer_id": f"{p}-2", "attributes": {"x": 1}},
+                {"customer_id": f"{p}-3", "identities": {"email": email}},
+                {"customer_id": f"{p}-1", "identities": {"email": email}, "tags": ["again"]},
+            ]
+        ),
+    )
+    assert doc["imported"] == 3 and doc["failed"] == 1, doc
+    assert [(e["line"], e["field"]) for e in doc["errors"]] == [(3, "identities.email")]
+    assert "line 1" in doc["errors"][0]["detail"]
+    assert await _owner(gw, "email", email) == f"{p}-1"
+    assert (await gw.get(f"/v1/customers/{p}-3")).status_code == 404
+    # The last line of a customer wins, as with PUTs in file order.
+    assert (await gw.get(f"/v1/customers/{p}-1")).json()["tags"] == ["again"]
+
+
+async def test_merged_away_id_fails_the_line(gw: httpx.AsyncClient) -> None:
+    p = _prefix("merged")
+    for c in ("t", "s"):
+        assert (await gw.put(f"/v1/customers/{p}-{c}", json={})).status_code == 200
+    r = await gw.post(f"/v1/customers/{p}-t/merge", json={"from": f"{p}-s"})
+    assert r.status_code == 200, r.text
+    doc = await _import(gw, _ndjson([{"customer_id": f"{p}-s", "attributes": {"a": 1}}]))
+    assert doc["imported"] == 0 and doc["failed"] == 1
+    assert doc["errors"][0]["line"] == 1 and doc["errors"][0]["field"] == "customer_id"
+    assert f"{p}-t" in doc["errors"][0]["detail"]
+
+
+async def test_errors_name_line_and_field_and_good_lines_are_kept(
+    gw: httpx.AsyncClient,
+) -> None:
+    p = _prefix("errs")
+    body = _ndjson(
+        [
+            {"customer_id": f"{p}-1", "attributes": {"age": 31, "gone": None}, "tags": ["b", "a"]},
+            b"",  # blank lines count as lines but are no customers
+            b"{not json",
+            {"customer_id": f"{p}-2", "timezone": "Mars/Olympus"},
+            {"customer_id": f"{p}-3", "identities": {"crm_id": 7}},
+            {"customer_id": f"{p}-4", "consents": {"email": True}, "locale": "de-DE"},
+        ]
+    )
+    doc = await _import(gw, body + b'{"customer_id": "' + p.encode() + b'-5"}')  # no last \n
+    assert doc["imported"] == 3 and doc["failed"] == 3, doc
+    errs = {e["line"]: e for e in doc["errors"]}
+    assert sorted(errs) == [3, 4, 5]
+    assert "JSON" in errs[3]["detail"]
+    assert errs[4]["field"] == "timezone"
+    assert errs[5]["field"] == "identities"
+    v = (await gw.get(f"/v1/customers/{p}-1")).json()
+    assert v["attributes"] == {"age": 31} and v["tags"] == ["a", "b"]
+    v = (await gw.get(f"/v1/customers/{p}-4")).json()
+    assert v["consents"] == {"email": True} and v["locale"] == "de-DE"
+    assert (await gw.get(f"/v1/customers/{p}-5")).status_code == 200
+
+
+async def test_gzip_bodies_are_inflated_as_a_stream(gw: httpx.AsyncClient) -> None:
+    p = _prefix("gz")
+    first = [{"customer_id": f"{p}-{i}", "attributes": {"i": i}} for i in range(300)]
+    second = [{"customer_id": f"{p}-{i}", "attributes": {"i": i}} for i in range(300, 400)]
+    # Two gzip members back to back (what `cat a.gz b.gz` makes), and a bad line inside.
+    body = gzip.compress(_ndjson([*first, b"[1, 2]"])) + gzip.compress(_ndjson(second))
+    doc = await _import(gw, body, **{"content-encoding": "gzip"})
+    assert doc["imported"] == 400 and doc["failed"] == 1, doc
+    assert doc["errors"][0]["line"] == 301
+    assert (await gw.get(f"/v1/customers/{p}-399")).json()["attributes"] == {"i": 399}
+
+    r = await gw.post(
+        "/v1/customers:import",
+        content=b"x",
+        headers={**NDJSON, "content-encoding": "br"},
+    )
+    assert r.status_code == 415
+    assert r.headers["content-type"].startswith("application/problem+json")
+    r = await gw.post(
+        "/v1/customers:import",
+        content=gzip.compress(_ndjson(first))[:-40],  # cut short
+        headers={**NDJSON, "content-encoding": "gzip"},
+    )
+    assert r.status_code == 400, r.text
+    assert "gzip" in r.json()["detail"]
+
+
+async def _changed_ids(stack: Stack, prefix: str, want: int) -> set[str]:
+    """Customer ids of ``profile.changed`` messages from an import, read from the stream."""
+    nc = await nats.connect(stack.env["KAIROS_NATS_URL"])
+    js = nc.jetstream()
+    bus = stack.env["KAIROS_BUS_PREFIX"]
+    seen: set[str] = set()
+    sub = await js.subscribe(
+        f"{bus}.profile.changed.>", deliver_policy=DeliverPolicy.ALL, ordered_consumer=True
+    )
+
+    async def probe() -> int:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except nats.errors.TimeoutError:
+                return len(seen)
+            data = orjson.loads(msg.data)["data"]
+            if data["customer_id"].startswith(prefix) and data.get("source") == "import":
+                seen.add(data["customer_id"])
+
+    try:
+        await eventually(probe, lambda n: n >= want, timeout=300)
+    finally:
+        await sub.unsubscribe()
+        await nc.close()
+    return seen
+
+
+async def test_large_file_in_batches(gw: httpx.AsyncClient, stack: Stack) -> None:
+    p = _prefix("big")
+    n = 12_345
+    lines: list[object] = [
+        {
+            "customer_id": f"{p}-{i}",
+            "attributes": {"i": i, "segment": "s" + str(i % 7)},
+            "tags": [f"t{i % 3}"],
+            "consents": {"email": i % 2 == 0},
+            "identities": {"email": f"{p}-{i}@example.com"},
+        }
+        for i in range(n)
+    ]
+    lines[6000] = b'{"customer_id": 1}'  # bad line in the second batch
+    # An identity taken by line 1 (first batch), claimed again in the third batch.
+    lines[11000] = {"customer_id": f"{p}-x", "identities": {"email": f"{p}-0@example.com"}}
+    doc = await _import(gw, gzip.compress(_ndjson(lines)), **{"content-encoding": "gzip"})
+    assert doc["failed"] == 2 and doc["imported"] == n - 2, doc
+    assert [(e["line"], e.get("field")) for e in doc["errors"]] == [
+        (6001, "customer_id"),
+        (11001, "identities.email"),
+    ]
+    # The projection (what GET reads first) holds every imported customer.
+    for i in (0, 5000, 9999, n - 1):
+        v = (await gw.get(f"/v1/customers/{p}-{i}")).json()
+        assert v["attributes"]["i"] == i and v["identities"]["email"] == f"{p}-{i}@example.com"
+    keys = stack.env["KAIROS_REDIS_PREFIX"]
+    from redis.asyncio import Redis
+
+    r = Redis.from_url(stack.env["KAIROS_REDIS_URL"])
+    try:
+        projected = [k async for k in r.scan_iter(match=f"{keys}:profile:{p}-*", count=5000)]
+    finally:
+        await r.aclose()
+    assert len(projected) == n - 2
+    # And every imported customer was announced once the outbox relayed the batch.
+    assert len(await _changed_ids(stack, p + "-", n - 2)) == n - 2
+
+
+def test_kairos_import_sends_gzip_files(stack: Stack, tmp_path: Path) -> None:
+    p = _prefix("cligz")
+    f = tmp_path / "c.ndjson.gz"
+    f.write_bytes(
+        gzip.compress(
+            _ndjson(
+                [{"customer_id": f"{p}-{i}", "attributes": {"i": i}} for i in range(1200)]
+                + [b'{"customer_id": 5}']
+            )
+        )
+    )
+    env = {**os.environ, "KAIROS_API_KEY": KEYS["admin"], "COLUMNS": "120"}
+    out = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "import", str(f), "--gateway", stack.url("gateway")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "imported 1,200, failed 1" in out.stdout
+    assert "customers/s" in out.stdout
+    assert "line 1201" in out.stdout
+    r = httpx.get(
+        f"{stack.url('gateway')}/v1/customers/{p}-1199",
+        headers={"authorization": f"Bearer {KEYS['admin']}"},
+    )
+    assert r.json()["attributes"] == {"i": 1199}
+
+
+async def test_kill_mid_import_leaves_whole_batches_and_a_rerun_completes(
+    gw: httpx.AsyncClient, stack: Stack
+) -> None:
+    """SIGKILL the profile service during an import: every batch is in or out as a whole
+    (a customer is never stored without its identity), and importing again completes it."""
+    p = _prefix("kill")
+    n = 30_000
+    body = _ndjson(
+        [
+            {
+                "customer_id": f"{p}-{i:06d}",
+                "attributes": {"i": i},
+                "identities": {"email": f"{p}-{i}@example.com"},
+            }
+            for i in range(n)
+        ]
+    )
+    url = stack.env["KAIROS_DATABASE_URL"].replace("+asyncpg", "")
+
+    async def stored() -> tuple[int, int]:
+        conn = await asyncpg.connect(url)
+        try:
+            row = await conn.fetchrow(
+                "SELECT (SELECT count(*) FROM profile.customer WHERE customer_id LIKE $1),"
+                " (SELECT count(*) FROM profile.identity WHERE kind = 'email' AND value LIKE $1)",
+                p + "-%",
+            )
+            assert row is not None
+            return int(row[0]), int(row[1])
+        finally:
+            await conn.close()
+
+    req = asyncio.create_task(
+        gw.post("/v1/customers:import", content=body, headers=NDJSON, timeout=600)
+    )
+    await eventually(stored, lambda s: s[0] > 0, timeout=60)
+    stack.stop("profile", kill=True)
+    r = await req
+    assert r.status_code >= 500  # the client is told the import did not finish
+    customers, identities = await stored()
+    assert 0 < customers < n
+    assert customers == identities  # no customer without its identity: no half batch
+    assert customers % 5000 == 0  # whole batches only
+    conn = await asyncpg.connect(url)
+    try:
+        ids = [
+            r[0]
+            for r in await conn.fetch(
+                "SELECT customer_id FROM profile.customer WHERE customer_id LIKE $1"
+                " ORDER BY customer_id",
+                p + "-%",
+            )
+        ]
+    finally:
+        await conn.close()
+    assert ids == [f"{p}-{i:06d}" for i in range(customers)]  # a prefix of the file
+
+    stack.start("profile")
+    await asyncio.to_thread(stack.wait_ready, ["profile"])
+    doc = await _import(gw, body)
+    assert doc == {"imported": n, "failed": 0, "errors": []}
+    assert await stored() == (n, n)
+    v = (await gw.get(f"/v1/customers/{p}-{n - 1:06d}")).json()
+    assert v["attributes"] == {"i": n - 1}
