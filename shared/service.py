@@ -149,8 +149,9 @@ def create_service_app(
         try:
             yield
         finally:
-            for c in rt.consumers:
-                await c.stop()
+            # All at once: each finishes its batch in hand (and a per-process one removes
+            # itself from the server) well within the shutdown grace, however many there are.
+            await asyncio.gather(*(c.stop() for c in rt.consumers), return_exceptions=True)
             for t in rt.background:
                 t.cancel()
             for close in rt.closers:

@@ -13,6 +13,9 @@ from shared.contracts.params import (
     NAME_HELP,
     NAME_PATTERN,
     POLICY_SCOPE_PATTERN,
+    Count,
+    Number,
+    Rfc3339,
     RunId,
     SnapshotId,
 )
@@ -65,7 +68,7 @@ class OfferReward(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     type: str = Field(min_length=1, max_length=100)
-    amount: float = Field(gt=0)
+    amount: Number = Field(gt=0)
 
 
 Reward = OfferReward  # the name this contract had first
@@ -76,10 +79,10 @@ class OfferPut(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200)
-    value: float = Field(default=1.0, ge=0, description="Worth of an acceptance, for ranking")
+    value: Number = Field(default=1.0, ge=0, description="Worth of an acceptance, for ranking")
     link: str | None = Field(default=None, max_length=2000)
-    valid_from: datetime | None = None
-    valid_to: datetime | None = None
+    valid_from: Rfc3339 | None = None
+    valid_to: Rfc3339 | None = None
     content: OfferContent
     reward: OfferReward | None = None
 
@@ -129,8 +132,8 @@ class Trigger(BaseModel):
 
 class Schedule(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    start: datetime | None = None
-    end: datetime | None = None
+    start: Rfc3339 | None = None
+    end: Rfc3339 | None = None
     cron: str | None = Field(default=None, max_length=100)
     timezone: str = "UTC"
 
@@ -157,13 +160,13 @@ class Treatment(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=64)
     offer: CatalogId
-    weight: float = Field(default=1.0, gt=0)
+    weight: Number = Field(default=1.0, gt=0)
     tier: Rule | None = None
 
 
 class Reentry(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    max: int = Field(ge=1, le=1000)
+    max: Count = Field(ge=1, le=1000)
     per: Duration
 
     _check = field_validator("per")(_duration)
@@ -183,14 +186,14 @@ class CampaignPut(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200)
     type: CampaignType
-    priority: int = Field(default=50, ge=0, le=100)
+    priority: Count = Field(default=50, ge=0, le=100)
     audience: Rule | None = None
     trigger: Trigger | None = None
     schedule: Schedule = Field(default_factory=Schedule)
     touchpoints: list[Touchpoint] = Field(default_factory=list, max_length=50)
     channels: list[Channel] = Field(default_factory=list, max_length=4)
     treatments: list[Treatment] = Field(min_length=1, max_length=20)
-    control_group: float = Field(default=0.0, ge=0.0, le=0.5)
+    control_group: Number = Field(default=0.0, ge=0.0, le=0.5)
     reentry: Reentry | None = None
     conversion: Conversion | None = None
     approval_required: bool = True
@@ -228,7 +231,7 @@ class PolicyRule(BaseModel):
     channel: Annotated[str, StringConstraints(pattern=POLICY_SCOPE_PATTERN)] = Field(
         description=f"'*' for every contact, a channel, or a touchpoint name ({NAME_HELP})"
     )
-    max: int = Field(ge=0, le=10_000)
+    max: Count = Field(ge=0, le=10_000)
     per: Duration
     on_cap: Literal["defer", "drop"] = "drop"
 
@@ -247,7 +250,7 @@ class ContactPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rules: list[PolicyRule] = Field(default_factory=list, max_length=50)
     quiet_hours: QuietHours | None = None
-    global_control: float = Field(default=0.0, ge=0.0, le=0.5)
+    global_control: Number = Field(default=0.0, ge=0.0, le=0.5)
 
 
 class DecisionRequest(BaseModel):
@@ -258,7 +261,7 @@ class DecisionRequest(BaseModel):
     touchpoint: Touchpoint
     placement: str | None = Field(default=None, max_length=100)
     context: dict[str, Any] = Field(default_factory=dict)
-    limit: int = Field(default=1, ge=1, le=10)
+    limit: Count = Field(default=1, ge=1, le=10)
 
 
 class DecidedOffer(BaseModel):

@@ -40,11 +40,26 @@ _RFC3339_START = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 def _rfc3339(v: Any) -> Any:
-    # Pydantic also reads a number as seconds since 1970; the contract's times are RFC 3339.
-    if isinstance(v, str) and not _RFC3339_START.match(v):
+    # Pydantic also reads a number as seconds since 1970; the contract's times are RFC 3339
+    # strings (a datetime passes: the services build models from values they already hold).
+    if isinstance(v, datetime):
+        return v
+    if not isinstance(v, str) or not _RFC3339_START.match(v):
         raise ValueError("not an RFC 3339 time such as 2026-11-01T00:00:00Z")
     return v
 
 
-# A time in a query (``since``, ``until``): RFC 3339 only, as the document says.
+# A time in a query (``since``, ``until``) or a body: RFC 3339 only, as the document says.
 Rfc3339 = Annotated[datetime, BeforeValidator(_rfc3339)]
+
+
+def _json_number(v: Any) -> Any:
+    # Pydantic's lax mode reads false as 0 and "5" as 5; the document says number/integer.
+    if isinstance(v, bool | str | bytes):
+        raise ValueError("must be a JSON number, not a string or true/false")
+    return v
+
+
+# A number in a body: JSON's number, never true/false or a string that looks like one.
+Number = Annotated[float, BeforeValidator(_json_number)]
+Count = Annotated[int, BeforeValidator(_json_number)]

@@ -33,6 +33,22 @@ async def _count(gw: httpx.AsyncClient, rule: dict[str, Any]) -> int:
     return int((await _preview(gw, rule))["count"])
 
 
+async def _caught_up(gw: httpx.AsyncClient, stack: Stack) -> None:
+    """Wait until the audience index has applied every profile change on the bus so far
+    (after a busy suite it may still be working through a backlog, an import's say)."""
+    nc = await nats.connect(stack.env["KAIROS_NATS_URL"])
+    try:
+        stream = f"{stack.env['KAIROS_BUS_PREFIX'].upper()}_PROFILE"
+        last = (await nc.jetstream().stream_info(stream)).state.last_seq
+    finally:
+        await nc.close()
+
+    async def seq() -> int:
+        return int((await gw.get("/v1/segments:status")).json()["profile_seq"])
+
+    await eventually(seq, lambda n: n >= last, timeout=120)
+
+
 async def _people(gw: httpx.AsyncClient, u: str, n: int, **extra: Any) -> list[str]:
     """``n`` customers tagged ``run:<u>`` with varied regions, ages and tiers."""
     regions = ["north", "south", "east"]
@@ -246,6 +262,7 @@ async def test_snapshots_are_frozen_and_paged_exactly_once(
     seg = f"seg-snap-{u}"
     r = await gw.put(f"/v1/segments/{seg}", json={"name": "Snap", "rule": {"tag": f"run:{u}"}})
     assert r.status_code == 200
+    await _caught_up(gw, stack)
     await eventually(lambda: gw.get(f"/v1/segments/{seg}"), lambda r: r.json()["count"] == 25)
 
     nc = await nats.connect(stack.env["KAIROS_NATS_URL"])
@@ -334,6 +351,7 @@ async def test_cold_start_rebuilds_from_the_profile_service(
     await _people(gw, u, 5)
     mine = {"tag": f"run:{u}"}
     await eventually(lambda: _count(gw, mine), lambda n: n == 5)
+    await _caught_up(gw, stack)
     before = (await _preview(gw, {"attr": "age", "op": "gte", "value": 0}))["count"]
     stack.stop("selection", kill=True)  # no chance to save on the way out
     (stack.run_dir / "selection" / "index.pickle").unlink(missing_ok=True)
