@@ -39,6 +39,7 @@ STREAMS: dict[str, list[str]] = {
     "DLQ": ["dlq.>"],
 }
 DUPLICATE_WINDOW_S = 120.0
+STREAM_MAX_AGE_S = 7 * 24 * 3600.0  # how long every stream keeps a message
 GATHER_S = 0.005  # how long a consumer lingers for more after its first message
 
 CONSUMED = Counter("kairos_bus_messages_total", "Messages handled", ["consumer", "outcome"])
@@ -115,7 +116,7 @@ class Bus:
                 name=self.stream(name),
                 subjects=[self.subject(s) for s in subjects],
                 duplicate_window=DUPLICATE_WINDOW_S,
-                max_age=7 * 24 * 3600.0,
+                max_age=STREAM_MAX_AGE_S,
                 num_replicas=self.replicas,
             )
             try:

@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from services.profile.consumers import consumers
 from services.profile.customers.endpoints import lookup_router, router
 from services.profile.erasure import Erasure
+from services.profile.imports.endpoints import router as imports_router
 from services.profile.models import SCHEMA
 from services.profile.projection import Projection
 from shared.service import Runtime, create_service_app
@@ -29,7 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return create_service_app(
         "profile",
         schema=SCHEMA,
-        routers=[lookup_router, router],
+        routers=[lookup_router, router, imports_router],
         setup=_setup,
         settings=cfg,
         body_overrides={"/v1/customers:import": cfg.import_max_bytes},

@@ -38,7 +38,13 @@ from pydantic import ValidationError
 from services.selection.erasure import Forget
 from services.selection.index import Population
 from shared.bus import Consumer, PoisonMessage, TransientError
-from shared.contracts.bus import BusMessage, ContactRecorded, ProfileErased
+from shared.contracts.bus import (
+    BusMessage,
+    ContactRecorded,
+    ImportBatch,
+    ProfileErased,
+    ProfileImported,
+)
 from shared.events import CloudEvent
 from shared.privacy import any_customer
 from shared.redis import read_projections
@@ -77,6 +83,7 @@ class Audience:
         self._saved_changes = 0
         self._erased_while_loading: set[str] = set()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._http: aiohttp.ClientSession | None = None
         cfg = rt.settings
         self.path = (cfg.selection_index_dir or cfg.run_dir / "selection") / "index.pickle"
         name = re.sub(r"[^A-Za-z0-9_-]", "_", f"{cfg.instance_id}-{os.getpid()}")
@@ -160,6 +167,8 @@ class Audience:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self._http is not None:
+            await self._http.close()
         if self.ready:
             await self.save()
 
@@ -264,6 +273,11 @@ class Audience:
         erased = {
             id(ev): _parse(ProfileErased, ev) for _, ev in batch if ev.type == ProfileErased.TYPE
         }
+        imported = {
+            id(ev): _parse(ProfileImported, ev)
+            for _, ev in batch
+            if ev.type == ProfileImported.TYPE
+        }
         for _, ev in batch:
             d = ev.data if isinstance(ev.data, dict) else {}
             if ev.type == "profile.changed":
@@ -276,6 +290,14 @@ class Audience:
                 if prev is not None:
                     v, parts = max(v, prev[0]), parts | prev[1]
                 changed[cid] = (v, parts)
+            elif ev.type == ProfileImported.TYPE:
+                announced = imported[id(ev)]
+                parts = set(announced.changed)
+                for cid, v in (await self._import_batch(announced.batch_id)).items():
+                    prev = changed.get(cid)
+                    changed[cid] = (
+                        (v, parts) if prev is None else (max(v, prev[0]), parts | prev[1])
+                    )
             elif ev.type == ProfileErased.TYPE:
                 gone = erased[id(ev)]
                 for cid in gone.ids or [gone.customer_id]:
@@ -310,6 +332,24 @@ class Audience:
             self.last_change_at = newest
             INDEX_LAG.observe(max(0.0, (datetime.now(UTC) - newest).total_seconds()))
         INDEX_CUSTOMERS.set(self.pop.total)
+
+    async def _import_batch(self, batch_id: int) -> dict[str, int]:
+        """The customers (and versions) of one import batch, from the profile service."""
+        url = f"{self.rt.settings.url_of('profile')}/internal/import-batches/{batch_id}"
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        try:
+            async with self._http.get(url) as resp:
+                if resp.status == 404:  # older than the stream: nothing left to apply
+                    log.warning(
+                        "import batch %d is gone; its customers are left as they were", batch_id
+                    )
+                    return {}
+                resp.raise_for_status()
+                body = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise TransientError(f"import batch {batch_id} not readable: {exc}") from exc
+        return ImportBatch.model_validate_json(body).customers
 
     async def _read(
         self, wanted: dict[str, tuple[int, set[str]]]

@@ -10,6 +10,7 @@ who consumes them parses them here.
 | ``response.received.<t>`` | :class:`ResponseReceived` | dispatch, gateway (links) | feedback |
 | ``response.recorded.<t>`` | :class:`ResponseRecorded` | feedback | profile, decision, dispatch |
 | ``profile.erased.<t>`` | :class:`ProfileErased` | profile | every service holding personal data |
+| ``profile.imported`` | :class:`ProfileImported` | profile (imports) | selection |
 
 ``<t>`` is the customer token (``shared.privacy.customer_token``): every subject that carries
 personal data ends with it, so erasure purges a customer's messages by subject. The envelope's
@@ -456,6 +457,29 @@ class TimerFailed(BusMessage):
     payload: dict[str, Any] = Field(default_factory=dict)
     attempts: int = 0
     error: str = ""
+
+
+class ProfileImported(BusMessage):
+    """One committed batch of a bulk import (``profile.imported``): ``count`` customers changed
+    (``changed`` names the parts). The message names no customer: the batch's customers and
+    their new versions are read from the profile service
+    (``GET /internal/import-batches/{batch_id}``), where erasure can remove one. Consumers
+    then re-read each projection once it holds that version, as for ``profile.changed``."""
+
+    TYPE: ClassVar[str] = "profile.imported"
+    PERSONAL: ClassVar[bool] = False
+    batch_id: int
+    count: int
+    changed: list[str] = Field(default_factory=list)
+    source: str = "import"
+
+
+class ImportBatch(BaseModel):
+    """The customers of one ``profile.imported`` batch, with each one's version after it."""
+
+    model_config = ConfigDict(extra="ignore")
+    batch_id: int
+    customers: dict[str, int]
 
 
 class ProfileChanged(BusMessage):

@@ -443,23 +443,44 @@ class CustomerRepository(Repository[Customer]):
         await self.session.execute(
             sa.text("DELETE FROM profile.customer WHERE customer_id = ANY(:ids)"), {"ids": ids}
         )
+        # The import announcements that named them (the stream messages name no one).
+        await self.session.execute(
+            sa.text(
+                "UPDATE profile.import_batch SET customers = customers - CAST(:ids AS text[])"
+                " WHERE customers ?| CAST(:ids AS text[])"
+            ),
+            {"ids": ids},
+        )
         return ids
 
 
 # One rule for identities: a stored owner wins; among claims of one request, the first line.
-CONFLICTS_SQL = """
-WITH c(line, cid, kind, value) AS (
-  SELECT * FROM unnest(CAST(:l AS int[]), CAST(:c AS text[]), CAST(:k AS text[]),
-                       CAST(:v AS text[]))),
+# ``{claims}`` yields (line, customer id, kind, value): the request's claims as arrays (PUT,
+# PATCH) or an import batch's staged rows. Each claim looks its identity up by the primary
+# key (LATERAL with LIMIT: never a hash join over every stored identity).
+_CONFLICTS = """
+WITH c(line, cid, kind, value) AS ({claims}),
 first AS (SELECT DISTINCT ON (kind, value) kind, value, cid, line FROM c
           ORDER BY kind, value, line)
 SELECT c.line, c.kind, COALESCE(i.customer_id, f.cid),
        CASE WHEN i.customer_id IS NULL THEN f.line END
 FROM c JOIN first f ON f.kind = c.kind AND f.value = c.value
-LEFT JOIN profile.identity i ON i.kind = c.kind AND i.value = c.value
+LEFT JOIN LATERAL (SELECT customer_id FROM profile.identity
+                   WHERE kind = c.kind AND value = c.value LIMIT 1) i ON true
 WHERE COALESCE(i.customer_id, f.cid) <> c.cid
 ORDER BY c.line, c.kind
 """
+
+
+def conflicts_sql(claims: str) -> str:
+    """The identity rule over a claims relation (line, customer id, kind, value)."""
+    return _CONFLICTS.format(claims=claims)
+
+
+CONFLICTS_SQL = conflicts_sql(
+    "SELECT * FROM unnest(CAST(:l AS int[]), CAST(:c AS text[]), CAST(:k AS text[]),"
+    " CAST(:v AS text[]))"
+)
 
 
 def to_json(v: Any) -> str:

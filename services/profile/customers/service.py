@@ -141,13 +141,22 @@ async def identity_conflicts(
     customer. A claim fails when another customer owns the identity, or when an earlier line
     of the same request claims it for another customer (the first claim wins). Returns the
     failures by line, each with its ``field`` (``identities.email``) and a message."""
+    return conflict_errors(
+        await repo.identity_conflicts(
+            [c.line for c in claims],
+            [c.customer_id for c in claims],
+            [c.kind for c in claims],
+            [c.value for c in claims],
+        )
+    )
+
+
+def conflict_errors(
+    rows: Sequence[tuple[int, str, str, int | None]],
+) -> dict[int, list[dict[str, Any]]]:
+    """The failures of the identity rule (``CONFLICTS_SQL`` rows), by line."""
     out: dict[int, list[dict[str, Any]]] = {}
-    for line, kind, owner, first_line in await repo.identity_conflicts(
-        [c.line for c in claims],
-        [c.customer_id for c in claims],
-        [c.kind for c in claims],
-        [c.value for c in claims],
-    ):
+    for line, kind, owner, first_line in rows:
         msg = (
             f"already belongs to customer '{owner}'"
             if first_line is None

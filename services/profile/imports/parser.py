@@ -8,7 +8,6 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from services.profile.customers.service import Claim
 from services.profile.imports.reader import MAX_LINE
 from shared.contracts.customers import CustomerImportLine
 
@@ -18,10 +17,9 @@ Row = tuple[int, str, str, list[str], str, str | None, str | None, str]
 
 @dataclass
 class Parsed:
-    """One batch: rows to stage (line order), identity claims, and per-line errors."""
+    """One batch: rows to stage (line order) and per-line errors."""
 
     rows: list[Row] = field(default_factory=list)
-    claims: list[Claim] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -66,5 +64,4 @@ def parse_batch(lines: list[tuple[int, bytes | None]]) -> Parsed:
                 dumps(idents).decode(),
             )
         )
-        out.claims.extend(Claim(lineno, cid, k, v) for k, v in idents.items())
     return out

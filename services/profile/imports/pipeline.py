@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
-
-import orjson
 
 from services.profile.customers import service
 from services.profile.customers.repository import CustomerRepository
@@ -17,7 +17,8 @@ from services.profile.imports.parser import Parsed, parse_batch
 from services.profile.imports.reader import batches
 from services.profile.imports.repository import ConcurrentClaim, ImportRepository
 from services.profile.projection import Doc, Projection
-from shared.contracts.bus import ProfileChanged
+from shared.bus import STREAM_MAX_AGE_S
+from shared.contracts.bus import ProfileImported
 from shared.db import Database, is_transient
 from shared.errors import Unavailable
 from shared.events import utcnow
@@ -25,6 +26,7 @@ from shared.events import utcnow
 log = logging.getLogger("kairos.profile.import")
 
 BATCH = 5000
+IN_FLIGHT = 2  # batch transactions at once: the next is staged while one merges
 MAX_ERRORS = 1000  # errors listed in the answer; ``failed`` counts them all
 ATTEMPTS = 6
 CHANGED = ["attributes", "tags", "consents", "identities"]
@@ -64,8 +66,16 @@ class Written:
     docs: list[Doc]
 
 
-async def write_batch(db: Database, parsed: Parsed) -> Written:
-    """One transaction: stage, apply the identity rule, merge, outbox, projection read-back."""
+class PreviousBatchFailed(Exception):
+    """The batch before this one did not commit: this one must not commit after it."""
+
+
+async def write_batch(db: Database, parsed: Parsed, after: asyncio.Task[Any] | None) -> Written:
+    """One transaction: stage, apply the identity rule, merge, announce, projection read-back.
+
+    ``after`` is the previous batch's write, still in flight: this batch stages and checks
+    its lines meanwhile, and merges only once that one has committed, so a later line always
+    lands after an earlier one (a customer's row lock would otherwise decide)."""
     now = utcnow()
     async with db.transaction() as uow:
         repo = ImportRepository(uow.session)
@@ -77,7 +87,14 @@ async def write_batch(db: Database, parsed: Parsed) -> Written:
                 "field": "customer_id",
                 "detail": f"customer_id: was merged into '{into}'; import into that id",
             }
-        conflicts = await service.identity_conflicts(CustomerRepository(uow.session), parsed.claims)
+        conflicts = service.conflict_errors(await repo.conflicts())
+        if after is not None:
+            if conflicts and not after.done():
+                await _committed(after)
+                # The previous batch may have released an identity this one claims. (One it
+                # took is caught by the merge, which then retries the batch.)
+                conflicts = service.conflict_errors(await repo.conflicts())
+            await _committed(after)
         for line, errs in conflicts.items():
             if line not in refused:
                 e = errs[0]
@@ -87,26 +104,32 @@ async def write_batch(db: Database, parsed: Parsed) -> Written:
                     "detail": f"{e['field']}: {e['msg']}",
                 }
         await repo.drop_lines(sorted(refused))
-        kept = [r for r in parsed.rows if r[0] not in refused]
-        versions = await repo.merge(now)
-        if len(versions) != len({r[1] for r in kept}):
+        kept = {r[1] for r in parsed.rows if r[0] not in refused}
+        batch_id, written = await repo.merge(now)
+        if written != len(kept):
             raise ConcurrentClaim("a customer was merged away meanwhile")
-        outbox = []
-        for cid, v in versions.items():
-            msg = ProfileChanged(customer_id=cid, version=v, changed=CHANGED, source="import")
-            subject, envelope = msg.outbox_item(source=service.SOURCE)
-            outbox.append((subject, orjson.dumps(envelope)))
-        await repo.outbox(outbox)
+        if written:
+            announce = ProfileImported(batch_id=batch_id, count=written, changed=CHANGED)
+            uow.emit(*announce.to_event(source=service.SOURCE))
         # Read back in the same transaction: what is projected is exactly what commits.
-        docs = await CustomerRepository(uow.session).projection_docs(list(versions))
-    db.outbox_signal.set()
-    return Written(len(kept), sorted(refused.values(), key=lambda e: e["line"]), docs)
+        docs = await CustomerRepository(uow.session).projection_docs(sorted(kept))
+    n = sum(1 for r in parsed.rows if r[0] not in refused)
+    return Written(n, sorted(refused.values(), key=lambda e: e["line"]), docs)
 
 
-async def _write_with_retries(db: Database, parsed: Parsed, first_line: int) -> Written:
+async def _committed(previous: asyncio.Task[Any]) -> None:
+    try:
+        await asyncio.shield(previous)
+    except BaseException as exc:
+        raise PreviousBatchFailed() from exc
+
+
+async def _write_with_retries(
+    db: Database, parsed: Parsed, first_line: int, after: asyncio.Task[Any] | None
+) -> Written:
     for attempt in range(ATTEMPTS):
         try:
-            return await write_batch(db, parsed)
+            return await write_batch(db, parsed, after)
         except Exception as exc:
             if not _retryable(exc) or attempt == ATTEMPTS - 1:
                 if _retryable(exc):
@@ -121,6 +144,12 @@ async def _write_with_retries(db: Database, parsed: Parsed, first_line: int) -> 
     raise AssertionError("unreachable")
 
 
+async def prune(db: Database) -> None:
+    """Forget announcements older than the PROFILE stream keeps messages."""
+    async with db.transaction() as uow:
+        await ImportRepository(uow.session).prune(utcnow() - timedelta(seconds=STREAM_MAX_AGE_S))
+
+
 async def run_import(
     db: Database,
     projection: Projection,
@@ -129,19 +158,20 @@ async def run_import(
     *,
     batch_size: int = BATCH,
 ) -> Outcome:
-    """Import a streamed NDJSON body. Batch n+1 is parsed while batch n is written; batches
-    commit one after another in file order, so a later line always sees an earlier one.
-    Each committed batch's projection goes to Redis while the next batch is written."""
+    """Import a streamed NDJSON body. Batch n+1 is parsed, staged and checked while batch n
+    is written (two transactions in flight, one core each for this process and Postgres);
+    batches merge and commit one after another in file order, so a later line always sees
+    an earlier one. Each committed batch's projection goes to Redis while the next ones are
+    written."""
     out = Outcome()
-    writing: asyncio.Task[Written] | None = None
+    await prune(db)
+    writing: deque[asyncio.Task[Written]] = deque()
     projecting: asyncio.Task[list[str]] | None = None
 
     async def settle() -> None:
-        nonlocal writing, projecting
-        if writing is None:
-            return
-        done = await writing
-        writing = None
+        """Wait for the oldest write in flight; its projection goes to Redis meanwhile."""
+        nonlocal projecting
+        done = await writing.popleft()
         out.imported += done.imported
         out.fail(done.errors)
         if projecting is not None:
@@ -151,18 +181,23 @@ async def run_import(
     try:
         async for lines in batches(body, content_encoding, batch_size):
             parsed = parse_batch(lines)
-            await settle()  # batches commit in order: one write at a time
+            if len(writing) >= IN_FLIGHT:
+                await settle()
             out.fail(parsed.errors)
             if parsed.rows:
-                writing = asyncio.create_task(_write_with_retries(db, parsed, lines[0][0]))
-        await settle()
+                after = writing[-1] if writing else None
+                writing.append(
+                    asyncio.create_task(_write_with_retries(db, parsed, lines[0][0], after))
+                )
+        while writing:
+            await settle()
         if projecting is not None:
             await projecting
             projecting = None
     finally:
-        # The body broke off (or was refused): the batch being written commits or rolls
+        # The body broke off (or was refused): a batch being written commits or rolls
         # back as a whole, never half; wait for it rather than cancel it mid-commit.
-        for task in (writing, projecting):
+        for task in (*writing, projecting):
             if task is not None:
                 with contextlib.suppress(Exception):
                     await task

@@ -8,6 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.profile.customers.repository import conflicts_sql
 from services.profile.imports.parser import Row
 
 
@@ -34,17 +35,27 @@ CREATE TEMP TABLE IF NOT EXISTS {STAGE} (
   consents jsonb NOT NULL, timezone text, locale text, identities jsonb NOT NULL
 ) ON COMMIT DELETE ROWS
 """
+# Staged lines are few next to the tables they are checked against, and a temporary table
+# has no statistics: lookups go row by row through the indexes (a LATERAL subquery with a
+# LIMIT is never flattened into a hash join over the whole table).
 MERGED_AWAY = f"""
-SELECT s.line, c.merged_into FROM {STAGE} s JOIN profile.customer c USING (customer_id)
-WHERE c.merged_into IS NOT NULL
+SELECT s.line, m.merged_into FROM {STAGE} s
+CROSS JOIN LATERAL (SELECT c.merged_into FROM profile.customer c
+                    WHERE c.customer_id = s.customer_id AND c.merged_into IS NOT NULL LIMIT 1) m
 """
 DROP_LINES = f"DELETE FROM {STAGE} WHERE line = ANY(CAST(:lines AS int[]))"
 # Within a batch the last line of a customer wins (as if the lines were PUT in order).
 KEEP_LAST = f"""
 DELETE FROM {STAGE} s USING {STAGE} t WHERE t.customer_id = s.customer_id AND t.line > s.line
 """
-# Customers in id order, so that concurrent imports lock rows in the same order.
+# The identity rule (``conflicts_sql``) over the staged lines' identities.
+STAGED_CONFLICTS = conflicts_sql(
+    f"SELECT s.line, s.customer_id, e.key, e.value FROM {STAGE} s, jsonb_each_text(s.identities) e"
+)
+# Customers in id order, so that concurrent imports lock rows in the same order; the batch's
+# announcement row names each written customer with its new version.
 UPSERT = f"""
+WITH up AS (
 INSERT INTO profile.customer AS c (customer_id, attributes, tags, consents, timezone, locale,
                                    created_at, updated_at, version)
 SELECT customer_id, attributes, tags, consents, timezone, locale, :now, :now, 1
@@ -53,13 +64,23 @@ ON CONFLICT (customer_id) DO UPDATE SET attributes = EXCLUDED.attributes, tags =
   consents = EXCLUDED.consents, timezone = EXCLUDED.timezone, locale = EXCLUDED.locale,
   updated_at = EXCLUDED.updated_at, version = c.version + 1
 WHERE c.merged_into IS NULL
-RETURNING customer_id, version
+RETURNING customer_id, version)
+INSERT INTO profile.import_batch (created_at, size, customers)
+SELECT :now, count(*), COALESCE(jsonb_object_agg(customer_id, version), '{{}}') FROM up
+RETURNING batch_id, size
 """
+# Announcements older than the PROFILE stream's retention name messages no longer there.
+PRUNE = "DELETE FROM profile.import_batch WHERE created_at < :before"
+BATCH = "SELECT batch_id, customers FROM profile.import_batch WHERE batch_id = :b"
 # PUT replaces the identities it names (anonymous links stay): drop the ones that changed.
 DROP_IDENTITIES = f"""
-DELETE FROM profile.identity i USING {STAGE} s
-WHERE i.customer_id = s.customer_id AND i.kind <> 'anonymous_id'
-  AND (s.identities ->> i.kind) IS DISTINCT FROM i.value
+DELETE FROM profile.identity i USING (
+  SELECT x.kind, x.value FROM {STAGE} s
+  CROSS JOIN LATERAL (SELECT kind, value FROM profile.identity
+                      WHERE customer_id = s.customer_id AND kind <> 'anonymous_id'
+                      OFFSET 0) x
+  WHERE (s.identities ->> x.kind) IS DISTINCT FROM x.value) d
+WHERE i.kind = d.kind AND i.value = d.value
 """
 # An identity another transaction took since the check (it committed in between) is not
 # taken over: the no-op update touches only such rows and returns them, and the batch is
@@ -98,24 +119,28 @@ class ImportRepository:
         if lines:
             await self.session.execute(sa.text(DROP_LINES), {"lines": lines})
 
-    async def merge(self, now: datetime) -> dict[str, int]:
-        """Upsert the staged customers (last line per customer) and their identities;
-        returns each written customer's new version. Raises ``ConcurrentClaim`` when a
-        concurrent writer took one of the identities since the check."""
+    async def conflicts(self) -> list[tuple[int, str, str, int | None]]:
+        """The identity rule's failures among the staged lines."""
+        rows = await self.session.execute(sa.text(STAGED_CONFLICTS))
+        return [(r[0], r[1], r[2], r[3]) for r in rows.all()]
+
+    async def merge(self, now: datetime) -> tuple[int, int]:
+        """Upsert the staged customers (last line per customer) and their identities, and
+        record the batch's announcement; returns (batch id, customers written). Raises
+        ``ConcurrentClaim`` when a concurrent writer took one of the identities since the
+        check."""
         await self.session.execute(sa.text(KEEP_LAST))
-        rows = await self.session.execute(sa.text(UPSERT), {"now": now})
-        versions = {r[0]: r[1] for r in rows.all()}
+        row = (await self.session.execute(sa.text(UPSERT), {"now": now})).one()
         await self.session.execute(sa.text(DROP_IDENTITIES))
         lost = await self.session.execute(sa.text(ADD_IDENTITIES))
         if lost.scalar_one():  # updated, not inserted: a row someone else holds
             raise ConcurrentClaim("an identity was claimed meanwhile")
-        return versions
+        return int(row[0]), int(row[1])
 
-    async def outbox(self, payloads: list[tuple[str, bytes]]) -> None:
-        """Outbox rows by COPY (relayed once committed, like every other event)."""
-        conn = await self.session.connection()
-        raw = await conn.get_raw_connection()
-        driver: Any = raw.driver_connection
-        await driver.copy_records_to_table(
-            "outbox", schema_name="profile", records=payloads, columns=["subject", "payload"]
-        )
+    async def prune(self, before: datetime) -> None:
+        await self.session.execute(sa.text(PRUNE), {"before": before})
+
+    async def batch(self, batch_id: int) -> dict[str, int] | None:
+        """The customers (and their versions) an announcement names; None once pruned."""
+        row = (await self.session.execute(sa.text(BATCH), {"b": batch_id})).one_or_none()
+        return None if row is None else dict(row[1])
