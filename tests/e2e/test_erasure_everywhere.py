@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import nats
+import orjson
 import pytest
 
 from shared.events import CloudEvent
@@ -123,6 +124,19 @@ async def test_an_erased_customer_is_gone_from_every_store(
         },
     )
     assert r.status_code == 200, r.text
+    # Imported too: the import's announcement names its customers (profile.import_batch).
+    line = {
+        "customer_id": cid,
+        "attributes": {"first_name": "Ana", "plan": "prepaid"},
+        "consents": {"push": True, "sms": True, "email": True},
+        "identities": {"email": email, "msisdn": msisdn},
+    }
+    r = await gw.post(
+        "/v1/customers:import",
+        content=orjson.dumps(line) + b"\n",
+        headers={"content-type": "application/x-ndjson"},
+    )
+    assert r.status_code == 200 and r.json()["imported"] == 1, r.text
     r = await gw.post(
         f"/v1/customers/{cid}/devices",
         json={"platform": "ios", "token": device, "app_id": "com.example.app"},

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import nats
+import orjson
 import pytest
 
 from shared.bus import Bus
@@ -135,6 +136,43 @@ async def test_index_follows_changes_events_and_erasure(gw: httpx.AsyncClient) -
     r = await gw.delete(f"/v1/customers/{b}")
     assert r.status_code in (200, 202, 204), r.text
     await eventually(lambda: _count(gw, mine), lambda n: n == 0)
+
+
+async def test_index_follows_imports_by_their_batch_announcements(
+    gw: httpx.AsyncClient,
+) -> None:
+    """An import announces each batch with one ``profile.imported`` message; the index reads
+    the batch's customers from the profile service and applies every one of them."""
+    u = _u()
+    lines = [
+        {"customer_id": f"imp-{u}-{i}", "tags": [f"run:{u}"], "attributes": {"i": i}}
+        for i in range(5_003)  # two batches
+    ]
+    body = b"".join(orjson.dumps(x) + b"\n" for x in lines)
+    r = await gw.post(
+        "/v1/customers:import",
+        content=body,
+        headers={"content-type": "application/x-ndjson"},
+        timeout=120,
+    )
+    assert r.status_code == 200 and r.json()["imported"] == 5_003, r.text
+    mine = {"tag": f"run:{u}"}
+    await eventually(lambda: _count(gw, mine), lambda n: n == 5_003, timeout=60)
+    high = {"all": [mine, {"attr": "i", "op": "gte", "value": 5_000}]}
+    assert await _count(gw, high) == 3
+    # Imported again with a change: the second announcement's versions are applied too.
+    again = [{**x, "attributes": {"i": -1}} for x in lines[:10]]
+    r = await gw.post(
+        "/v1/customers:import",
+        content=b"".join(orjson.dumps(x) + b"\n" for x in again),
+        headers={"content-type": "application/x-ndjson"},
+    )
+    assert r.status_code == 200, r.text
+    neg = {"all": [mine, {"attr": "i", "op": "lt", "value": 0}]}
+    await eventually(lambda: _count(gw, neg), lambda n: n == 10)
+    r = await gw.delete(f"/v1/customers/imp-{u}-0")
+    assert r.status_code in (200, 202, 204), r.text
+    await eventually(lambda: _count(gw, neg), lambda n: n == 9)
 
 
 async def test_contacted_follows_contact_records(gw: httpx.AsyncClient, stack: Stack) -> None:
