@@ -82,6 +82,18 @@ def merge_parts(raw: Sequence[Any]) -> dict[str, Any] | None:
     return doc
 
 
+async def read_counter_parts(
+    redis: Redis, keys: Keys, ids: Sequence[str]
+) -> list[tuple[int, dict[str, Any]] | None]:
+    """(version, behaviour part) of many projections in one round trip: what a reader that
+    already holds a profile part needs after an event batch (None where absent or erased)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for cid in ids:
+            pipe.hmget(keys.profile(cid), ("v", "c"))
+        raw = await pipe.execute()
+    return [None if v is None or c is None else (int(v), orjson.loads(c)) for v, c in raw]
+
+
 async def read_projections(redis: Redis, keys: Keys, ids: Sequence[str]) -> list[Any]:
     """Projected profiles of many customers in one round trip (None where absent)."""
     async with redis.pipeline(transaction=False) as pipe:

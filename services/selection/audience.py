@@ -47,7 +47,7 @@ from shared.contracts.bus import (
 )
 from shared.events import CloudEvent
 from shared.privacy import any_customer
-from shared.redis import read_projections
+from shared.redis import read_counter_parts, read_projections
 from shared.rules import parse_duration
 from shared.service import Runtime
 
@@ -356,10 +356,28 @@ class Audience:
     ) -> tuple[list[dict[str, Any]], list[str]]:
         """The projections of changed customers, and the ids whose projection is still older
         than the event (the profile writes Redis right after its commit, so they are read
-        again a few times first)."""
-        ids = list(wanted)
+        again a few times first). After an event batch, a customer the index holds at the
+        version before needs only the behaviour part: the profile part is not read."""
+        light = [
+            cid
+            for cid, (v, parts) in wanted.items()
+            if parts
+            and all(p == "counters" or p.startswith("event:") for p in parts)
+            and self.pop.holds(cid, v - 1)
+        ]
         docs: dict[str, dict[str, Any]] = {}
+        heavy = set(wanted)
+        if light:
+            parts = await read_counter_parts(self.rt.redis, self.rt.keys, light)
+            for cid, part in zip(light, parts, strict=True):
+                if part is not None and part[0] == wanted[cid][0]:
+                    docs[cid] = {**part[1], "customer_id": cid, "version": part[0]}
+                    heavy.discard(cid)
+        ids = list(heavy)
+        behind: list[str] = []
         for delay in (0.0, 0.02, 0.05, 0.1, 0.25):
+            if not ids:
+                break
             if delay:
                 await asyncio.sleep(delay)
             got = await read_projections(self.rt.redis, self.rt.keys, ids)
@@ -369,8 +387,6 @@ class Audience:
                     docs[cid] = doc
                 if doc is None or doc["version"] < wanted[cid][0]:
                     behind.append(cid)
-            if not behind:
-                break
             ids = behind
         return list(docs.values()), behind
 

@@ -442,6 +442,11 @@ class Population:
             col.ensure(n)
             col.replace(slot, buckets)
 
+    def holds(self, customer_id: str, version: int) -> bool:
+        """Whether the index holds exactly this version of a customer."""
+        slot = self.pos.get(customer_id)
+        return slot is not None and slot in self.alive and self.version[slot] == version
+
     def remove(self, customer_id: str) -> bool:
         """Forget a customer entirely (erasure, or merged into another profile)."""
         slot = self.pos.pop(customer_id, None)
