@@ -36,7 +36,7 @@ from prometheus_client import Gauge, Histogram
 from pydantic import ValidationError
 
 from services.selection.erasure import Forget
-from services.selection.index import Population
+from services.selection.index import Change, Population
 from shared.bus import Consumer, PoisonMessage, TransientError
 from shared.contracts.bus import (
     BusMessage,
@@ -266,7 +266,7 @@ class Audience:
 
     # -- applying changes ------------------------------------------------------------------
     async def _on_profile(self, batch: Batch) -> None:
-        changed: dict[str, tuple[int, set[str]]] = {}
+        changed: dict[str, Change] = {}
         removed: list[str] = []
         newest: datetime | None = None
         # Typed first, before the index changes: a malformed erasure is a poison message.
@@ -286,18 +286,12 @@ class Audience:
                 parts = set(d.get("changed") or ()) | {
                     f"event:{t}" for t in d.get("event_types") or ()
                 }
-                prev = changed.get(cid)
-                if prev is not None:
-                    v, parts = max(v, prev[0]), parts | prev[1]
-                changed[cid] = (v, parts)
+                _note(changed, cid, v, parts)
             elif ev.type == ProfileImported.TYPE:
                 announced = imported[id(ev)]
                 parts = set(announced.changed)
                 for cid, v in (await self._import_batch(announced.batch_id)).items():
-                    prev = changed.get(cid)
-                    changed[cid] = (
-                        (v, parts) if prev is None else (max(v, prev[0]), parts | prev[1])
-                    )
+                    _note(changed, cid, v, parts)
             elif ev.type == ProfileErased.TYPE:
                 gone = erased[id(ev)]
                 for cid in gone.ids or [gone.customer_id]:
@@ -351,26 +345,24 @@ class Audience:
             raise TransientError(f"import batch {batch_id} not readable: {exc}") from exc
         return ImportBatch.model_validate_json(body).customers
 
-    async def _read(
-        self, wanted: dict[str, tuple[int, set[str]]]
-    ) -> tuple[list[dict[str, Any]], list[str]]:
+    async def _read(self, wanted: dict[str, Change]) -> tuple[list[dict[str, Any]], list[str]]:
         """The projections of changed customers, and the ids whose projection is still older
         than the event (the profile writes Redis right after its commit, so they are read
-        again a few times first). After an event batch, a customer the index holds at the
-        version before needs only the behaviour part: the profile part is not read."""
+        again a few times first). When a customer's changes since the version the index holds
+        only moved counters (event batches), only the behaviour part is read."""
         light = [
             cid
-            for cid, (v, parts) in wanted.items()
-            if parts
-            and all(p == "counters" or p.startswith("event:") for p in parts)
-            and self.pop.holds(cid, v - 1)
+            for cid, w in wanted.items()
+            if w.parts
+            and all(p == "counters" or p.startswith("event:") for p in w.parts)
+            and self.pop.holds(cid, w.since - 1)
         ]
         docs: dict[str, dict[str, Any]] = {}
         heavy = set(wanted)
         if light:
             parts = await read_counter_parts(self.rt.redis, self.rt.keys, light)
             for cid, part in zip(light, parts, strict=True):
-                if part is not None and part[0] == wanted[cid][0]:
+                if part is not None and part[0] == wanted[cid].version:
                     docs[cid] = {**part[1], "customer_id": cid, "version": part[0]}
                     heavy.discard(cid)
         ids = list(heavy)
@@ -385,7 +377,7 @@ class Audience:
             for cid, doc in zip(ids, got, strict=True):
                 if doc is not None:
                     docs[cid] = doc
-                if doc is None or doc["version"] < wanted[cid][0]:
+                if doc is None or doc["version"] < wanted[cid].version:
                     behind.append(cid)
             ids = behind
         return list(docs.values()), behind
@@ -467,6 +459,15 @@ def _write_atomically(path: Path, blob: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def _note(changed: dict[str, Change], cid: str, version: int, parts: set[str]) -> None:
+    """Fold one change of a customer into what this batch changed."""
+    prev = changed.get(cid)
+    if prev is None:
+        changed[cid] = Change(version, set(parts), version)
+    else:
+        prev.add(version, parts)
 
 
 def _parse(cls: type[M], ev: CloudEvent) -> M:

@@ -303,6 +303,21 @@ SegmentResolver = Callable[[str], rules.Node]
 
 
 @dataclass
+class Change:
+    """A customer's changes seen in one consumer batch: the newest version, the parts they
+    touched, and the oldest version among them."""
+
+    version: int
+    parts: set[str]
+    since: int
+
+    def add(self, version: int, parts: set[str]) -> None:
+        self.version = max(self.version, version)
+        self.since = min(self.since, version)
+        self.parts |= parts
+
+
+@dataclass
 class Population:
     """Every customer's audience-relevant data, indexed by slot."""
 
@@ -342,14 +357,15 @@ class Population:
     def upsert_many(
         self,
         docs: Iterable[Mapping[str, Any]],
-        parts: Mapping[str, tuple[int, set[str]]] | None = None,
+        parts: Mapping[str, Change] | None = None,
     ) -> int:
         """Apply projection documents (newer versions only); returns how many applied.
 
-        ``parts`` may name, per customer, a version and the parts its change touched
-        (``tags``, ``attributes``, ``consents``, ``counters``, ``event:<type>``). When the
-        document is exactly that version and the index holds the one before, only those
-        parts are applied; otherwise the whole document is.
+        ``parts`` may name, per customer, the changes since a version: the parts they
+        touched (``tags``, ``attributes``, ``consents``, ``counters``, ``event:<type>``).
+        When the document is the newest of them and the index holds the version before the
+        oldest, only those parts are applied (the others did not move); otherwise the whole
+        document is.
         """
         todo: list[tuple[int, Mapping[str, Any], set[str] | None, bool]] = []
         for doc in docs:
@@ -364,9 +380,10 @@ class Population:
                 hinted
                 and not new
                 and slot in self.alive
-                and v == hinted[0] == self.version[slot] + 1
+                and v == hinted.version
+                and hinted.since == self.version[slot] + 1
             ):
-                hint = hinted[1]
+                hint = hinted.parts
             self.version[slot] = v
             todo.append((slot, doc, hint, new or slot not in self.alive))
         if not todo:

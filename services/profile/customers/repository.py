@@ -497,9 +497,11 @@ _COUNTERS_PART = """
                       WHERE k.customer_id = c.customer_id AND k.last <> '{}'), '{}'),
     'updated_at', c.updated_at)::text
 """
-PROJECTION_SQL = (
-    """
-SELECT c.customer_id, c.version, (extract(epoch FROM c.created_at) * 1000)::bigint,
+# A projection document's columns over a customer row ``c``: the id, version, creation
+# time (ms), the profile part and the behaviour part. Reads select them; an import's upsert
+# returns them for the rows it writes.
+PROJECTION_COLUMNS = (
+    """c.customer_id, c.version, (extract(epoch FROM c.created_at) * 1000)::bigint,
   jsonb_build_object(
     'customer_id', c.customer_id,
     'attributes', c.attributes, 'tags', to_jsonb(c.tags), 'consents', c.consents,
@@ -511,6 +513,10 @@ SELECT c.customer_id, c.version, (extract(epoch FROM c.created_at) * 1000)::bigi
     'timezone', c.timezone, 'locale', c.locale,
     'created_at', c.created_at, 'updated_at', c.updated_at)::text,"""
     + _COUNTERS_PART
+)
+PROJECTION_SQL = (
+    "\nSELECT "
+    + PROJECTION_COLUMNS
     + """
 FROM profile.customer c
 WHERE c.customer_id = ANY(:ids) AND c.merged_into IS NULL

@@ -12,7 +12,6 @@ from datetime import timedelta
 from typing import Any
 
 from services.profile.customers import service
-from services.profile.customers.repository import CustomerRepository
 from services.profile.imports.parser import Parsed, parse_batch
 from services.profile.imports.reader import batches
 from services.profile.imports.repository import ConcurrentClaim, ImportRepository
@@ -105,14 +104,13 @@ async def write_batch(db: Database, parsed: Parsed, after: asyncio.Task[Any] | N
                 }
         await repo.drop_lines(sorted(refused))
         kept = {r[1] for r in parsed.rows if r[0] not in refused}
-        batch_id, written = await repo.merge(now)
-        if written != len(kept):
+        # The projection comes back from the writes themselves: exactly what commits.
+        batch_id, docs = await repo.merge(now)
+        if len(docs) != len(kept):
             raise ConcurrentClaim("a customer was merged away meanwhile")
-        if written:
-            announce = ProfileImported(batch_id=batch_id, count=written, changed=CHANGED)
+        if docs:
+            announce = ProfileImported(batch_id=batch_id, count=len(docs), changed=CHANGED)
             uow.emit(*announce.to_event(source=service.SOURCE))
-        # Read back in the same transaction: what is projected is exactly what commits.
-        docs = await CustomerRepository(uow.session).projection_docs(sorted(kept))
     n = sum(1 for r in parsed.rows if r[0] not in refused)
     return Written(n, sorted(refused.values(), key=lambda e: e["line"]), docs)
 

@@ -8,8 +8,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.profile.customers.repository import conflicts_sql
+from services.profile.customers.repository import PROJECTION_COLUMNS, conflicts_sql
 from services.profile.imports.parser import Row
+from services.profile.projection import Doc
 
 
 class ConcurrentClaim(Exception):
@@ -52,9 +53,11 @@ DELETE FROM {STAGE} s USING {STAGE} t WHERE t.customer_id = s.customer_id AND t.
 STAGED_CONFLICTS = conflicts_sql(
     f"SELECT s.line, s.customer_id, e.key, e.value FROM {STAGE} s, jsonb_each_text(s.identities) e"
 )
-# Customers in id order, so that concurrent imports lock rows in the same order; the batch's
-# announcement row names each written customer with its new version.
-UPSERT = f"""
+# Customers in id order, so that concurrent imports lock rows in the same order. The upsert
+# returns each written customer's projection document (the identities are written first, so
+# the document holds them), and the batch's announcement row names each one with its version.
+UPSERT = (
+    f"""
 WITH up AS (
 INSERT INTO profile.customer AS c (customer_id, attributes, tags, consents, timezone, locale,
                                    created_at, updated_at, version)
@@ -64,11 +67,16 @@ ON CONFLICT (customer_id) DO UPDATE SET attributes = EXCLUDED.attributes, tags =
   consents = EXCLUDED.consents, timezone = EXCLUDED.timezone, locale = EXCLUDED.locale,
   updated_at = EXCLUDED.updated_at, version = c.version + 1
 WHERE c.merged_into IS NULL
-RETURNING customer_id, version)
+RETURNING """
+    + PROJECTION_COLUMNS
+    + """),
+announced AS (
 INSERT INTO profile.import_batch (created_at, size, customers)
-SELECT :now, count(*), COALESCE(jsonb_object_agg(customer_id, version), '{{}}') FROM up
-RETURNING batch_id, size
+SELECT :now, count(*), COALESCE(jsonb_object_agg(customer_id, version), '{}') FROM up
+RETURNING batch_id)
+SELECT announced.batch_id, up.* FROM announced LEFT JOIN up ON true
 """
+)
 # Announcements older than the PROFILE stream's retention name messages no longer there.
 PRUNE = "DELETE FROM profile.import_batch WHERE created_at < :before"
 BATCH = "SELECT batch_id, customers FROM profile.import_batch WHERE batch_id = :b"
@@ -124,18 +132,23 @@ class ImportRepository:
         rows = await self.session.execute(sa.text(STAGED_CONFLICTS))
         return [(r[0], r[1], r[2], r[3]) for r in rows.all()]
 
-    async def merge(self, now: datetime) -> tuple[int, int]:
-        """Upsert the staged customers (last line per customer) and their identities, and
-        record the batch's announcement; returns (batch id, customers written). Raises
-        ``ConcurrentClaim`` when a concurrent writer took one of the identities since the
-        check."""
+    async def merge(self, now: datetime) -> tuple[int, list[Doc]]:
+        """Write the staged identities, then upsert the staged customers (last line per
+        customer) and record the batch's announcement; returns (batch id, the projection
+        document of each written customer). Raises ``ConcurrentClaim`` when a concurrent
+        writer took one of the identities since the check."""
         await self.session.execute(sa.text(KEEP_LAST))
-        row = (await self.session.execute(sa.text(UPSERT), {"now": now})).one()
         await self.session.execute(sa.text(DROP_IDENTITIES))
         lost = await self.session.execute(sa.text(ADD_IDENTITIES))
         if lost.scalar_one():  # updated, not inserted: a row someone else holds
             raise ConcurrentClaim("an identity was claimed meanwhile")
-        return int(row[0]), int(row[1])
+        rows = (await self.session.execute(sa.text(UPSERT), {"now": now})).all()
+        docs = [
+            Doc(r[1], int(r[2]), int(r[3]), r[5].encode(), r[4].encode())
+            for r in rows
+            if r[1] is not None
+        ]
+        return int(rows[0][0]), docs
 
     async def prune(self, before: datetime) -> None:
         await self.session.execute(sa.text(PRUNE), {"before": before})
