@@ -207,7 +207,7 @@ class Triggers:
             await self._finish(held)
         rounds = list(exclusive.values())
         for q in rounds:
-            await self._rank(q)
+            self._rank(q)
         # Exclusive candidates go in rounds: the best of every event first; where it was
         # suppressed (capped, no consent …) the next one gets its turn.
         heads = [(q, q.pop(0)) for q in rounds]
@@ -219,11 +219,11 @@ class Triggers:
             heads = [(q, q.pop(0)) for q, h in heads if id(h) in lost and q]
             pending = [h for _, h in heads]
 
-    async def _rank(self, items: list[Item]) -> None:
+    def _rank(self, items: list[Item]) -> None:
         """Rank one event's exclusive candidates (the pipeline's ranking step)."""
         cands = [it.cand for it in items if it.cand is not None]
         by_cand = {id(it.cand): it for it in items}
-        await self.engine.rank(cands)
+        self.engine.rank(cands)
         items[:] = [by_cand[id(c)] for c in cands]
 
     async def _finish(self, done: Sequence[tuple[Item, Outcome]]) -> None:
