@@ -5,6 +5,8 @@ this runs only bench/outbound.py's setup (the import of ``--customers``) and its
 (start → every dispatch request published, every publish acknowledged), so the figure can be
 taken at a size that fits a working session and extrapolated: members/s at N customers
 says how long 1,000,000 take, if the rate holds (it is page-bound, not population-bound).
+Also the CPU per member of each process, and with ``BENCH_PYSPY=1`` a py-spy profile of
+the decision process over the first 30 s of the first run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from bench import outbound
 from bench.__main__ import RESULTS, median_of, start_stack
+from bench.decision import CpuMeter, _pids, _pyspy
 from bench.scenarios import Context
 from shared.embedded import free_port
 
@@ -31,7 +34,14 @@ async def _one(ctx: Context, run: int) -> dict[str, Any]:
         out["setup"] = await outbound._setup(ctx)
         ctx.prepared.add("outbound")
     out["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
+    meter = CpuMeter(_pids(ctx))
+    spy = _pyspy(ctx.stack.procs["decision"].pid, "decision-batch", 30) if run == 0 else None
+    meter.start()
     out["batch_run"] = await outbound._batch(ctx, run)
+    # CPU per member, by process (raw: other work on the machine is not taken out)
+    out["cpu_us_per_member"] = meter.per_request(out["batch_run"]["selected"])
+    if spy is not None:
+        spy.wait(60)
     rate = out["batch_run"]["members_per_s"]
     out["extrapolated_1m_members_s"] = round(1_000_000 / rate, 1) if rate else None
     out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
