@@ -34,6 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "gateway",
         schema=None,
         routers=[
+            catalog.decisions_router,
             events.router,
             dispatch.router,
             rewards.router,

@@ -156,6 +156,7 @@ async def _setup(rt: Runtime) -> None:
     rt.background.append(
         asyncio.create_task(refresh_forever(eng.set_catalog, rt.db, selection, wake))
     )
+    rt.background.append(asyncio.create_task(eng.propensities.forever(eng.pairs)))
     # Touchpoint decisions write their contact records to a Redis stream in the step that
     # reserves the caps; every replica (consumers or not) relays it to JetStream.
     relay = StreamOutbox(rt.redis, rt.bus, eng.ledger.outbox_key(), name)
@@ -167,11 +168,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return create_service_app(
         "decision",
         schema=SCHEMA,
+        # Decisions first: the hot path is matched before any other route is tried (its one
+        # path is nobody else's); runs before the catalog: {action} is a catch-all.
         routers=[
+            decisions_router,
             runs_router,
             catalog_router,
-            decisions_router,
-        ],  # runs first: {action} is a catch-all
+        ],
         setup=_setup,
         settings=settings,
     )

@@ -24,6 +24,7 @@ from services.decision import messages
 from services.decision.pipeline import counts, steps
 from services.decision.pipeline.catalog import Catalog
 from services.decision.pipeline.model import Campaign
+from services.decision.pipeline.propensities import Pair, Propensities
 from services.decision.pipeline.steps import Candidate, Customer, Outcome
 from services.decision.policy.ledger import Cap, Ledger, Ranked, Record
 from shared import rules
@@ -44,6 +45,7 @@ class Engine:
         self.catalog = Catalog()
         self.explore = explore
         self.rng = random.Random()
+        self.propensities = Propensities(redis, keys)
         # Set once a catalog has been loaded: until then triggers, timers and runs wait
         # (an empty catalog would drop what they hold).
         self.loaded = asyncio.Event()
@@ -51,6 +53,13 @@ class Engine:
     def set_catalog(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self.loaded.set()
+        self.propensities.wake.set()  # read the statistics of its new pairs at once
+
+    def pairs(self) -> list[Pair]:
+        """Every (offer, treatment) of the active catalog, whose statistics ranking reads."""
+        return [
+            (t.offer_id, t.id) for c in self.catalog.by_id.values() for t in (*c.tiers, *c.plain)
+        ]
 
     # -- what the steps read from Redis -------------------------------------------------
     async def contacted(
@@ -74,16 +83,14 @@ class Engine:
             for i in range(len(customer_ids))
         ]
 
-    async def rank(self, cands: list[Candidate]) -> None:
-        """Read each candidate's (offer, treatment) statistics, then rank them (step)."""
+    def rank(self, cands: list[Candidate]) -> None:
+        """Rank candidates on their (offer, treatment) statistics, held in memory (step)."""
         if not cands:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for c in cands:
-                pipe.hmget(self.keys("propensity", c.offer.offer_id, c.treatment.id), ["s", "f"])
-            raw: Sequence[Any] = await pipe.execute()
-        stats = [(float(s or 0), float(f or 0)) for s, f in raw]
-        steps.rank(cands, stats, self.rng, self.explore)
+        of = self.propensities.of
+        steps.rank(
+            cands, [of(c.offer.offer_id, c.treatment.id) for c in cands], self.rng, self.explore
+        )
 
     # -- the touchpoint decision ----------------------------------------------------------
     async def decide(
@@ -115,7 +122,7 @@ class Engine:
                 self._considered(considered, camp, steps.held_out(got))
             else:
                 candidates.append(got)
-        await self.rank(candidates)
+        self.rank(candidates)
         decision_id = str(uuid.uuid4())
         now_ms = int(now.timestamp() * 1000)
         if dry_run:

@@ -61,22 +61,41 @@ class Learning:
         return self.keys.propensity_pending(offer, treatment)
 
     async def handle(self, batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
-        """Offered contacts join the pending set; responses leave it and count."""
+        """Offered contacts join the pending set; responses leave it and count. One write per
+        (offer, treatment) and kind per batch: a run's page offers thousands of contacts
+        over a few pairs (a write each cost this consumer most of its time)."""
         parsed = [_payload(ev) for _, ev in batch]
+        now = time.time()
+        offered: dict[tuple[str, str], dict[str, float]] = {}
+        answered: dict[tuple[str, str], list[str]] = {}
+        counted: dict[tuple[str, str, str], int] = {}
+        for m in parsed:
+            if not m.offer_id or not m.treatment or m.control:
+                continue  # a control contact, or one without an offer: nothing to learn
+            pair = (m.offer_id, m.treatment)
+            if isinstance(m, ContactRecorded):
+                if m.status == "offered":
+                    offered.setdefault(pair, {})[m.tracking_id] = now
+                continue
+            answered.setdefault(pair, []).append(m.tracking_id)
+            field = "s" if m.outcome in SUCCESS else "f" if m.outcome in FAILURE else None
+            if field:
+                counted[(*pair, field)] = counted.get((*pair, field), 0) + 1
+        if not (offered or answered):
+            return
         async with self.redis.pipeline(transaction=False) as pipe:
-            for m in parsed:
-                if not m.offer_id or not m.treatment or m.control:
-                    continue  # a control contact, or one without an offer: nothing to learn
-                offer, treatment = m.offer_id, m.treatment
-                if isinstance(m, ContactRecorded):
-                    if m.status == "offered":
-                        pipe.zadd(self.pending_key(offer, treatment), {m.tracking_id: time.time()})
-                        pipe.sadd(self.keys("propensity-pending-keys"), f"{offer}\x00{treatment}")
-                    continue
-                pipe.zrem(self.pending_key(offer, treatment), m.tracking_id)
-                field = "s" if m.outcome in SUCCESS else "f" if m.outcome in FAILURE else None
-                if field:
-                    pipe.hincrby(self.stats_key(offer, treatment), field, 1)
+            # Offers join before answers leave: an answer handled in the same batch as its
+            # offer still takes it out of the pending set.
+            for (offer, treatment), members in offered.items():
+                pipe.zadd(self.pending_key(offer, treatment), members)
+            if offered:
+                pipe.sadd(
+                    self.keys("propensity-pending-keys"), *(f"{o}\x00{t}" for o, t in offered)
+                )
+            for (offer, treatment), ids in answered.items():
+                pipe.zrem(self.pending_key(offer, treatment), *ids)
+            for (offer, treatment, field), n in counted.items():
+                pipe.hincrby(self.stats_key(offer, treatment), field, n)
             await pipe.execute()
 
     async def sweep(self) -> int:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -98,19 +98,30 @@ class Triggers:
                 wanted.append((msg, ev, occurred))
         if not wanted:
             return []
-        owners = await self._owners([ev.id for _, ev, _ in wanted])
-        later, fired = [], []
-        for msg, ev, occurred in wanted:
-            cid = owners.get(ev.id)
-            if cid is None:
-                if _age_s(msg) < min(PATIENCE_S, APPLIED_TTL_S / 2):
-                    later.append(msg)
-                    continue
-                cid = occurred.who()  # the profile rejected it or forgot: go on
-                if cid is None:
-                    continue
-            fired.append(Fired(cid, occurred.as_fired(ev), _again(msg)))
-        await self.process(fired)
+        # Each event is handled as soon as the profile has applied it, not when the whole
+        # batch has: one slow marker no longer holds back the events around it. A customer's
+        # events still go in the batch's order (an order cancels the cart's timer only if
+        # the cart came first), so one waits for that customer's earlier ones.
+        later: list[Msg] = []
+        known: dict[str, str] = {}
+        todo = wanted
+        async for found, missing in self._owners([ev.id for _, ev, _ in wanted]):
+            known.update(found)
+            fired, waiting, held = [], [], set()
+            for msg, ev, occurred in todo:
+                who = occurred.who()
+                if ev.id in missing:
+                    if _age_s(msg) < min(PATIENCE_S, APPLIED_TTL_S / 2):
+                        later.append(msg)
+                    elif who is not None:  # the profile rejected it or forgot: go on
+                        fired.append(Fired(who, occurred.as_fired(ev), _again(msg)))
+                elif ev.id in known and who not in held:
+                    fired.append(Fired(known[ev.id], occurred.as_fired(ev), _again(msg)))
+                else:
+                    waiting.append((msg, ev, occurred))
+                    held.add(who)
+            todo = waiting
+            await self.process(fired)
         return later
 
     async def handle_responses(self, batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
@@ -136,13 +147,17 @@ class Triggers:
         ]
         await self.process(fired)
 
-    async def _owners(self, event_ids: Sequence[str]) -> dict[str, str]:
-        """The customer each event landed on, waiting up to ``marker_wait_s`` for profile."""
-        found: dict[str, str] = {}
+    async def _owners(
+        self, event_ids: Sequence[str]
+    ) -> AsyncIterator[tuple[dict[str, str], frozenset[str]]]:
+        """The customer each event landed on, as the profile marks them: every round yields
+        the events found since the last (event id → customer); after ``marker_wait_s`` the
+        last round also yields the ids still unmarked."""
         todo = list(event_ids)
         deadline = time.monotonic() + self.marker_wait_s
         while todo:
             vals = await self.redis.mget([self.keys.applied(i) for i in todo])
+            found: dict[str, str] = {}
             rest = []
             for eid, v in zip(todo, vals, strict=True):
                 if v is None:
@@ -150,10 +165,12 @@ class Triggers:
                 else:
                     found[eid] = v.decode() if isinstance(v, bytes) else str(v)
             todo = rest
-            if not todo or time.monotonic() >= deadline:
-                break
+            give_up = bool(todo) and time.monotonic() >= deadline
+            if found or give_up:
+                yield found, frozenset(todo if give_up else ())
+            if not todo or give_up:
+                return
             await asyncio.sleep(0.004)  # the profile applies a batch in ~10–30 ms
-        return found
 
     # -- the work -----------------------------------------------------------------------
     async def process(self, fired: Sequence[Fired]) -> None:
@@ -207,7 +224,7 @@ class Triggers:
             await self._finish(held)
         rounds = list(exclusive.values())
         for q in rounds:
-            await self._rank(q)
+            self._rank(q)
         # Exclusive candidates go in rounds: the best of every event first; where it was
         # suppressed (capped, no consent …) the next one gets its turn.
         heads = [(q, q.pop(0)) for q in rounds]
@@ -219,11 +236,11 @@ class Triggers:
             heads = [(q, q.pop(0)) for q, h in heads if id(h) in lost and q]
             pending = [h for _, h in heads]
 
-    async def _rank(self, items: list[Item]) -> None:
+    def _rank(self, items: list[Item]) -> None:
         """Rank one event's exclusive candidates (the pipeline's ranking step)."""
         cands = [it.cand for it in items if it.cand is not None]
         by_cand = {id(it.cand): it for it in items}
-        await self.engine.rank(cands)
+        self.engine.rank(cands)
         items[:] = [by_cand[id(c)] for c in cands]
 
     async def _finish(self, done: Sequence[tuple[Item, Outcome]]) -> None:

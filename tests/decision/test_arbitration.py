@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from services.decision import arbitration
 from services.decision.learning import Learning
+from services.decision.pipeline.propensities import Propensities
 from shared.contracts.bus import ContactRecorded, ResponseRecorded
 from shared.events import CloudEvent
 from shared.redis import Keys
@@ -86,6 +87,35 @@ async def test_unanswered_offers_decay_into_failures_once(stack: Stack) -> None:
         assert sum(moved) == 2  # t1 and t2, once; t3 was answered
         stats = await redis.hgetall(keys("propensity", "o-1", "A"))
         assert stats == {b"s": b"1", b"f": b"2"}
+    finally:
+        async for k in redis.scan_iter(match=keys("*")):
+            await redis.delete(k)
+        await redis.aclose()
+
+
+async def test_ranking_reads_what_learning_wrote_once_refreshed(stack: Stack) -> None:
+    """Ranking's statistics are held in memory: a pair reads its (successes, failures) after
+    a refresh, and the uninformed prior until then (a pair just added to the catalog)."""
+    env = stack.env
+    redis = Redis.from_url(env["KAIROS_REDIS_URL"])
+    keys = Keys(env["KAIROS_REDIS_PREFIX"] + "-propensities-" + str(os.getpid()))
+    held = Propensities(redis, keys)
+    try:
+        await redis.hset(keys("propensity", "o-1", "A"), mapping={"s": 7, "f": 3})
+        assert held.of("o-1", "A") == (0.0, 0.0)
+        await held.refresh([("o-1", "A"), ("o-2", "B")])
+        assert held.of("o-1", "A") == (7.0, 3.0)
+        assert held.of("o-2", "B") == (0.0, 0.0)  # nothing learnt yet
+        await redis.hincrby(keys("propensity", "o-1", "A"), "s", 1)
+        task = asyncio.create_task(held.forever(lambda: [("o-1", "A")]))
+        try:
+            for _ in range(100):
+                if held.of("o-1", "A") == (8.0, 3.0):
+                    break
+                await asyncio.sleep(0.05)
+            assert held.of("o-1", "A") == (8.0, 3.0)
+        finally:
+            task.cancel()
     finally:
         async for k in redis.scan_iter(match=keys("*")):
             await redis.delete(k)
