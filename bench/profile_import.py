@@ -2,7 +2,7 @@
 against the same run's floor, a raw ``COPY`` of the same rows into a plain table.
 
 Each run imports ``--customers`` new generated customers (a telecom population, 5–15 tags
-each, e-mail and MSISDN) as plain NDJSON, then waits until every ``profile.changed`` of the
+each, e-mail and MSISDN) as plain NDJSON, then waits until every announcement (``profile.imported``) of the
 import left the outbox (``announced_s``). The floor parses the same lines (untimed) and
 times only ``COPY`` of the rows into an unindexed table, batch by batch, on one connection:
 the least any import of these rows into Postgres can cost here. Medians of ``--runs``; the
