@@ -72,12 +72,13 @@ async def _outbox(url: str) -> int:
 
 
 def _cpu(stack: Stack) -> dict[str, float]:
-    """CPU seconds so far of the processes an import runs through: gateway, profile, and
-    the embedded Postgres (postmaster and its backends), Redis and NATS."""
+    """CPU seconds so far of the processes an import runs through: gateway, profile,
+    selection (its audience index applies every announced batch), and the embedded Postgres
+    (postmaster and its backends), Redis and NATS."""
     import psutil
 
     out: dict[str, float] = {}
-    roots = {n: p.pid for n, p in stack.procs.items() if n in ("gateway", "profile")}
+    roots = {n: p.pid for n, p in stack.procs.items() if n in ("gateway", "profile", "selection")}
     if stack.embedded is not None:
         roots.update({n: p.pid for n, p in stack.embedded.procs.items()})
     for name, pid in roots.items():
