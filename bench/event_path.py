@@ -1,0 +1,131 @@
+"""Where the time from an event to its ``dispatch.requested`` goes, at 500 events/s:
+``python -m bench.event_path [customers]`` (bench/outbound.py's triggered campaigns).
+
+Per listened event: sent → the gateway's 202, sent → the profile's ``applied`` marker in
+Redis (polled every 2 ms), marker → ``dispatch.requested`` seen on the bus. The marker is
+what triggers wait for, so the first leg is the gateway and the profile, the second the
+decision service. Prints three rounds (load average included); nothing is written."""
+
+import asyncio
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+from redis.asyncio import Redis
+
+from bench import outbound
+from bench.__main__ import start_stack
+from bench.loadgen import Conn
+from bench.outbound import LISTENED, TYPES, Seen, _pcts
+from bench.scenarios import Context
+from shared.embedded import free_port
+
+
+async def measure(ctx, rate, secs):
+    prefix = ctx.stack.env["KAIROS_REDIS_PREFIX"]
+    r = Redis.from_url(ctx.stack.env["KAIROS_REDIS_URL"])
+    sent, acked, marked = {}, {}, {}
+    pending = set()
+    rng = random.Random(1)
+    stop = False
+
+    async def poll():
+        while not stop or pending:
+            ids = list(pending)
+            if ids:
+                vals = await r.mget([f"{prefix}:applied:{i}" for i in ids])
+                now = time.perf_counter()
+                for i, v in zip(ids, vals, strict=True):
+                    if v is not None:
+                        marked[i] = now
+                        pending.discard(i)
+            await asyncio.sleep(0.002)
+
+    conns = [Conn("127.0.0.1", ctx.gw_port, ctx.headers) for _ in range(32)]
+    for c in conns:
+        await c.open()
+    free = asyncio.Queue()
+    for c in conns:
+        free.put_nowait(c)
+
+    async def one(i):
+        eid = str(uuid.uuid4())
+        k = rng.randrange(TYPES)
+        etype = f"ob.t{k}" if k < LISTENED else f"ob.noise{k}"
+        ev = {
+            "id": eid,
+            "type": etype,
+            "customer_id": f"c-{rng.randrange(ctx.customers):07d}",
+            "properties": {"n": i},
+        }
+        c = await free.get()
+        t = time.perf_counter()
+        if k < LISTENED:
+            sent[eid] = t
+            pending.add(eid)
+        await c.send("POST", "/v1/events", orjson.dumps(ev))
+        if k < LISTENED:
+            acked[eid] = time.perf_counter()
+        free.put_nowait(c)
+
+    async with Seen(ctx) as seen:
+        p = asyncio.create_task(poll())
+        t0 = time.perf_counter()
+        tasks = []
+        n = int(rate * secs)
+        for i in range(n):
+            due = t0 + i / rate
+            d = due - time.perf_counter()
+            if d > 0:
+                await asyncio.sleep(d)
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        await asyncio.sleep(3)
+        stop = True
+        pending.clear()
+        await p
+    for c in conns:
+        await c.close()
+    await r.aclose()
+    ids = [e for e in sent if e in seen.by_event]
+    return {
+        "load": os.getloadavg(),
+        "listened": len(sent),
+        "dispatched": len(ids),
+        "sent_to_202": _pcts([acked[e] - sent[e] for e in ids if e in acked]),
+        "sent_to_marker": _pcts([marked[e] - sent[e] for e in ids if e in marked]),
+        "marker_to_dispatch": _pcts([seen.by_event[e] - marked[e] for e in ids if e in marked]),
+        "sent_to_dispatch": _pcts([seen.by_event[e] - sent[e] for e in ids]),
+    }
+
+
+def main() -> None:
+    customers = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
+    key = "bench-" + uuid.uuid4().hex
+    with tempfile.TemporaryDirectory(prefix="kairos-ev-") as tmp:
+        st = start_stack(Path(tmp), key)
+        ctx = Context(
+            stack=st,
+            key=key,
+            floor_port=free_port(),
+            tmp=Path(tmp),
+            duration=4,
+            customers=customers,
+            tags_max=200,
+        )
+        try:
+            asyncio.run(outbound._setup(ctx))
+            for rate in (500, 500, 500):
+                print(json.dumps(asyncio.run(measure(ctx, rate, 4)), indent=1), flush=True)
+        finally:
+            st.down()
+
+
+if __name__ == "__main__":
+    main()
