@@ -82,22 +82,41 @@ def merge_parts(raw: Sequence[Any]) -> dict[str, Any] | None:
     return doc
 
 
+# Many projections' fields in one command: a pipeline of HMGETs costs redis-py ~10 µs of
+# packing and parsing per key, one script call a fraction of that (the reply is one array).
+_READ = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('HMGET', key, unpack(ARGV)) end
+return out
+"""
+READ_CHUNK = 1000
+
+
+async def _read_fields(
+    redis: Redis, keys: Keys, ids: Sequence[str], fields: Sequence[str]
+) -> list[Any]:
+    """The given fields of many projection hashes, in chunks of one script call each."""
+    if len(ids) == 1:
+        return [await redis.hmget(keys.profile(ids[0]), list(fields))]
+    script = redis.register_script(_READ)
+    raw: list[Any] = []
+    for start in range(0, len(ids), READ_CHUNK):
+        chunk = ids[start : start + READ_CHUNK]
+        raw += await script(keys=[keys.profile(cid) for cid in chunk], args=list(fields))
+    return raw
+
+
 async def read_counter_parts(
     redis: Redis, keys: Keys, ids: Sequence[str]
 ) -> list[tuple[int, dict[str, Any]] | None]:
     """(version, behaviour part) of many projections in one round trip: what a reader that
     already holds a profile part needs after an event batch (None where absent or erased)."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for cid in ids:
-            pipe.hmget(keys.profile(cid), ("v", "c"))
-        raw = await pipe.execute()
+    raw = await _read_fields(redis, keys, ids, ("v", "c"))
     return [None if v is None or c is None else (int(v), orjson.loads(c)) for v, c in raw]
 
 
 async def read_projections(redis: Redis, keys: Keys, ids: Sequence[str]) -> list[Any]:
-    """Projected profiles of many customers in one round trip (None where absent)."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for cid in ids:
-            pipe.hmget(keys.profile(cid), PROJECTION_FIELDS)
-        raw = await pipe.execute()
-    return [merge_parts(r) for r in raw]
+    """Projected profiles of many customers (None where absent)."""
+    if not ids:
+        return []
+    return [merge_parts(r) for r in await _read_fields(redis, keys, ids, PROJECTION_FIELDS)]
