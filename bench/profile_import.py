@@ -103,9 +103,19 @@ async def import_once(stack: Stack, key: str, path: Path, run_id: bytes) -> dict
     async with httpx.AsyncClient(timeout=None) as c:
 
         async def chunks() -> Any:
+            # Whole lines only: a mark cut by a block boundary would stay unreplaced (and
+            # the next run's line would then claim this run's MSISDN).
+            rest = b""
             with path.open("rb") as fh:
                 while block := fh.read(1 << 20):
-                    yield _marked(block, run_id)
+                    block, _, tail = (rest + block).rpartition(b"\n")
+                    if block:
+                        yield _marked(block + b"\n", run_id)
+                        rest = tail
+                    else:
+                        rest = tail
+                if rest:
+                    yield _marked(rest, run_id)
 
         r = await c.post(
             f"{stack.url('gateway')}/v1/customers:import",
