@@ -70,7 +70,8 @@ class PreviousBatchFailed(Exception):
 
 
 async def write_batch(db: Database, parsed: Parsed, after: asyncio.Task[Any] | None) -> Written:
-    """One transaction: stage, apply the identity rule, merge, announce, projection read-back.
+    """One transaction: stage, apply the identity rule, merge, announce; returns the
+    projection documents of what it wrote.
 
     ``after`` is the previous batch's write, still in flight: this batch stages and checks
     its lines meanwhile, and merges only once that one has committed, so a later line always
@@ -116,9 +117,14 @@ async def write_batch(db: Database, parsed: Parsed, after: asyncio.Task[Any] | N
 
 
 async def _committed(previous: asyncio.Task[Any]) -> None:
+    """Wait until the previous batch has committed; raise if it never will."""
     try:
         await asyncio.shield(previous)
-    except BaseException as exc:
+    except asyncio.CancelledError:
+        if previous.cancelled():
+            raise PreviousBatchFailed() from None
+        raise  # this batch itself is being cancelled
+    except Exception as exc:
         raise PreviousBatchFailed() from exc
 
 
