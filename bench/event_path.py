@@ -2,9 +2,11 @@
 ``python -m bench.event_path [customers]`` (bench/outbound.py's triggered campaigns).
 
 Per listened event: sent → the gateway's 202, sent → the profile's ``applied`` marker in
-Redis (polled every 2 ms), marker → ``dispatch.requested`` seen on the bus. The marker is
-what triggers wait for, so the first leg is the gateway and the profile, the second the
-decision service. Prints three rounds (load average included); nothing is written."""
+Redis (polled every 2 ms), marker → ``dispatch.requested`` seen on the bus, sent →
+``dispatch.requested``. Triggers evaluate a known customer's event on "projection + this
+event" and do not wait for the marker, so marker → dispatch is negative when the dispatch
+request went out before the profile had applied the event. Prints three rounds (load
+average included); nothing is written."""
 
 import asyncio
 import json

@@ -9,6 +9,7 @@ the day buckets of the last N calendar days including today. Events older than
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -73,3 +74,45 @@ def windows(buckets: dict[str, Any], now: datetime) -> dict[str, int]:
     for name, n in _DAY_WINDOWS.items():
         out[name] = sum(v for k, v in days.items() if int(k) > today - n)
     return out
+
+
+def last_values(props: Mapping[str, Any]) -> dict[str, Any]:
+    """What an event leaves as its type's last values: scalars (and short lists); nested
+    objects are not rule material."""
+    return {k: v for k, v in props.items() if not isinstance(v, dict)}
+
+
+def _at(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def fold_event(
+    doc: Mapping[str, Any],
+    etype: str,
+    at: datetime,
+    properties: Mapping[str, Any],
+    now: datetime,
+) -> dict[str, Any]:
+    """A projection document (``counters`` and ``last`` as the profile projects them) with
+    one more event of ``etype`` at ``at`` applied, as the profile applies it: total, buckets,
+    first and last seen, last values. Returns a new document; ``doc`` is not changed (only
+    the event type's entries are copied)."""
+    ctrs = dict(doc.get("counters") or {})
+    lasts = dict(doc.get("last") or {})
+    old = ctrs.get(etype)
+    stamp = at.isoformat()
+    if old is None:
+        c: dict[str, Any] = {"m": {}, "d": {}, "total": 0, "first": stamp, "last": stamp}
+    else:
+        c = {**old, "m": dict(old.get("m") or {}), "d": dict(old.get("d") or {})}
+    c["total"] = int(c.get("total", 0)) + 1
+    add(c, at, now)
+    if old is None or at >= _at(str(c["last"])):
+        values = {**(lasts.get(etype) or {}), **last_values(properties)}
+        if values:  # the projection leaves out types without last values
+            lasts[etype] = values
+        c["last"] = stamp
+    if old is not None and at < _at(str(c["first"])):
+        c["first"] = stamp
+    ctrs[etype] = c
+    return {**doc, "counters": ctrs, "last": lasts}

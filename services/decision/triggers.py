@@ -37,12 +37,14 @@ from services.decision.pipeline import counts
 from services.decision.pipeline.steps import Outcome
 from services.decision.timers.repository import NewTimer
 from services.decision.timers.service import Timers, deferred, fire_timer, when
+from shared import counters
 from shared.bus import Bus, TransientError
 from shared.contracts.bus import EventOccurred, ResponseRecorded
 from shared.events import CloudEvent
-from shared.redis import APPLIED_TTL_S, Keys
+from shared.redis import APPLIED_TTL_S, PROJECTION_FIELDS, Keys, merge_parts, read_projections
 
 PATIENCE_S = 30.0  # an event the profile never marked (rejected there) is handled anyway
+UNAPPLIED_MAX = 100_000  # customers with events fired ahead of the profile, remembered
 
 
 @dataclass
@@ -52,6 +54,20 @@ class Fired:
     customer_id: str
     event: Mapping[str, Any]  # id, type, time, properties
     again: bool = False  # delivered before: its contacts may be in the ledger already
+    doc: Mapping[str, Any] | None = None  # the projection with the event in it, if read
+    projected: bool = False  # ``doc`` was read (None then means: no such customer)
+
+
+@dataclass(frozen=True, slots=True)
+class _Unapplied:
+    """An event fired on "projection + this event", whose marker was not seen yet: the
+    customer's next events add it too until the projection has it."""
+
+    event_id: str
+    type: str
+    at: datetime
+    properties: Mapping[str, Any]
+    until: float  # monotonic: forgotten after PATIENCE_S
 
 
 def _again(msg: Msg) -> bool:
@@ -84,6 +100,7 @@ class Triggers:
         self.keys = keys
         self.bus = bus
         self.marker_wait_s = marker_wait_s
+        self._unapplied: dict[str, list[_Unapplied]] = {}
 
     # -- consumers ----------------------------------------------------------------------
     async def handle_events(self, batch: Sequence[tuple[Msg, CloudEvent]]) -> list[Msg]:
@@ -98,13 +115,17 @@ class Triggers:
                 wanted.append((msg, ev, occurred))
         if not wanted:
             return []
-        # Each event is handled as soon as the profile has applied it, not when the whole
-        # batch has: one slow marker no longer holds back the events around it. A customer's
-        # events still go in the batch's order (an order cancels the cart's timer only if
-        # the cart came first), so one waits for that customer's earlier ones.
+        ready, todo = await self._ahead(wanted)
+        await self.process(ready)
+        if not todo:
+            return []
+        # The rest (anonymous events, identifying events, new customers, redeliveries) is
+        # handled as soon as the profile has applied it, not when the whole batch has: one
+        # slow marker does not hold back the events around it. A customer's events still go
+        # in the batch's order (an order cancels the cart's timer only if the cart came
+        # first), so one waits for that customer's earlier ones.
         later: list[Msg] = []
         known: dict[str, str] = {}
-        todo = wanted
         async for found, missing in self._owners([ev.id for _, ev, _ in wanted]):
             known.update(found)
             fired, waiting, held = [], [], set()
@@ -123,6 +144,91 @@ class Triggers:
             todo = waiting
             await self.process(fired)
         return later
+
+    async def _ahead(
+        self, wanted: Sequence[tuple[Msg, CloudEvent, EventOccurred]]
+    ) -> tuple[list[Fired], list[tuple[Msg, CloudEvent, EventOccurred]]]:
+        """Fire what needs no wait for the profile: events naming a known customer (and no
+        anonymous id to fold) are evaluated on "projection + this event".
+
+        The profile sets an event's ``applied`` marker in the same script that writes the
+        projection with the event in it, and both are read here in one transaction: with the
+        marker, the projection has the event; without it, the event (and the customer's
+        earlier ones that were fired the same way and are not applied yet) is added here
+        with ``counters.fold_event``, the profile's own rule. Returns the fired events and
+        the rest, in order, for the marker wait (``_owners``)."""
+        direct = {
+            str(occ.customer_id)
+            for msg, _, occ in wanted
+            if occ.customer_id and not occ.anonymous_id and not _again(msg)
+        }
+        if not direct:
+            return [], list(wanted)
+        now = datetime.now(UTC)
+        mono = time.monotonic()
+        customers = sorted(direct)
+        in_batch = {ev.id for _, ev, _ in wanted}
+        prior = {
+            cid: [
+                u
+                for u in self._unapplied.get(cid, ())
+                if u.until > mono and u.event_id not in in_batch
+            ]
+            for cid in customers
+        }
+        ids = [*in_batch, *(u.event_id for us in prior.values() for u in us)]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.mget([self.keys.applied(i) for i in ids])
+            for cid in customers:
+                pipe.hmget(self.keys.profile(cid), list(PROJECTION_FIELDS))
+            res = await pipe.execute()
+        marks = {
+            i: (v.decode() if isinstance(v, bytes) else str(v))
+            for i, v in zip(ids, res[0], strict=True)
+            if v is not None
+        }
+        view: dict[str, dict[str, Any] | None] = {}
+        for cid, raw in zip(customers, res[1:], strict=True):
+            doc = merge_parts(raw)
+            left = [u for u in prior[cid] if u.event_id not in marks]
+            if doc is not None:
+                for u in left:
+                    doc = counters.fold_event(doc, u.type, u.at, u.properties, now)
+            view[cid] = doc
+            if left:
+                self._unapplied[cid] = left
+            else:
+                self._unapplied.pop(cid, None)
+        ready: list[Fired] = []
+        rest: list[tuple[Msg, CloudEvent, EventOccurred]] = []
+        held: set[str | None] = set()
+        for msg, ev, occ in wanted:
+            who = occ.who()
+            owner = marks.get(ev.id)
+            doc = view.get(who) if who in direct else None
+            fast = who not in held and doc is not None and (owner is None or owner == who)
+            if not fast or who is None or doc is None:
+                rest.append((msg, ev, occ))
+                held.add(who)
+                continue
+            if owner is None:
+                at = when(occ.time)
+                doc = counters.fold_event(doc, occ.type, at, occ.properties, now)
+                view[who] = doc
+                self._remember(
+                    who, _Unapplied(ev.id, occ.type, at, occ.properties, mono + PATIENCE_S)
+                )
+            ready.append(Fired(who, occ.as_fired(ev), False, doc=doc, projected=True))
+        return ready, rest
+
+    def _remember(self, customer_id: str, u: _Unapplied) -> None:
+        if len(self._unapplied) >= UNAPPLIED_MAX:  # bounded: drop the expired, else the oldest
+            mono = time.monotonic()
+            for cid in [c for c, us in self._unapplied.items() if us[-1].until <= mono]:
+                del self._unapplied[cid]
+            while len(self._unapplied) >= UNAPPLIED_MAX:
+                del self._unapplied[next(iter(self._unapplied))]
+        self._unapplied.setdefault(customer_id, []).append(u)
 
     async def handle_responses(self, batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
         """``response.recorded``: a reply (an SMS survey answer) can fire the next step."""
@@ -179,11 +285,14 @@ class Triggers:
         cat = self.engine.catalog
         now = datetime.now(UTC)
         pairs = [(f, c) for f in fired for c in cat.by_event.get(str(f.event["type"]), ())]
+        unread = sorted({f.customer_id for f, _ in pairs if not f.projected})
+        read = dict(zip(unread, await read_projections(self.redis, self.keys, unread), strict=True))
         whos = await self.planner.customers(
             [f.customer_id for f, _ in pairs],
             [c for _, c in pairs],
             now,
             events=[f.event for f, _ in pairs],
+            docs=[f.doc if f.projected else read[f.customer_id] for f, _ in pairs],
         )
         answers = [
             (f.customer_id, str(f.event["type"]), when(f.event["time"]))

@@ -56,12 +56,14 @@ async def handle_events(rt: Runtime, batch: Sequence[tuple[Msg, CloudEvent]]) ->
             # rather than after the nak delay (which would reorder it behind later events).
             log.info("events batch conflicted with another (%s); retrying", exc)
     proj = projection(rt)
-    stale = await proj.write_many(applied.docs)
+    # Each projection and the markers of the events in it go in one script (triggers read
+    # both at once: a marker means "the projection has this event").
+    stale, unmarked = await proj.write_applied(applied.docs, applied.owners)
     if stale:  # Redis missed an earlier version (a restart, a flush): write them whole
         await reproject(rt, stale)
     for source in applied.folded:
         await proj.erase(source)
-    await proj.mark_applied(applied.owners)
+    await proj.mark_applied(unmarked)
 
 
 M = TypeVar("M", bound=BusMessage)

@@ -12,7 +12,7 @@ of the erased profile cannot bring it back; a profile created after the erasure 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,27 +21,37 @@ from redis.asyncio import Redis
 from shared.redis import APPLIED_TTL_S, Keys, merge_parts
 
 _WRITE = """
--- KEYS: profile keys; ARGV: mode, then version, created_at ms, p, c for each key
+-- KEYS: n profile keys, then the applied markers of their events (in profile order)
+-- ARGV: mode, marker ttl, n, then per profile: version, created_at ms, p, c, customer id,
+--       number of its markers
 -- mode 'full' writes p and c when newer; mode 'counters' writes c only on top of v-1.
--- Returns the 1-based indexes of keys a 'counters' write could not apply.
-local mode = ARGV[1]
-local stale = {}
-for i, key in ipairs(KEYS) do
-  local base = 1 + 4 * (i - 1)
-  local v, created, p, c = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]
-  local ok = true
+-- A profile's markers are set when Redis holds its version (or a newer one) afterwards,
+-- so whoever sees a marker reads a projection with that event in it.
+-- Returns {1-based indexes of keys a 'counters' write could not apply,
+--          1-based indexes of profiles whose markers were not set}.
+local mode, ttl, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local stale, unmarked = {}, {}
+local m = n
+for i = 1, n do
+  local key = KEYS[i]
+  local base = 4 + 6 * (i - 1)
+  local v, created, p, c = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+  local cid, marks = ARGV[base + 4], tonumber(ARGV[base + 5])
+  local ok, holds = true, true
   local erased = redis.call('HGET', key, 'e')
   local cur = redis.call('HGET', key, 'v')
   if erased then
-    if tonumber(created) <= tonumber(erased) then ok = false
+    if tonumber(created) <= tonumber(erased) then ok = false; holds = false
     elseif mode == 'full' then redis.call('DEL', key)
-    else ok = false; table.insert(stale, i) end
+    else ok = false; holds = false; table.insert(stale, i) end
   elseif mode == 'full' then
     if cur and tonumber(cur) >= tonumber(v) then ok = false end
   else
-    if not cur then ok = false; table.insert(stale, i)
+    if not cur then ok = false; holds = false; table.insert(stale, i)
     elseif tonumber(cur) >= tonumber(v) then ok = false
-    elseif tonumber(cur) ~= tonumber(v) - 1 then ok = false; table.insert(stale, i) end
+    elseif tonumber(cur) ~= tonumber(v) - 1 then
+      ok = false; holds = false; table.insert(stale, i)
+    end
   end
   if ok then
     if mode == 'full' then
@@ -50,8 +60,14 @@ for i, key in ipairs(KEYS) do
       redis.call('HSET', key, 'v', v, 'c', c)
     end
   end
+  if holds then
+    for j = 1, marks do redis.call('SET', KEYS[m + j], cid, 'EX', ttl) end
+  elseif marks > 0 then
+    table.insert(unmarked, i)
+  end
+  m = m + marks
 end
-return stale
+return {stale, unmarked}
 """
 _ERASE = """
 redis.call('DEL', KEYS[1])
@@ -96,25 +112,55 @@ class Projection:
     async def write_many(self, docs: Sequence[Doc]) -> list[str]:
         """Write documents in chunks; returns customers whose counters-only write could not
         apply (Redis did not hold the previous version): write those whole."""
+        stale, _ = await self.write_applied(docs, {})
+        return stale
+
+    async def write_applied(
+        self, docs: Sequence[Doc], owners: Mapping[str, str]
+    ) -> tuple[list[str], dict[str, str]]:
+        """Write documents and, in the same script, the ``applied`` markers of the events
+        they hold (``owners``: event id → the customer it landed on): a marker is never seen
+        before the projection that has its event. Returns the stale customers (as
+        ``write_many``) and the markers left to set (their customer's document was stale,
+        refused or not among ``docs``) for :meth:`mark_applied` once those are rewritten."""
+        by_customer: dict[str, list[str]] = {}
+        for event_id, cid in owners.items():
+            by_customer.setdefault(cid, []).append(event_id)
         stale: list[str] = []
+        written: set[str] = set()
         full = [d for d in docs if d.profile is not None]
         partial = [d for d in docs if d.profile is None]
         for mode, items in (("full", full), ("counters", partial)):
             for start in range(0, len(items), CHUNK):
                 chunk = items[start : start + CHUNK]
-                args: list[Any] = [mode]
+                args: list[Any] = [mode, APPLIED_TTL_S, len(chunk)]
+                markers: list[str] = []
                 for d in chunk:
-                    args += [d.version, d.created_ms, d.profile or b"", d.counters]
-                missed = await self._write(
-                    keys=[self.keys.profile(d.customer_id) for d in chunk], args=args
+                    marks = by_customer.get(d.customer_id, ())
+                    args += [
+                        d.version,
+                        d.created_ms,
+                        d.profile or b"",
+                        d.counters,
+                        d.customer_id,
+                        len(marks),
+                    ]
+                    markers += [self.keys.applied(e) for e in marks]
+                missed, unmarked = await self._write(
+                    keys=[*(self.keys.profile(d.customer_id) for d in chunk), *markers],
+                    args=args,
                 )
                 stale += [chunk[int(i) - 1].customer_id for i in missed]
-        return stale
+                left = {chunk[int(i) - 1].customer_id for i in unmarked}
+                written.update(d.customer_id for d in chunk if d.customer_id not in left)
+        rest = {e: c for e, c in owners.items() if c not in written}
+        return stale, rest
 
     async def mark_applied(self, owners: dict[str, str]) -> None:
         """After the projections are written: ``applied:{event id}`` names the customer each
-        event landed on (after identity resolution), for ``APPLIED_TTL_S``. Triggers wait for
-        it, so the rules they evaluate see the counters with the event in them."""
+        event landed on (after identity resolution), for ``APPLIED_TTL_S``. A trigger that
+        sees it knows the projection has the event; without it, the event is not in the
+        projection yet (``write_applied`` sets both at once) and the trigger adds it itself."""
         items = list(owners.items())
         for start in range(0, len(items), MARK_CHUNK):  # one script call per chunk
             chunk = items[start : start + MARK_CHUNK]

@@ -276,6 +276,51 @@ async def test_counters_include_the_firing_event_and_campaigns_compete(
     assert len(per_event) == 3 and all(len(v) == 1 for v in per_event.values()), per_event
 
 
+async def test_triggers_count_events_the_profile_has_not_applied_yet(
+    gw: httpx.AsyncClient, app: httpx.AsyncClient, listen: Listener, stack: Stack
+) -> None:
+    """A known customer's event is evaluated on "projection + this event" without waiting
+    for the profile: with the profile stopped, a burst in one request and a later event are
+    each counted once (the third top-up fires, the second does not), and once the profile is
+    back and has applied them, the next one is counted on top of the projection."""
+    u = _u()
+    await _offer(gw, f"off-{u}")
+    etype = f"topup.{u}"
+    cmp = f"third-{u}"
+    await _campaign(
+        gw,
+        cmp,
+        f"off-{u}",
+        channels=["sms"],
+        trigger={"event": etype, "exclusive": False},
+        audience={"event": etype, "count": {"gte": 3}, "within": "30d"},
+    )
+    c = f"c-{u}"
+    await _customer(gw, c, consents={"sms": True}, msisdn=_num())
+    stack.stop("profile")
+    try:
+        burst = [{"type": etype, "customer_id": c, "properties": {"n": n}} for n in (1, 2)]
+        r = await app.post("/v1/events", json={"events": burst})
+        assert r.status_code == 202, r.text
+        await asyncio.sleep(1.0)  # a double count would fire on the second top-up
+        assert listen.sent(cmp) == []
+        r = await app.post("/v1/events", json={"type": etype, "customer_id": c})
+        assert r.status_code == 202, r.text
+        third = r.json()["ids"][0]
+        sent = await listen.wait(cmp, 1)
+        assert [d["event_id"] for d in sent] == [third]  # counted the two before it
+    finally:
+        stack.start("profile")
+        stack.wait_ready(["profile"])
+    await _settle(app, gw, c, etype, 3)  # applied once each
+    r = await app.post("/v1/events", json={"type": etype, "customer_id": c})
+    fourth = r.json()["ids"][0]
+    sent = await listen.wait(cmp, 2)
+    assert [d["event_id"] for d in sent] == [third, fourth]
+    await asyncio.sleep(0.5)
+    assert len(listen.sent(cmp)) == 2
+
+
 async def test_unless_fires_only_without_the_follow_up_and_survives_a_restart(
     gw: httpx.AsyncClient, app: httpx.AsyncClient, listen: Listener, stack: Stack
 ) -> None:

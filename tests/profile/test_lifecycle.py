@@ -19,6 +19,7 @@ from nats.js.api import DeliverPolicy
 from redis.asyncio import Redis
 
 from services.profile.projection import Doc, Projection, merge_parts
+from shared import counters
 from shared.contracts.bus import DeliveryReported, ResponseRecorded
 from shared.events import CloudEvent
 from shared.redis import Keys
@@ -105,6 +106,59 @@ async def test_projection_never_goes_back_a_version(stack: Stack, redis: Redis, 
     assert doc["attributes"] == {"v": 1}
     assert await proj.write_many([_doc(cid, 4, whole=False)]) == [cid]  # 3 is missing
     assert (await proj.read(cid))["version"] == 2
+
+
+async def test_markers_are_set_with_the_projection_that_holds_their_events(
+    stack: Stack, redis: Redis, cid: str
+) -> None:
+    """Triggers read "marker present" as "the projection has the event": a marker must
+    never appear beside an older projection (stale or refused writes leave it unset)."""
+    keys = _keys(stack)
+    proj = Projection(redis, keys)
+    e1, e2, e3 = (f"{cid}-e{i}" for i in range(3))
+    stale, rest = await proj.write_applied([_doc(cid, 3)], {e1: cid})
+    assert (stale, rest) == ([], {})
+    assert await redis.get(keys.applied(e1)) == cid.encode()
+    # a counters write on top of a missing version: neither written nor marked
+    stale, rest = await proj.write_applied([_doc(cid, 5, whole=False)], {e2: cid})
+    assert (stale, rest) == ([cid], {e2: cid})
+    assert await redis.get(keys.applied(e2)) is None
+    # an older whole write: Redis holds a newer version, which has the event
+    stale, rest = await proj.write_applied([_doc(cid, 2)], {e3: cid})
+    assert (stale, rest) == ([], {})
+    assert await redis.get(keys.applied(e3)) == cid.encode()
+    # an event landing on a customer whose document is not in the write is left to the caller
+    assert (await proj.write_applied([], {e2: cid}))[1] == {e2: cid}
+
+
+async def test_projection_plus_an_event_is_what_the_profile_projects(
+    gw: httpx.AsyncClient, stack: Stack, redis: Redis, cid: str
+) -> None:
+    """Triggers fold an event the profile has not applied yet into the projection with
+    ``counters.fold_event``: it must give what the profile writes once it has applied it."""
+    await gw.put(f"/v1/customers/{cid}", json={"tags": ["a:b"]})
+    now = datetime.now(UTC).replace(microsecond=0)
+    events = [
+        ("topup", now - timedelta(days=3), {"amount": 10, "nested": {"x": 1}}),
+        ("topup", now - timedelta(minutes=5), {"amount": 20, "channel": "app"}),
+        ("topup", now - timedelta(days=1), {"amount": 5}),  # late: last values stay
+        ("login", now - timedelta(seconds=30), {}),
+        ("login", now - timedelta(days=200), {"old": True}),  # in the total only
+    ]
+    for n, (etype, at, props) in enumerate(events, start=2):
+        before = await _projection(redis, stack, cid)
+        assert before is not None
+        expected = counters.fold_event(before, etype, at, props, datetime.now(UTC))
+        resp = await gw.post(
+            "/v1/events",
+            json={"type": etype, "customer_id": cid, "time": at.isoformat(), "properties": props},
+        )
+        assert resp.status_code == 202, resp.text
+        after = await eventually(
+            lambda: _projection(redis, stack, cid), lambda d, n=n: d["version"] == n
+        )
+        assert after["counters"] == expected["counters"], etype
+        assert after["last"] == expected["last"], etype
 
 
 async def test_profile_changed_is_published(

@@ -588,7 +588,7 @@ async def apply_events(uow: UnitOfWork, events: list[EventData], now: datetime) 
             c["total"] += 1
             counters.add(c["buckets"], e.time, now)
             if e.time >= c["last_seen"]:
-                c["last"] = {**c["last"], **_scalars(e.properties)}
+                c["last"] = {**c["last"], **counters.last_values(e.properties)}
                 c["last_seen"] = e.time
             c["first_seen"] = min(c["first_seen"], e.time)
         rows.extend(existing[(cid, t)] for t in sorted({e.type for e in by_customer[cid]}))
@@ -601,8 +601,3 @@ async def apply_events(uow: UnitOfWork, events: list[EventData], now: datetime) 
     whole = {c for c in out.customers if c in created or c not in by_customer}
     out.docs = await repo.projection_docs_mixed(sorted(out.customers), whole)
     return out
-
-
-def _scalars(props: dict[str, Any]) -> dict[str, Any]:
-    """Last values keep scalars (and short lists); nested objects are not rule material."""
-    return {k: v for k, v in props.items() if not isinstance(v, dict)}
