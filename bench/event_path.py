@@ -6,12 +6,14 @@ Redis (polled every 2 ms), marker → ``dispatch.requested`` seen on the bus, se
 ``dispatch.requested``. Triggers evaluate a known customer's event on "projection + this
 event" and do not wait for the marker, so marker → dispatch is negative when the dispatch
 request went out before the profile had applied the event. Prints three rounds (load
-average included); nothing is written."""
+average included) and writes them to ``bench/results/event_path-<label>-<time>.json``
+(``KAIROS_BENCH_LABEL`` names a before/after pair)."""
 
 import asyncio
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -22,7 +24,7 @@ import orjson
 from redis.asyncio import Redis
 
 from bench import outbound
-from bench.__main__ import start_stack
+from bench.__main__ import RESULTS, start_stack
 from bench.loadgen import Conn
 from bench.outbound import LISTENED, TYPES, Seen, _pcts
 from bench.scenarios import Context
@@ -121,12 +123,28 @@ def main() -> None:
             customers=customers,
             tags_max=200,
         )
+        rounds = []
         try:
             asyncio.run(outbound._setup(ctx))
             for rate in (500, 500, 500):
-                print(json.dumps(asyncio.run(measure(ctx, rate, 4)), indent=1), flush=True)
+                rounds.append(asyncio.run(measure(ctx, rate, 4)))
+                print(json.dumps(rounds[-1], indent=1), flush=True)
         finally:
             st.down()
+    label = os.environ.get("KAIROS_BENCH_LABEL", "run")
+    out = RESULTS / f"event_path-{label}-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    legs = ("sent_to_202", "sent_to_marker", "sent_to_dispatch")
+
+    def med(leg: str, k: str) -> float | None:
+        xs = [r[leg][k] for r in rounds if r[leg].get(k) is not None]
+        return statistics.median(xs) if xs else None
+
+    median = {leg: {k: med(leg, k) for k in ("p50_ms", "p99_ms")} for leg in legs}
+    out.write_text(
+        json.dumps({"customers": customers, "median": median, "rounds": rounds}, indent=1)
+    )
+    print(json.dumps({"median": median}, indent=1))
+    print(f"written to {out}")
 
 
 if __name__ == "__main__":
