@@ -126,7 +126,7 @@ class Triggers:
         # first), so one waits for that customer's earlier ones.
         later: list[Msg] = []
         known: dict[str, str] = {}
-        async for found, missing in self._owners([ev.id for _, ev, _ in wanted]):
+        async for found, missing in self._owners([ev.id for _, ev, _ in todo]):
             known.update(found)
             fired, waiting, held = [], [], set()
             for msg, ev, occurred in todo:
@@ -157,11 +157,12 @@ class Triggers:
         earlier ones that were fired the same way and are not applied yet) is added here
         with ``counters.fold_event``, the profile's own rule. Returns the fired events and
         the rest, in order, for the marker wait (``_owners``)."""
-        direct = {
-            str(occ.customer_id)
-            for msg, _, occ in wanted
-            if occ.customer_id and not occ.anonymous_id and not _again(msg)
-        }
+        def alone(msg: Msg, occ: EventOccurred) -> bool:
+            """Lands on the customer it names: no anonymous history to fold, not redelivered
+            (a redelivery's contacts are recalled from the ledger after the marker)."""
+            return bool(occ.customer_id) and not occ.anonymous_id and not _again(msg)
+
+        direct = {str(occ.customer_id) for msg, _, occ in wanted if alone(msg, occ)}
         if not direct:
             return [], list(wanted)
         now = datetime.now(UTC)
@@ -206,7 +207,7 @@ class Triggers:
             who = occ.who()
             owner = marks.get(ev.id)
             doc = view.get(who) if who in direct else None
-            fast = who not in held and doc is not None and (owner is None or owner == who)
+            fast = alone(msg, occ) and who not in held and (owner is None or owner == who)
             if not fast or who is None or doc is None:
                 rest.append((msg, ev, occ))
                 held.add(who)
