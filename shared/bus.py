@@ -587,6 +587,10 @@ class Consumer:
             for item in good:
                 try:
                     again = await self.handler([item])
+                except TransientError as one_exc:  # not this message's fault: never dead
+                    log.warning("consumer %s: transient failure: %s", self.name, one_exc)
+                    CONSUMED.labels(self.name, "nak").inc()
+                    await item[0].nak(delay=self.nak_delay_s)
                 except Exception as one_exc:
                     await self._failed(item[0], one_exc)
                 else:

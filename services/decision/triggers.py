@@ -157,6 +157,7 @@ class Triggers:
         earlier ones that were fired the same way and are not applied yet) is added here
         with ``counters.fold_event``, the profile's own rule. Returns the fired events and
         the rest, in order, for the marker wait (``_owners``)."""
+
         def alone(msg: Msg, occ: EventOccurred) -> bool:
             """Lands on the customer it names: no anonymous history to fold, not redelivered
             (a redelivery's contacts are recalled from the ledger after the marker)."""

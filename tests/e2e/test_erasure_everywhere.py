@@ -174,10 +174,13 @@ async def test_an_erased_customer_is_gone_from_every_store(
             and any(m.get("To") == msisdn for m in sms.received)
         ),
     )
+    # Triggers judge a known customer's event without waiting for the profile, so the push
+    # and the SMS can go out before the profile has applied the events: wait for both.
     view = await eventually(
-        lambda: _history(gw, cid), lambda v: len(v.get("contacts", [])) >= 3, timeout=20
-    )
-    assert "page.viewed" in view["counters"]  # the anonymous history folded in
+        lambda: _history(gw, cid),
+        lambda v: len(v.get("contacts", [])) >= 3 and "page.viewed" in v.get("counters", {}),
+        timeout=30,
+    )  # the contacts recorded, and the anonymous history folded in
     for contact in view["contacts"]:
         r = await gw.post(
             "/v1/responses", json={"tracking_id": contact["tracking_id"], "outcome": "clicked"}

@@ -11,7 +11,7 @@ import pytest
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from shared.bus import Bus, Consumer
+from shared.bus import Bus, Consumer, TransientError
 from shared.events import CloudEvent
 from shared.stack import Stack
 from tests.conftest import _drop_streams
@@ -121,3 +121,46 @@ async def test_batches_in_flight_are_each_acked_once(bus: Bus) -> None:
     await eventually(state, lambda s: s == (1000, 0, 0), timeout=30)
     await c.stop()
     assert sorted(seen) == sorted(ev.id for ev in sent)
+
+
+async def test_a_transient_failure_beside_a_poison_message_is_never_dead_lettered(
+    bus: Bus,
+) -> None:
+    """A poison message sends its batch one by one; a neighbour that is only waiting for
+    another process (TransientError) keeps coming back past ``max_deliver`` until it passes,
+    and only the poison message is dead-lettered."""
+    tries: dict[str, int] = {}
+    done: list[str] = []
+
+    async def handle(batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
+        for _, ev in batch:
+            if ev.data.get("poison"):
+                raise ValueError("not handleable")
+        for _, ev in batch:
+            if ev.data.get("wait"):
+                tries[ev.id] = tries.get(ev.id, 0) + 1
+                if tries[ev.id] <= 4:
+                    raise TransientError("not there yet")
+        done.extend(ev.id for _, ev in batch)
+
+    c = Consumer(bus, "one-by-one", ["response.>"], "RESPONSE", handle, batch=10, max_deliver=2)
+    c.nak_delay_s = 0.05
+    dead = await bus.js.subscribe(bus.subject("dlq.one-by-one"), ordered_consumer=True)
+    poison, waiting = (
+        CloudEvent.new(source="t", type="response.recorded", subject=None, data=d)
+        for d in ({"poison": True}, {"wait": True})
+    )
+    await bus.publish_many(("response.recorded", ev) for ev in (poison, waiting))
+    await c.start()
+    try:
+        await eventually(lambda: _value(done), lambda d: waiting.id in d, timeout=20)
+        msg = await dead.next_msg(timeout=10)
+        assert CloudEvent.from_bytes(msg.data).id == poison.id
+        assert tries[waiting.id] == 5 and done == [waiting.id]
+    finally:
+        await c.stop()
+        await dead.unsubscribe()
+
+
+async def _value(v: list[str]) -> list[str]:
+    return v
