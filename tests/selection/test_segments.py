@@ -157,7 +157,18 @@ async def test_index_follows_imports_by_their_batch_announcements(
     )
     assert r.status_code == 200 and r.json()["imported"] == 5_003, r.text
     mine = {"tag": f"run:{u}"}
-    await eventually(lambda: _count(gw, mine), lambda n: n == 5_003, timeout=60)
+    try:
+        await eventually(lambda: _count(gw, mine), lambda n: n == 5_003, timeout=60)
+    except AssertionError as exc:  # say where the index stands (an intermittent 5,000 seen)
+        status = (await gw.get("/v1/segments:status")).json()
+        missing = [
+            f"imp-{u}-{i}"
+            for i in (0, 1, 2_500, 4_999, 5_000, 5_001, 5_002)  # both batches' ends
+            if await _count(gw, {"all": [mine, {"attr": "i", "op": "eq", "value": i}]}) == 0
+        ]
+        raise AssertionError(
+            f"{exc}; index status {status}; missing of a sample {missing}"
+        ) from exc
     high = {"all": [mine, {"attr": "i", "op": "gte", "value": 5_000}]}
     assert await _count(gw, high) == 3
     # Imported again with a change: the second announcement's versions are applied too.
