@@ -107,12 +107,13 @@ def fold_event(
         c = {**old, "m": dict(old.get("m") or {}), "d": dict(old.get("d") or {})}
     c["total"] = int(c.get("total", 0)) + 1
     add(c, at, now)
-    if old is None or at >= _at(str(c["last"])):
+    seen_last, seen_first = c.get("last"), c.get("first")
+    if old is None or seen_last is None or at >= _at(str(seen_last)):
         values = {**(lasts.get(etype) or {}), **last_values(properties)}
         if values:  # the projection leaves out types without last values
             lasts[etype] = values
         c["last"] = stamp
-    if old is not None and at < _at(str(c["first"])):
+    if old is not None and (seen_first is None or at < _at(str(seen_first))):
         c["first"] = stamp
     ctrs[etype] = c
     return {**doc, "counters": ctrs, "last": lasts}
