@@ -98,7 +98,11 @@ async def _message(gw: httpx.AsyncClient, tracking: str, status: str) -> dict[st
     async def probe() -> httpx.Response:
         return await gw.get(f"/v1/messages/{tracking}")
 
-    r = await eventually(probe, lambda r: r.status_code == 200 and r.json()["status"] == status)
+    # A liveness bound, not a speed check: the first receipt after the decision suite can wait
+    # behind that suite's backlog of deliveries (once over 15 s in CI).
+    r = await eventually(
+        probe, lambda r: r.status_code == 200 and r.json()["status"] == status, timeout=45
+    )
     body: dict[str, Any] = r.json()
     return body
 
