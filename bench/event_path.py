@@ -7,9 +7,15 @@ Redis (polled every 2 ms), marker → ``dispatch.requested`` seen on the bus, se
 event" and do not wait for the marker, so marker → dispatch is negative when the dispatch
 request went out before the profile had applied the event. Prints three rounds (load
 average included) and writes them to ``bench/results/event_path-<label>-<time>.json``
-(``KAIROS_BENCH_LABEL`` names a before/after pair)."""
+(``KAIROS_BENCH_LABEL`` names a before/after pair).
+
+Each round also reports, per process of the stack (servers included, Postgres with its
+backends), the CPU it used and the time its threads spent *runnable but waiting for a CPU*
+(the kernel's run-queue wait, ``/proc/<pid>/task/*/schedstat``), both in ms per second of
+the round: where a latency comes from a process that had work but no core."""
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -21,14 +27,67 @@ import uuid
 from pathlib import Path
 
 import orjson
+import psutil
 from redis.asyncio import Redis
 
 from bench import outbound
 from bench.__main__ import RESULTS, start_stack
+from bench.decision import _pids
 from bench.loadgen import Conn
 from bench.outbound import LISTENED, TYPES, Seen, _pcts
 from bench.scenarios import Context
 from shared.embedded import free_port
+
+
+def _sched(pid):
+    """(CPU ns, run-queue wait ns) of a process's threads and of its children's (Postgres'
+    backends); zeros for a process that is gone."""
+    cpu = wait = 0
+    pids = [pid]
+    try:
+        pids += [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                run, queued, _ = (Path(t) / "schedstat").read_text().split()
+            except (OSError, ValueError):
+                continue
+            cpu += int(run)
+            wait += int(queued)
+    return cpu, wait
+
+
+class SchedMeter:
+    """CPU and run-queue wait per process of the stack over one round, ms per second."""
+
+    def __init__(self, ctx):
+        self.pids = {k: v for k, v in _pids(ctx).items() if k != "loadgen"}
+        if "postgres" not in self.pids:  # every postmaster (the stack's among them)
+            for proc in psutil.process_iter(["name", "ppid"]):
+                if proc.info["name"] == "postgres":
+                    with contextlib.suppress(psutil.Error):
+                        if psutil.Process(proc.info["ppid"]).name() != "postgres":
+                            self.pids[f"postgres-{proc.pid}"] = proc.pid
+
+    def start(self):
+        self.t0, self.a = time.perf_counter(), {k: _sched(p) for k, p in self.pids.items()}
+
+    def stop(self):
+        secs = time.perf_counter() - self.t0
+        out = {}
+        for k, p in self.pids.items():
+            cpu, wait = _sched(p)
+            out[k] = {
+                "cpu_ms_per_s": round((cpu - self.a[k][0]) / 1e6 / secs, 1),
+                "runq_wait_ms_per_s": round((wait - self.a[k][1]) / 1e6 / secs, 1),
+            }
+        return out
 
 
 async def measure(ctx, rate, secs):
@@ -78,8 +137,10 @@ async def measure(ctx, rate, secs):
             acked[eid] = time.perf_counter()
         free.put_nowait(c)
 
+    meter = SchedMeter(ctx)
     async with Seen(ctx) as seen:
         p = asyncio.create_task(poll())
+        meter.start()
         t0 = time.perf_counter()
         tasks = []
         n = int(rate * secs)
@@ -90,6 +151,7 @@ async def measure(ctx, rate, secs):
                 await asyncio.sleep(d)
             tasks.append(asyncio.create_task(one(i)))
         await asyncio.gather(*tasks)
+        sched = meter.stop()
         await asyncio.sleep(3)
         stop = True
         pending.clear()
@@ -106,6 +168,7 @@ async def measure(ctx, rate, secs):
         "sent_to_marker": _pcts([marked[e] - sent[e] for e in ids if e in marked]),
         "marker_to_dispatch": _pcts([seen.by_event[e] - marked[e] for e in ids if e in marked]),
         "sent_to_dispatch": _pcts([seen.by_event[e] - sent[e] for e in ids]),
+        "sched": sched,
     }
 
 

@@ -441,6 +441,13 @@ class Consumer:
                     await self.bus.js.add_consumer(stream, config)
         self._sub = await self.bus.js.pull_subscribe_bind(durable, stream=stream)
         self._task = asyncio.create_task(self._loop(), name=f"consumer:{self.name}")
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if self._stopping.is_set():
+            return
+        exc = None if task.cancelled() else task.exception()
+        log.error("consumer %s: fetch loop ended unexpectedly: %r", self.name, exc)
 
     @property
     def per_process(self) -> bool:
@@ -516,7 +523,10 @@ class Consumer:
             self.healthy = True
             if len(msgs) >= self.batch and not self._stopping.is_set():
                 ahead = asyncio.create_task(self._fetch())  # a backlog: keep the pipe full
-            await self._handle(msgs)
+            try:
+                await self._handle(msgs)
+            except Exception as exc:  # e.g. an ack lost with the connection: redelivered
+                log.warning("consumer %s: batch failed: %r", self.name, exc)
         if ahead is not None:
             with contextlib.suppress(Exception):
                 for m in await ahead:  # hand them back at once rather than at ack_wait

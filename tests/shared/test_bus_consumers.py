@@ -164,3 +164,32 @@ async def test_a_transient_failure_beside_a_poison_message_is_never_dead_lettere
 
 async def _value(v: list[str]) -> list[str]:
     return v
+
+
+async def test_a_batch_that_breaks_the_runner_does_not_stop_the_consumer(bus: Bus) -> None:
+    """Whatever goes wrong around a batch (here a handler that acked a message itself and
+    then asks for it back, so the runner's nak fails), the consumer keeps fetching: the
+    next message is still handled."""
+    done: list[str] = []
+
+    async def handle(batch: Sequence[tuple[Msg, CloudEvent]]) -> list[Msg]:
+        msg, ev = batch[0]
+        done.append(ev.id)
+        if ev.data.get("break"):
+            await msg.ack()
+            return [msg]  # "later", for a message already acked: the runner's nak raises
+        return []
+
+    c = Consumer(bus, "unbroken", ["response.>"], "RESPONSE", handle, batch=1)
+    await c.start()
+    try:
+        breaking, after = (
+            CloudEvent.new(source="t", type="response.recorded", subject=None, data=d)
+            for d in ({"break": True}, {})
+        )
+        await bus.publish("response.recorded", breaking)
+        await eventually(lambda: _value(done), lambda d: breaking.id in d, timeout=10)
+        await bus.publish("response.recorded", after)
+        await eventually(lambda: _value(done), lambda d: after.id in d, timeout=10)
+    finally:
+        await c.stop()
