@@ -90,6 +90,14 @@ class SchedMeter:
         return out
 
 
+async def _idle(ctx, secs):
+    """What the stack's processes use with no traffic (pollers, timers), ms per second."""
+    meter = SchedMeter(ctx)
+    meter.start()
+    await asyncio.sleep(secs)
+    return meter.stop()
+
+
 async def measure(ctx, rate, secs):
     prefix = ctx.stack.env["KAIROS_REDIS_PREFIX"]
     r = Redis.from_url(ctx.stack.env["KAIROS_REDIS_URL"])
@@ -174,6 +182,8 @@ async def measure(ctx, rate, secs):
 
 def main() -> None:
     customers = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
+    # Events/s of each round (default three at 500): ``python -m bench.event_path 5000 100,300``
+    rates = [int(x) for x in sys.argv[2].split(",")] if len(sys.argv) > 2 else [500, 500, 500]
     key = "bench-" + uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="kairos-ev-") as tmp:
         st = start_stack(Path(tmp), key)
@@ -189,8 +199,10 @@ def main() -> None:
         rounds = []
         try:
             asyncio.run(outbound._setup(ctx))
-            for rate in (500, 500, 500):
-                rounds.append(asyncio.run(measure(ctx, rate, 4)))
+            idle = asyncio.run(_idle(ctx, 4))
+            print(json.dumps({"idle": idle}, indent=1), flush=True)
+            for rate in rates:
+                rounds.append({"rate": rate, **asyncio.run(measure(ctx, rate, 4))})
                 print(json.dumps(rounds[-1], indent=1), flush=True)
         finally:
             st.down()
@@ -198,13 +210,26 @@ def main() -> None:
     out = RESULTS / f"event_path-{label}-{time.strftime('%Y%m%dT%H%M%S')}.json"
     legs = ("sent_to_202", "sent_to_marker", "sent_to_dispatch")
 
-    def med(leg: str, k: str) -> float | None:
-        xs = [r[leg][k] for r in rounds if r[leg].get(k) is not None]
+    def med(rate: int, leg: str, k: str) -> float | None:
+        xs = [r[leg][k] for r in rounds if r["rate"] == rate and r[leg].get(k) is not None]
         return statistics.median(xs) if xs else None
 
-    median = {leg: {k: med(leg, k) for k in ("p50_ms", "p99_ms")} for leg in legs}
+    def busy(rate: int) -> dict[str, dict[str, float]]:
+        """Median CPU and run-queue wait per process at this rate."""
+        at = [r["sched"] for r in rounds if r["rate"] == rate]
+        return {p: {k: statistics.median(s[p][k] for s in at) for k in at[0][p]} for p in at[0]}
+
+    median = {
+        str(rate): {
+            **{leg: {k: med(rate, leg, k) for k in ("p50_ms", "p99_ms")} for leg in legs},
+            "sched": busy(rate),
+        }
+        for rate in sorted(set(rates))
+    }
     out.write_text(
-        json.dumps({"customers": customers, "median": median, "rounds": rounds}, indent=1)
+        json.dumps(
+            {"customers": customers, "median": median, "idle": idle, "rounds": rounds}, indent=1
+        )
     )
     print(json.dumps({"median": median}, indent=1))
     print(f"written to {out}")
