@@ -42,6 +42,8 @@ def start_stack(run_dir: Path, key: str, extra_env: dict[str, str] | None = None
         KAIROS_IMPORT_MAX_BYTES=str(16 << 30),  # a 1M-customer file is ~1.7 GB
     )
     env.update(extra_env or {})
+    # Settings for an A/B run: BENCH_ENV="KAIROS_CONSUMER_BULK_GATHER_MS=5 ..."
+    env.update(x.split("=", 1) for x in os.environ.get("BENCH_ENV", "").split() if "=" in x)
     if env.get("KAIROS_DATABASE_URL"):
         from sqlalchemy.engine import make_url
 

@@ -42,6 +42,12 @@ DUPLICATE_WINDOW_S = 120.0
 STREAM_MAX_AGE_S = 7 * 24 * 3600.0  # how long every stream keeps a message
 GATHER_S = 0.005  # how long a consumer lingers for more after its first message
 
+
+def bulk_gather_s() -> float:
+    """The linger of consumers off the latency path (``KAIROS_CONSUMER_BULK_GATHER_MS``)."""
+    return get_settings().consumer_bulk_gather_ms / 1000.0
+
+
 CONSUMED = Counter("kairos_bus_messages_total", "Messages handled", ["consumer", "outcome"])
 PUBLISHED = Counter("kairos_bus_published_total", "Messages published", ["stream"])
 
@@ -393,6 +399,9 @@ class Consumer:
     # handler must be safe beside itself (the profile's locks make it so); order across
     # batches is then not kept.
     in_flight: int = 1
+    # How long a fetch keeps gathering after the batch's first message (``GATHER_S`` on the
+    # latency path; ``bulk_gather_s()`` for consumers nobody waits on message by message).
+    gather_s: float = GATHER_S
     _task: asyncio.Task[None] | None = field(default=None, init=False)
     _sub: Any = field(default=None, init=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
@@ -492,9 +501,16 @@ class Consumer:
         (everything already stored comes at once, so a backlog still fills the batch), but
         when that finds nothing it sends a lingering pull and collects arrivals until the
         batch is full or the timeout ends. With 250 ms every hop of a trickle of traffic cost
-        up to 250 ms (measured: event → push p50 0.9 s at 500 events/s); a few ms bound it."""
+        up to 250 ms (measured: event → push p50 0.9 s at 500 events/s); a few ms bound it.
+
+        A consumer off the latency path (``gather_s`` above ``GATHER_S``) waits that long
+        after a first message that had no backlog behind it, so a trickle arrives as one
+        batch (one transaction, one script call) instead of one batch per message."""
         msgs: list[Msg] = await self._sub.fetch(1, timeout=1.0)
         if self.batch > 1:
+            behind = msgs[0].metadata.num_pending if msgs[0].metadata else None
+            if self.gather_s > GATHER_S and (behind or 0) < self.batch - 1:
+                await asyncio.sleep(self.gather_s)
             with contextlib.suppress(Exception):
                 msgs += await self._sub.fetch(self.batch - 1, timeout=GATHER_S)
         return msgs

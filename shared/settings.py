@@ -128,6 +128,12 @@ class Settings(BaseSettings):
     profile_events_batch: int = Field(default=1000, ge=1, le=10_000)
     profile_events_in_flight: int = Field(default=2, ge=1, le=8)
     consumer_max_deliver: int = 5
+    # How long a consumer that nobody waits on message by message (history, counters, the
+    # audience index, learning) keeps gathering after a batch's first message: fewer, larger
+    # batches cost far less CPU per message (each batch is a transaction or a script call),
+    # which leaves the cores to the latency path (the gateway, triggers, dispatch), whose
+    # consumers gather for 5 ms (``shared.bus.GATHER_S``).
+    consumer_bulk_gather_ms: float = Field(default=25.0, ge=1.0, le=1000.0)
     run_consumers: bool = True
     log_level: str = "INFO"
     log_json: bool = True

@@ -24,7 +24,7 @@ from services.decision.runs.endpoints import router as runs_router
 from services.decision.runs.service import Runs
 from services.decision.timers.service import Timers
 from services.decision.triggers import Triggers
-from shared.bus import Bus, Consumer, PoisonMessage
+from shared.bus import Bus, Consumer, PoisonMessage, bulk_gather_s
 from shared.contracts.bus import (
     BusMessage,
     CatalogChanged,
@@ -135,6 +135,7 @@ async def _setup(rt: Runtime) -> None:
                 [any_customer(ResponseRecorded.TYPE)],
                 "RESPONSE",
                 learning.handle,
+                gather_s=bulk_gather_s(),
             ),
             Consumer(
                 rt.bus,
@@ -142,6 +143,7 @@ async def _setup(rt: Runtime) -> None:
                 [any_customer(ContactRecorded.TYPE)],
                 "CONTACT",
                 learning.handle,
+                gather_s=bulk_gather_s(),
             ),
             erasure.consumer(rt),
         ]

@@ -12,7 +12,7 @@ from services.dispatch.providers import Providers
 from services.dispatch.ratelimit import RateLimiter, parse_limits
 from services.dispatch.sender import Sender
 from shared import metrics
-from shared.bus import Consumer
+from shared.bus import Consumer, bulk_gather_s
 from shared.contracts.bus import CHANNELS
 from shared.links import signer_from
 from shared.privacy import any_customer
@@ -60,6 +60,7 @@ async def _setup(rt: Runtime) -> None:
                 intake.handle,
                 batch=cfg.consumer_batch,
                 max_deliver=cfg.consumer_max_deliver,
+                gather_s=bulk_gather_s(),
             ),
             Consumer(
                 rt.bus,
@@ -69,6 +70,7 @@ async def _setup(rt: Runtime) -> None:
                 intake.receipts,
                 batch=cfg.consumer_batch,
                 max_deliver=cfg.consumer_max_deliver,
+                gather_s=bulk_gather_s(),
             ),
             Consumer(
                 rt.bus,

@@ -11,7 +11,7 @@ from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
 
 from services.feedback.history import service
-from shared.bus import Consumer, PoisonMessage, TransientError
+from shared.bus import Consumer, PoisonMessage, TransientError, bulk_gather_s
 from shared.contracts.bus import ContactRecorded, DeliveryReported, ProfileErased, ResponseReceived
 from shared.db import Database, is_transient
 from shared.events import CloudEvent
@@ -156,6 +156,7 @@ def consumers(rt: Runtime) -> list[Consumer]:
             handler,
             batch=batch,
             max_deliver=s.consumer_max_deliver,
+            gather_s=bulk_gather_s(),
         )
         for name, subjects, stream, handler, batch in spec
     ]

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from services.profile.customers import service
 from services.profile.customers.endpoints import projection, reproject
-from shared.bus import Consumer, PoisonMessage, TransientError
+from shared.bus import Consumer, PoisonMessage, TransientError, bulk_gather_s
 from shared.contracts.bus import (
     CHANNELS,
     BusMessage,
@@ -141,6 +141,7 @@ def consumers(rt: Runtime) -> list[Consumer]:
             batch=s.profile_events_batch,
             in_flight=s.profile_events_in_flight,
             max_deliver=s.consumer_max_deliver,
+            gather_s=bulk_gather_s(),
         ),
         Consumer(
             rt.bus,
@@ -150,6 +151,7 @@ def consumers(rt: Runtime) -> list[Consumer]:
             bind(handle_delivery),
             batch=100,
             max_deliver=s.consumer_max_deliver,
+            gather_s=bulk_gather_s(),
         ),
         Consumer(
             rt.bus,
@@ -159,5 +161,6 @@ def consumers(rt: Runtime) -> list[Consumer]:
             bind(handle_responses),
             batch=100,
             max_deliver=s.consumer_max_deliver,
+            gather_s=bulk_gather_s(),
         ),
     ]

@@ -37,7 +37,7 @@ from pydantic import ValidationError
 
 from services.selection.erasure import Forget
 from services.selection.index import Change, Population
-from shared.bus import Consumer, PoisonMessage, TransientError
+from shared.bus import Consumer, PoisonMessage, TransientError, bulk_gather_s
 from shared.contracts.bus import (
     BusMessage,
     ContactRecorded,
@@ -137,6 +137,7 @@ class Audience:
             max_deliver=cfg.consumer_max_deliver,
             start_seq=self.pop.seq + 1,
             inactive_threshold_s=600.0,
+            gather_s=bulk_gather_s(),
         )
         contact = Consumer(
             self.rt.bus,
@@ -148,6 +149,7 @@ class Audience:
             max_deliver=cfg.consumer_max_deliver,
             start_seq=self.contact_seq + 1,
             inactive_threshold_s=600.0,
+            gather_s=bulk_gather_s(),
         )
         self.rt.consumers += [profile, contact]
         for c in (profile, contact):
