@@ -22,6 +22,7 @@ from services.profile.projection import Doc, Projection, merge_parts
 from shared import counters
 from shared.contracts.bus import DeliveryReported, ResponseRecorded
 from shared.events import CloudEvent
+from shared.privacy import event_subject
 from shared.redis import Keys
 from shared.stack import Stack
 from tests.conftest import KEYS
@@ -214,6 +215,44 @@ async def test_erasure(gw: httpx.AsyncClient, stack: Stack, redis: Redis, js, ci
     assert v["devices"] == []
     assert v["counters"] == {}
     assert (await _projection(redis, stack, cid))["version"] == 1
+
+
+async def test_erasure_takes_an_anonymous_id_linked_without_a_history_of_its_own(
+    gw: httpx.AsyncClient, stack: Stack, redis: Redis, js, cid: str
+) -> None:
+    """An anonymous id linked to the customer by its first event (no anonymous profile was
+    ever made, so nothing was folded) still has its events under ``anon:<id>`` on the bus;
+    erasure names it and purges them."""
+    anon = f"anon-{cid}"
+    await gw.put(f"/v1/customers/{cid}", json={})
+    r = await gw.post(
+        "/v1/events", json={"type": "app.opened", "customer_id": cid, "anonymous_id": anon}
+    )
+    assert r.status_code == 202, r.text
+    await eventually(
+        lambda: _projection(redis, stack, cid), lambda d: d and "app.opened" in d["counters"]
+    )
+    r = await gw.post("/v1/events", json={"type": "page.viewed", "anonymous_id": anon})
+    assert r.status_code == 202, r.text
+    await eventually(  # counted on the customer through the link
+        lambda: _projection(redis, stack, cid), lambda d: d and "page.viewed" in d["counters"]
+    )
+    stream = f"{stack.env['KAIROS_BUS_PREFIX'].upper()}_EVENTS"
+    subject = f"{stack.env['KAIROS_BUS_PREFIX']}.{event_subject('page.viewed', None, anon)}"
+    assert (await js.get_last_msg(stream, subject)).data  # on the bus, under anon:<id>
+
+    r = await gw.delete(f"/v1/customers/{cid}")
+    assert r.status_code == 202, r.text
+    assert set(r.json()["erased"]) == {cid, f"anon:{anon}"}
+
+    async def still_there() -> bool:
+        try:
+            await js.get_last_msg(stream, subject)
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
+
+    await eventually(still_there, lambda there: not there, timeout=10)
 
 
 async def test_invalid_push_token_is_dropped(

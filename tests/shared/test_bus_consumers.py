@@ -3,6 +3,7 @@ when the process stops, and by the server when it was killed; restarts leave non
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
@@ -191,5 +192,31 @@ async def test_a_batch_that_breaks_the_runner_does_not_stop_the_consumer(bus: Bu
         await eventually(lambda: _value(done), lambda d: breaking.id in d, timeout=10)
         await bus.publish("response.recorded", after)
         await eventually(lambda: _value(done), lambda d: after.id in d, timeout=10)
+    finally:
+        await c.stop()
+
+
+async def test_a_bulk_consumer_takes_a_trickle_as_one_batch(bus: Bus) -> None:
+    """A consumer off the latency path (``gather_s``) waits after a first message with no
+    backlog behind it, so messages arriving a few ms apart are handled as one batch (one
+    transaction) rather than one batch each."""
+    batches: list[list[str]] = []
+
+    async def handle(batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
+        batches.append([ev.id for _, ev in batch])
+
+    c = Consumer(bus, "bulk", ["response.>"], "RESPONSE", handle, batch=100, gather_s=1.0)
+    await c.start()
+    try:
+        sent = []
+        for _ in range(5):
+            ev = CloudEvent.new(source="t", type="response.recorded", subject=None, data={})
+            await bus.publish("response.recorded", ev)
+            sent.append(ev.id)
+            await asyncio.sleep(0.01)
+        await eventually(
+            lambda: _value([i for b in batches for i in b]), lambda d: len(d) == 5, timeout=10
+        )
+        assert batches == [sent]
     finally:
         await c.stop()

@@ -14,6 +14,7 @@ from sqlmodel import col
 from services.profile.models import Counter, Customer, Device, Identity, Merge
 from services.profile.projection import Doc
 from shared.db import Repository
+from shared.privacy import ANON_PREFIX
 
 
 def _j(v: Any) -> str:
@@ -432,6 +433,19 @@ class CustomerRepository(Repository[Customer]):
                 )
             ).scalars()
         )
+        # An anonymous id's raw events sit under ``anon:<id>`` (``event_subject``) even when no
+        # anonymous profile was ever made (its events and the identifying one came in one
+        # batch, so nothing was folded): name every anonymous id the customer holds too.
+        anonymous = (
+            await self.session.execute(
+                sa.text(
+                    "SELECT value FROM profile.identity"
+                    " WHERE customer_id = ANY(:ids) AND kind = 'anonymous_id'"
+                ),
+                {"ids": ids},
+            )
+        ).scalars()
+        ids = list(dict.fromkeys([*ids, *(ANON_PREFIX + a for a in anonymous)]))
         for table in ("identity", "device", "counter", "merge"):
             col = "target" if table == "merge" else "customer_id"
             await self.session.execute(
