@@ -230,6 +230,12 @@ class OutboxRelay:
     the other back. Within a worker's batch rows go out in order; across batches order is
     not guaranteed, which is why every event carries what a consumer needs to keep the
     newest (``profile.changed`` carries the profile version).
+
+    Only the first worker wakes on every commit; the others join when it takes a full batch
+    (a backlog). A round that took less than a full batch waits for the next commit instead
+    of looking again at once. Under a trickle of commits each commit then costs one relay
+    transaction rather than three (two of them finding nothing), which was ~17 % of the
+    profile's and dispatch's CPU at 500 events/s.
     """
 
     def __init__(self, db: Database, bus: Bus, *, batch: int = 1000, workers: int = 2) -> None:
@@ -239,23 +245,25 @@ class OutboxRelay:
         self.workers = workers
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._backlog = asyncio.Event()  # a full batch was taken: every worker helps
 
     def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._loop(), name=f"outbox:{self.db.schema}:{i}")
+            asyncio.create_task(self._loop(i), name=f"outbox:{self.db.schema}:{i}")
             for i in range(self.workers)
         ]
 
     async def stop(self) -> None:
         self._stopping = True
         self.db.outbox_signal.set()
+        self._backlog.set()
         for task in self._tasks:
             try:
                 await asyncio.wait_for(task, 10)
             except (TimeoutError, asyncio.CancelledError):
                 task.cancel()
 
-    async def _loop(self) -> None:
+    async def _loop(self, worker: int = 0) -> None:
         # A keyset floor: rows below it were relayed (their dead index entries are not
         # scanned again). A row can commit after a later id was relayed (ids are taken at
         # insert, rows become visible at commit), so every LOOKBACK_EVERY_S the worker also
@@ -265,7 +273,10 @@ class OutboxRelay:
         last_lookback = time.monotonic()
         while not self._stopping:
             # Clear before looking: a commit that signals from here on is not missed.
-            self.db.outbox_signal.clear()
+            if worker == 0:
+                self.db.outbox_signal.clear()
+            else:
+                self._backlog.clear()
             now = time.monotonic()
             history.append((now, floor))
             while len(history) > 1 and history[1][0] <= now - LOOKBACK_S:
@@ -281,9 +292,12 @@ class OutboxRelay:
                 await asyncio.sleep(0.2)
             if moved > 0 and lowest is not None:
                 floor = max(floor, lowest) if start == floor else floor
+            if moved >= self.batch:  # more may be waiting: look again, with help
+                self._backlog.set()
                 continue
+            wake = self.db.outbox_signal if worker == 0 else self._backlog
             with contextlib.suppress(TimeoutError):  # wake up at least twice a second
-                await asyncio.wait_for(self.db.outbox_signal.wait(), 0.5)
+                await asyncio.wait_for(wake.wait(), 0.5)
 
     async def relay_once(self, floor: int = 0) -> tuple[int, int | None]:
         """Move one batch of rows with ``id >= floor``; rows are deleted only if every publish
