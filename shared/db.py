@@ -234,8 +234,9 @@ class OutboxRelay:
     Only the first worker wakes on every commit; the others join when it takes a full batch
     (a backlog). A round that took less than a full batch waits for the next commit instead
     of looking again at once. Under a trickle of commits each commit then costs one relay
-    transaction rather than three (two of them finding nothing), which was ~17 % of the
-    profile's and dispatch's CPU at 500 events/s.
+    transaction rather than three (two of them finding nothing): the relay was ~17 % of the
+    profile's and dispatch's CPU at 500 events/s, and this took a fifth off the profile's CPU
+    at 100 events/s (README, Benchmarks).
     """
 
     def __init__(self, db: Database, bus: Bus, *, batch: int = 1000, workers: int = 2) -> None:
