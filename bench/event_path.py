@@ -44,10 +44,8 @@ def _sched(pid):
     backends); zeros for a process that is gone."""
     cpu = wait = 0
     pids = [pid]
-    try:
+    with contextlib.suppress(OSError):  # gone, or no children file
         pids += [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        pass
     for p in pids:
         try:
             tasks = list(Path(f"/proc/{p}/task").iterdir())
