@@ -41,6 +41,7 @@ RESULTS = Path(__file__).parent / "results"
 # MSISDNs (an identity of an earlier run would be refused as another customer's).
 MARK = b"RUNXXX"
 PHONE_MARK = b"+4777777"
+SPIED = ("profile", "selection", "gateway")  # the Python processes an import works in
 
 
 def generate(path: Path, n: int) -> int:
@@ -189,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--py-spy",
         metavar="FILE",
-        help="record the profile process with py-spy during the first run (collapsed stacks)",
+        help="record the profile, selection and gateway processes with py-spy during the first"
+        " run (collapsed stacks, to FILE.<process>)",
     )
     args = ap.parse_args(argv)
     key = "bench-" + uuid.uuid4().hex
@@ -203,26 +205,29 @@ def main(argv: list[str] | None = None) -> None:
                 run_id = f"r{i}{uuid.uuid4().hex[:4]}".encode()
                 assert len(run_id) == len(MARK)
                 print(f"== import run {i + 1}/{args.runs}", flush=True)
-                spy = None
+                spies = []
                 if args.py_spy and i == 0:
-                    spy = subprocess.Popen(
-                        [
-                            str(Path(sys.executable).parent / "py-spy"),
-                            "record",
-                            "-p",
-                            str(stack.procs["profile"].pid),
-                            "-r",
-                            "50",
-                            "-f",
-                            "raw",
-                            "-o",
-                            args.py_spy,
-                            "--nonblocking",
-                        ],
-                        stdout=subprocess.DEVNULL,
-                    )
+                    spies = [
+                        subprocess.Popen(
+                            [
+                                str(Path(sys.executable).parent / "py-spy"),
+                                "record",
+                                "-p",
+                                str(stack.procs[name].pid),
+                                "-r",
+                                "50",
+                                "-f",
+                                "raw",
+                                "-o",
+                                f"{args.py_spy}.{name}",
+                                "--nonblocking",
+                            ],
+                            stdout=subprocess.DEVNULL,
+                        )
+                        for name in SPIED
+                    ]
                 run = asyncio.run(import_once(stack, key, path, run_id))
-                if spy is not None:
+                for spy in spies:
                     spy.send_signal(signal.SIGINT)
                     spy.wait(60)
                 run.update(asyncio.run(floor_once(stack, path, run_id)))

@@ -313,24 +313,30 @@ class OutboxRelay:
             await session.execute(
                 sa.text(f"SET LOCAL statement_timeout = '{STATEMENT_TIMEOUT_MS}'")
             )
+            # Two plain statements, not ``DELETE … WHERE id IN (SELECT … LIMIT)``: with the
+            # table's statistics taken while it was nearly empty, the planner ran that
+            # subquery again for every outer row, and under a backlog every round hit the
+            # statement timeout (the relay stood still for ~40 s with 29,000 rows waiting).
             rows = (
                 await session.execute(
                     sa.text(
-                        f'DELETE FROM "{schema}".outbox WHERE id IN (SELECT id FROM "{schema}".outbox'
-                        " WHERE id >= :floor ORDER BY id FOR UPDATE SKIP LOCKED LIMIT :n)"
-                        " RETURNING id, subject, payload"
+                        f'SELECT id, subject, payload FROM "{schema}".outbox WHERE id >= :floor'
+                        " ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"
                     ),
                     {"n": self.batch, "floor": floor},
                 )
             ).all()
             if not rows:
                 return 0, None
-            rows = sorted(rows, key=lambda r: r[0])
             # Payloads are stored serialised: publish the bytes as they are.
             # If acks go missing (an overloaded connection), roll back and publish again soon;
             # Nats-Msg-Id de-duplicates what did arrive.
             await self.bus.publish_encoded(
                 ((r[1], _event_id(bytes(r[2])), bytes(r[2])) for r in rows), timeout=5.0
+            )
+            await session.execute(
+                sa.text(f'DELETE FROM "{schema}".outbox WHERE id = ANY(:ids)'),
+                {"ids": [int(r[0]) for r in rows]},
             )
         return len(rows), int(rows[0][0])
 

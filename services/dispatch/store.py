@@ -137,20 +137,36 @@ async def claim(
     now: datetime,
 ) -> list[Claimed]:
     """Take up to ``limit`` due rows of one channel and lane for sending (a leased claim)."""
+    # Lock, then update by key: an ``UPDATE … WHERE key IN (SELECT … LIMIT … SKIP LOCKED)``
+    # can be planned to run its subquery again per outer row (see ``shared.db.OutboxRelay``).
+    ids = (
+        (
+            await session.execute(
+                sa.text(
+                    f"SELECT tracking_id FROM {S}.message"
+                    " WHERE status IN ('queued', 'in_doubt') AND channel = :ch AND lane = :lane"
+                    " AND next_attempt_at <= :now"
+                    " ORDER BY priority DESC, next_attempt_at LIMIT :n FOR UPDATE SKIP LOCKED"
+                ),
+                {"now": now, "ch": channel, "lane": lane, "n": limit},
+            )
+        )
+        .scalars()
+        .all()
+    )
+    if not ids:
+        return []
     rows = (
         await session.execute(
             sa.text(
                 f"UPDATE {S}.message m SET status = 'sending', claimed_by = :owner,"
                 " claimed_until = CAST(:now AS timestamptz) + make_interval(secs => :lease),"
                 " attempt_count = m.attempt_count + 1, updated_at = :now"
-                f" WHERE m.tracking_id IN (SELECT tracking_id FROM {S}.message"
-                "  WHERE status IN ('queued', 'in_doubt') AND channel = :ch AND lane = :lane"
-                "  AND next_attempt_at <= :now"
-                "  ORDER BY priority DESC, next_attempt_at LIMIT :n FOR UPDATE SKIP LOCKED)"
+                " WHERE m.tracking_id = ANY(:ids)"
                 " RETURNING m.tracking_id, m.request, m.attempt_count, m.created_at,"
                 " m.expires_at, m.traceparent, m.in_doubt"
             ),
-            {"owner": owner, "now": now, "lease": lease_s, "ch": channel, "lane": lane, "n": limit},
+            {"owner": owner, "now": now, "lease": lease_s, "ids": list(ids)},
         )
     ).all()
     return [

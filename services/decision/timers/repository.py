@@ -107,19 +107,35 @@ class TimerRepository:
 
     async def claim_due(self, limit: int, lease_s: int) -> list[DueTimer]:
         """Claim due timers for this replica alone (a lease; SKIP LOCKED between replicas)."""
+        # Lock, then update by key (a subquery with LIMIT inside the UPDATE can be planned
+        # to run again per outer row: see ``shared.db.OutboxRelay``).
+        ids = (
+            (
+                await self.session.execute(
+                    sa.text(
+                        "SELECT timer_id FROM decision.timer WHERE due <= now() "
+                        "AND (claimed_until IS NULL OR claimed_until < now()) ORDER BY due "
+                        "LIMIT :n FOR UPDATE SKIP LOCKED"
+                    ),
+                    {"n": limit},
+                )
+            )
+            .scalars()
+            .all()
+        )
+        if not ids:
+            return []
         rows = (
             (
                 await self.session.execute(
                     sa.text(
                         "UPDATE decision.timer t SET claimed_until = now() + "
                         "make_interval(secs => :lease), attempts = t.attempts + 1 "
-                        "FROM (SELECT timer_id FROM decision.timer WHERE due <= now() "
-                        "AND (claimed_until IS NULL OR claimed_until < now()) ORDER BY due "
-                        "LIMIT :n FOR UPDATE SKIP LOCKED) d WHERE t.timer_id = d.timer_id "
+                        "WHERE t.timer_id = ANY(:ids) "
                         "RETURNING t.timer_id, t.kind, t.due, t.customer_id, t.campaign_id, "
                         "t.unless_event, t.payload, t.attempts"
                     ),
-                    {"n": limit, "lease": lease_s},
+                    {"ids": list(ids), "lease": lease_s},
                 )
             )
             .mappings()
