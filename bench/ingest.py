@@ -21,9 +21,9 @@ import time
 from typing import Any
 
 import orjson
-import psutil
 
 from bench.loadgen import closed_loop
+from bench.profile_import import stack_cpu
 from bench.scenarios import Context, _drain, _event, _lag_at
 from shared import demo
 
@@ -36,12 +36,9 @@ def _load() -> list[float]:
 
 
 def _cpu(ctx: Context) -> dict[str, float]:
-    """CPU seconds (user + system) each process of the stack has used so far."""
-    out = {}
-    for name, proc in ctx.stack.procs.items():
-        t = psutil.Process(proc.pid).cpu_times()
-        out[name] = t.user + t.system
-    return out
+    """CPU seconds (user + system) each process of the stack, Postgres, Redis and NATS
+    included, has used so far."""
+    return stack_cpu(ctx.stack)
 
 
 async def ingest(ctx: Context, run: int) -> dict[str, Any]:

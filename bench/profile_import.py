@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,14 +73,17 @@ async def _outbox(url: str) -> int:
         await conn.close()
 
 
-def _cpu(stack: Stack) -> dict[str, float]:
-    """CPU seconds so far of the processes an import runs through: gateway, profile,
-    selection (its audience index applies every announced batch), and the embedded Postgres
-    (postmaster and its backends), Redis and NATS."""
+IMPORT_PROCESSES = ("gateway", "profile", "selection")
+
+
+def stack_cpu(stack: Stack, names: Sequence[str] | None = None) -> dict[str, float]:
+    """CPU seconds so far of the stack's processes (``names``, or all of them) and of the
+    embedded Postgres (postmaster and its backends), Redis and NATS. An import runs through
+    the gateway, the profile and selection (its audience index applies every batch)."""
     import psutil
 
     out: dict[str, float] = {}
-    roots = {n: p.pid for n, p in stack.procs.items() if n in ("gateway", "profile", "selection")}
+    roots = {n: p.pid for n, p in stack.procs.items() if names is None or n in names}
     if stack.embedded is not None:
         roots.update({n: p.pid for n, p in stack.embedded.procs.items()})
     for name, pid in roots.items():
@@ -99,7 +103,7 @@ def _cpu(stack: Stack) -> dict[str, float]:
 async def import_once(stack: Stack, key: str, path: Path, run_id: bytes) -> dict[str, Any]:
     url = stack.env["KAIROS_DATABASE_URL"].replace("+asyncpg", "")
     load0 = os.getloadavg()[0]
-    cpu0 = _cpu(stack)
+    cpu0 = stack_cpu(stack, IMPORT_PROCESSES)
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=None) as c:
 
@@ -129,7 +133,7 @@ async def import_once(stack: Stack, key: str, path: Path, run_id: bytes) -> dict
     while await _outbox(url) > 0:
         await asyncio.sleep(0.2)
     announced = time.perf_counter() - t0
-    cpu1 = _cpu(stack)
+    cpu1 = stack_cpu(stack, IMPORT_PROCESSES)
     n = max(1, int(doc["imported"]))
     return {
         "customers": doc["imported"],

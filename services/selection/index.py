@@ -118,6 +118,44 @@ class Column:
         else:
             self.other[slot] = value
 
+    def set_many(self, slots: list[int], values: list[Any]) -> None:
+        """``set`` for many slots that hold no value yet (customers new to the index), in
+        one pass: bitmaps and arrays are updated once per column and value, not per slot."""
+        present: list[int] = []
+        num_slots: list[int] = []
+        num_values: list[float] = []
+        by_code: dict[int, list[int]] = {}
+        codes = self.codes
+        for slot, value in zip(slots, values, strict=True):
+            kind = type(value)  # exact types first: the common cases, checked cheaply
+            if value is None:
+                continue
+            present.append(slot)
+            if kind is int or kind is float or (kind is not bool and _is_number(value)):
+                num_slots.append(slot)
+                num_values.append(float(value))
+            elif kind is str or isinstance(value, (str, bool)):
+                key = (kind is bool, value)
+                c = codes.get(key)
+                if c is None:
+                    c = codes[key] = len(self.values)
+                    self.values.append(value)
+                    self.bitmaps.append(BitMap())
+                got = by_code.get(c)
+                if got is None:
+                    by_code[c] = [slot]
+                else:
+                    got.append(slot)
+            else:
+                self.other[slot] = value
+        self.present.update(present)
+        if num_slots:
+            self.num[num_slots] = num_values
+            self.numbers.update(num_slots)
+        for c, members in by_code.items():
+            self.code[members] = c
+            self.bitmaps[c].update(members)
+
     def match(self, op: str, value: Any, within: BitMap | None = None) -> BitMap:
         """Slots whose value satisfies ``op value`` exactly as ``shared.rules.compare``
         (numbers are only scanned inside ``within`` when it is small)."""
@@ -389,42 +427,89 @@ class Population:
         if not todo:
             return 0
         n = len(self.ids)
+        # Customers new to the index (an import, a rebuild) go in together: one update per
+        # tag, consent and column rather than one per customer and value.
+        self._add_fresh({slot: doc for slot, doc, _, fresh in todo if fresh}, n)
         # Tags: customers already indexed leave every tag bitmap at once, then rejoin.
         retag = BitMap(s for s, _, h, fresh in todo if not fresh and (h is None or "tags" in h))
         if retag:
             for bm in self.tags.values():
                 bm.difference_update(retag)
         for slot, doc, hint, fresh in todo:
+            if fresh:
+                continue
             self.alive.add(slot)
-            if fresh or hint is None or "tags" in hint:
+            if hint is None or "tags" in hint:
                 for t in doc.get("tags") or ():
                     tag_bm = self.tags.get(t)
                     if tag_bm is None:
                         tag_bm = self.tags[t] = BitMap()
                     tag_bm.add(slot)
-            if fresh or hint is None or "consents" in hint:
-                if not fresh:
-                    for bm in self.consents.values():
-                        bm.discard(slot)
+            if hint is None or "consents" in hint:
+                for bm in self.consents.values():
+                    bm.discard(slot)
                 for ch, ok in (doc.get("consents") or {}).items():
                     if ok is True:
                         self.consents.setdefault(ch, BitMap()).add(slot)
-            if fresh or hint is None or "attributes" in hint:
-                self._set_columns(self.attrs, slot, doc.get("attributes") or {}, fresh, n)
-            if fresh or hint is None or "counters" in hint:
-                last = doc.get("last") or {}
-                flat = {(e, p): v for e, props in last.items() for p, v in (props or {}).items()}
-                self._set_columns(self.lasts, slot, flat, fresh, n)
-                self._set_counters(slot, doc.get("counters") or {}, hint, fresh, n)
+            if hint is None or "attributes" in hint:
+                self._set_columns(self.attrs, slot, doc.get("attributes") or {}, n)
+            if hint is None or "counters" in hint:
+                self._set_columns(self.lasts, slot, _flat_last(doc), n)
+                self._set_counters(slot, doc.get("counters") or {}, hint, False, n)
         return len(todo)
 
+    def _add_fresh(self, docs: Mapping[int, Mapping[str, Any]], n: int) -> None:
+        """Whole documents of slots that hold nothing (new, or emptied by ``remove``)."""
+        if not docs:
+            return
+        self.alive.update(docs)
+        tags: dict[str, list[int]] = {}
+        consents: dict[str, list[int]] = {}
+        attrs: dict[Any, tuple[list[int], list[Any]]] = {}
+        lasts: dict[Any, tuple[list[int], list[Any]]] = {}
+        for slot, doc in docs.items():
+            for t in doc.get("tags") or ():
+                members = tags.get(t)
+                if members is None:
+                    tags[t] = [slot]
+                else:
+                    members.append(slot)
+            for ch, ok in (doc.get("consents") or {}).items():
+                if ok is True:
+                    consents.setdefault(ch, []).append(slot)
+            for target, values in ((attrs, doc.get("attributes")), (lasts, _flat_last(doc))):
+                for name, v in (values or {}).items():
+                    pair = target.get(name)
+                    if pair is None:
+                        target[name] = ([slot], [v])
+                    else:
+                        pair[0].append(slot)
+                        pair[1].append(v)
+            ctrs = doc.get("counters")
+            if ctrs:
+                self._set_counters(slot, ctrs, None, True, n)
+        for t, members in tags.items():
+            bm = self.tags.get(t)
+            if bm is None:
+                bm = self.tags[t] = BitMap()
+            bm.update(members)
+        for ch, members in consents.items():
+            self.consents.setdefault(ch, BitMap()).update(members)
+        for cols, columns in ((self.attrs, attrs), (self.lasts, lasts)):
+            for name, (members, values) in columns.items():
+                col = cols.get(name)
+                if col is None:
+                    col = cols[name] = Column()
+                col.ensure(n)
+                col.set_many(members, values)
+
     def _set_columns(
-        self, cols: dict[Any, Column], slot: int, values: Mapping[Any, Any], fresh: bool, n: int
+        self, cols: dict[Any, Column], slot: int, values: Mapping[Any, Any], n: int
     ) -> None:
-        if not fresh:
-            for name, col in cols.items():
-                if name not in values:
-                    col.clear(slot)
+        """A customer's values become ``values`` (columns it no longer has are cleared)."""
+        for name, col in cols.items():
+            if name not in values:
+                col.clear(slot)
         for name, value in values.items():
             target = cols.get(name)
             if target is None:
@@ -638,6 +723,12 @@ class Population:
         if missing:
             out[NONE] = missing
         return out
+
+
+def _flat_last(doc: Mapping[str, Any]) -> dict[tuple[str, str], Any]:
+    """A document's last event values, one entry per (event type, property)."""
+    last = doc.get("last") or {}
+    return {(e, p): v for e, props in last.items() for p, v in (props or {}).items()}
 
 
 def _compare_array(x: np.ndarray, op: str, v: float) -> np.ndarray:

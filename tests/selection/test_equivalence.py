@@ -158,11 +158,19 @@ def _engines_agree(docs: list[dict[str, Any]], erased: list[str], contacts: Any,
     pop = Population()
     final: dict[str, dict[str, Any]] = {}
     versions: dict[str, int] = {}
-    for doc in docs:  # later documents are newer versions of the same customer
+    # Later documents are newer versions of the same customer. Documents go in together
+    # until a customer repeats: customers new to the index are added in bulk, the others
+    # one by one.
+    together: list[dict[str, Any]] = []
+    for doc in docs:
         cid = doc["customer_id"]
+        if any(d["customer_id"] == cid for d in together):
+            pop.upsert_many(together)
+            together = []
         versions[cid] = versions.get(cid, 0) + 1
-        pop.upsert_many([{**doc, "version": versions[cid]}])
+        together.append({**doc, "version": versions[cid]})
         final[cid] = doc
+    pop.upsert_many(together)
     for cid in erased:
         pop.remove(cid)
         final.pop(cid)
