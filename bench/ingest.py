@@ -6,9 +6,9 @@ Per run, against the same run's floor (a bare FastAPI app answering the same req
   connections), then until the profile has applied every one of them and the outbox is empty.
   ``accepted_events_per_s`` is what the gateway stored per second; ``applied_events_per_s``
   is events over the time until the profile had applied them all (the end-to-end rate);
-- lag from ``202`` to the customer's ``profile.changed`` (published after the commit, so an
-  upper bound of when a read shows the event) at 1,000, 2,500 and 5,000 events/s (open loop,
-  requests of 50 events, known customers).
+- lag from ``202`` to the ``profile.counted`` naming the customer (published after the
+  commit, so an upper bound of when a read shows the event) at 1,000, 2,500 and 5,000
+  events/s (open loop, requests of 50 events, known customers).
 The machine's load average is recorded before and after each run (2 cores, shared), and
 the CPU each process spent per event of the batched phase (what contention distorts least).
 """

@@ -19,6 +19,8 @@ from redis.asyncio import Redis
 
 from bench.loadgen import closed_loop, open_loop
 from shared import demo
+from shared.contracts.bus import ImportBatch, ProfileCounted
+from shared.events import CloudEvent
 from shared.stack import Stack
 
 
@@ -50,8 +52,9 @@ def _event(cid: str, etype: str = "app.opened") -> dict[str, Any]:
 async def _lag_at(
     ctx: Context, rate_events: int, per_request: int, run: int, *, known: bool = True
 ) -> dict[str, Any]:
-    """Events/s at a fixed rate; lag = 202 → profile.changed for that customer (an upper
-    bound of when the view shows it: the change is published after its commit).
+    """Events/s at a fixed rate; lag = 202 → the ``profile.counted`` of the batch that applied
+    the customer's event (an upper bound of when the view shows it: the announcement is
+    published after its commit).
 
     ``known``: the customers exist already (imported first), as for most live traffic;
     otherwise every event creates its customer (first sight, the worst case)."""
@@ -65,15 +68,26 @@ async def _lag_at(
     # profile was quicker than the answer's way back): kept, and counted when the 202 comes.
     early: dict[str, float] = {}
 
-    async def on_change(msg: Any) -> None:
-        cid = orjson.loads(msg.data).get("subject")
-        t = accepted_at.pop(cid, None) if cid else None
-        if t is not None:
-            lags.append(time.perf_counter() - t)
-        elif cid and cid.startswith(f"lag-{tag}-{run}-"):
-            early[cid] = time.perf_counter()
+    http = httpx.AsyncClient(base_url=ctx.stack.url("profile"), timeout=30)
 
-    sub = await nc.subscribe(f"{prefix}.profile.changed.*", cb=on_change)
+    def seen(cid: str, at: float) -> None:
+        t = accepted_at.pop(cid, None)
+        if t is not None:
+            lags.append(at - t)
+        elif cid.startswith(f"lag-{tag}-{run}-"):
+            early[cid] = at
+
+    async def on_counted(msg: Any) -> None:
+        # One announcement per applied event batch; its customers are read from the profile
+        # service, as selection reads them (the time is the announcement's arrival).
+        at = time.perf_counter()
+        counted = ProfileCounted.parse(CloudEvent.from_bytes(msg.data))
+        r = await http.get(f"/internal/import-batches/{counted.batch_id}")
+        if r.status_code == 200:
+            for cid in ImportBatch.model_validate_json(r.content).customers:
+                seen(cid, at)
+
+    sub = await nc.subscribe(f"{prefix}.{ProfileCounted.TYPE}", cb=on_counted)
 
     def make(i: int) -> tuple[str, str, bytes]:
         evs = [_event(f"lag-{tag}-{run}-{i}-{j}") for j in range(per_request)]
@@ -104,7 +118,7 @@ async def _lag_at(
                 headers={**ctx.headers, "content-type": "application/x-ndjson"},
             )
             assert r.status_code == 200, r.text
-        await _drain(ctx)  # the import's own profile.changed must not queue ahead of the phase
+        await _drain(ctx)  # the import's own announcements must not queue ahead of the phase
     res = await open_loop(
         "127.0.0.1",
         ctx.gw_port,
@@ -120,6 +134,7 @@ async def _lag_at(
         await asyncio.sleep(0.1)
     await sub.unsubscribe()
     await nc.close()
+    await http.aclose()
     lags.sort()
     n = len(lags)
     return {

@@ -127,6 +127,10 @@ class Settings(BaseSettings):
     # batches in flight (one is in Postgres while the other is in Redis or being parsed).
     profile_events_batch: int = Field(default=1000, ge=1, le=10_000)
     profile_events_in_flight: int = Field(default=2, ge=1, le=8)
+    # How long an event batch's announcement row (its customers and versions, read by
+    # selection after ``profile.counted``) is kept: longer than a selection replica may lag
+    # or be down; one whose batch is gone rebuilds its index from the profile.
+    event_batch_retention_s: float = Field(default=3600.0, ge=600.0)
     consumer_max_deliver: int = 5
     # How long a consumer that nobody waits on message by message (history, counters, the
     # audience index, learning) keeps gathering after a batch's first message: fewer, larger

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 from nats.aio.msg import Msg
@@ -12,6 +13,7 @@ from pydantic import ValidationError
 
 from services.profile.customers import service
 from services.profile.customers.endpoints import projection, reproject
+from services.profile.customers.repository import CustomerRepository
 from shared.bus import Consumer, PoisonMessage, TransientError, bulk_gather_s
 from shared.contracts.bus import (
     CHANNELS,
@@ -55,6 +57,7 @@ async def handle_events(rt: Runtime, batch: Sequence[tuple[Msg, CloudEvent]]) ->
             # Lost a deadlock to another batch: it was rolled back whole; run it again now
             # rather than after the nak delay (which would reorder it behind later events).
             log.info("events batch conflicted with another (%s); retrying", exc)
+    await _prune_event_batches(rt)
     proj = projection(rt)
     # Each projection and the markers of the events in it go in one script (triggers read
     # both at once: a marker means "the projection has this event").
@@ -64,6 +67,26 @@ async def handle_events(rt: Runtime, batch: Sequence[tuple[Msg, CloudEvent]]) ->
     for source in applied.folded:
         await proj.erase(source)
     await proj.mark_applied(unmarked)
+
+
+_next_prune = 0.0
+PRUNE_EVERY_S = 60.0
+
+
+async def _prune_event_batches(rt: Runtime) -> None:
+    """Now and then, forget event batches' announcement rows past their retention (in a
+    transaction of its own: never inside a batch's, where two replicas would queue)."""
+    global _next_prune
+    if time.monotonic() < _next_prune:
+        return
+    _next_prune = time.monotonic() + PRUNE_EVERY_S
+    assert rt.db is not None
+    before = utcnow() - timedelta(seconds=rt.settings.event_batch_retention_s)
+    try:
+        async with rt.db.transaction() as uow:
+            await CustomerRepository(uow.session).prune_event_batches(before)
+    except Exception as exc:  # the next round tries again; the batch itself is done
+        log.warning("pruning event batches failed: %r", exc)
 
 
 M = TypeVar("M", bound=BusMessage)

@@ -42,6 +42,7 @@ from shared.contracts.bus import (
     BusMessage,
     ContactRecorded,
     ImportBatch,
+    ProfileCounted,
     ProfileErased,
     ProfileImported,
 )
@@ -84,6 +85,7 @@ class Audience:
         self._erased_while_loading: set[str] = set()
         self._tasks: list[asyncio.Task[Any]] = []
         self._http: aiohttp.ClientSession | None = None
+        self._refreshing: asyncio.Task[None] | None = None
         cfg = rt.settings
         self.path = (cfg.selection_index_dir or cfg.run_dir / "selection") / "index.pickle"
         name = re.sub(r"[^A-Za-z0-9_-]", "_", f"{cfg.instance_id}-{os.getpid()}")
@@ -230,6 +232,21 @@ class Audience:
         log.info("contact history: %d contacts older than the stream loaded from feedback", n)
 
     # -- rebuild ------------------------------------------------------------------------
+    def _refresh(self) -> None:
+        """Read every profile again on top of the index (version-guarded: what is newer
+        replaces what the index holds), unless such a pass is running."""
+        if self._refreshing is not None or not self.ready:
+            return  # a pass (or the first load) that has yet to read these customers
+
+        async def run() -> None:
+            try:
+                await self._rebuild(time.perf_counter())
+            finally:
+                self._refreshing = None
+
+        self._refreshing = asyncio.create_task(run(), name="audience-refresh")
+        self._tasks.append(self._refreshing)
+
     async def _rebuild(self, t0: float) -> None:
         """Load every profile from the profile service, page by page."""
         base = self.rt.settings.url_of("profile")
@@ -275,11 +292,15 @@ class Audience:
         erased = {
             id(ev): _parse(ProfileErased, ev) for _, ev in batch if ev.type == ProfileErased.TYPE
         }
-        imported = {
-            id(ev): _parse(ProfileImported, ev)
-            for _, ev in batch
-            if ev.type == ProfileImported.TYPE
-        }
+        announced_batches: dict[int, tuple[int, set[str]]] = {}
+        for _, ev in batch:
+            if ev.type == ProfileImported.TYPE:
+                imp = _parse(ProfileImported, ev)
+                announced_batches[id(ev)] = (imp.batch_id, set(imp.changed))
+            elif ev.type == ProfileCounted.TYPE:
+                cnt = _parse(ProfileCounted, ev)
+                parts = {"counters", *(f"event:{t}" for t in cnt.event_types)}
+                announced_batches[id(ev)] = (cnt.batch_id, parts)
         for _, ev in batch:
             d = ev.data if isinstance(ev.data, dict) else {}
             if ev.type == "profile.changed":
@@ -289,10 +310,9 @@ class Audience:
                     f"event:{t}" for t in d.get("event_types") or ()
                 }
                 _note(changed, cid, v, parts)
-            elif ev.type == ProfileImported.TYPE:
-                announced = imported[id(ev)]
-                parts = set(announced.changed)
-                for cid, v in (await self._import_batch(announced.batch_id)).items():
+            elif id(ev) in announced_batches:  # an import's or an event batch's
+                batch_id, parts = announced_batches[id(ev)]
+                for cid, v in (await self._import_batch(batch_id)).items():
                     _note(changed, cid, v, parts)
             elif ev.type == ProfileErased.TYPE:
                 gone = erased[id(ev)]
@@ -307,7 +327,7 @@ class Audience:
                 newest = at
         for cid in removed:
             self.pop.remove(cid)
-            if not self.ready:
+            if not self.ready or self._refreshing is not None:
                 self._erased_while_loading.add(cid)
         if erased:
             await self.forget.erased([i for e in erased.values() for i in [e.customer_id, *e.ids]])
@@ -330,16 +350,18 @@ class Audience:
         INDEX_CUSTOMERS.set(self.pop.total)
 
     async def _import_batch(self, batch_id: int) -> dict[str, int]:
-        """The customers (and versions) of one import batch, from the profile service."""
+        """The customers (and versions) of one announced batch (an import's or an event
+        batch's), from the profile service. A batch whose row is gone (kept for a while
+        only: this replica was down or behind for longer) named customers this index cannot
+        know: every profile is read again, in the background (``_refresh``)."""
         url = f"{self.rt.settings.url_of('profile')}/internal/import-batches/{batch_id}"
         if self._http is None or self._http.closed:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         try:
             async with self._http.get(url) as resp:
-                if resp.status == 404:  # older than the stream: nothing left to apply
-                    log.warning(
-                        "import batch %d is gone; its customers are left as they were", batch_id
-                    )
+                if resp.status == 404:
+                    log.warning("announced batch %d is gone; reading every profile", batch_id)
+                    self._refresh()
                     return {}
                 resp.raise_for_status()
                 body = await resp.read()

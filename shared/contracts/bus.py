@@ -474,8 +474,25 @@ class ProfileImported(BusMessage):
     source: str = "import"
 
 
+class ProfileCounted(BusMessage):
+    """One committed batch of behavioural events (``profile.counted``): ``count`` customers'
+    counters moved, for the event types in ``event_types``. Like ``profile.imported`` it names
+    no customer: the batch's customers and their new versions are read from the profile
+    service (``GET /internal/import-batches/{batch_id}``), where erasure can remove one, and
+    consumers re-read the behaviour part of each projection once it holds that version.
+    One message a batch instead of a ``profile.changed`` per customer: at 5,000 events/s
+    that let the profile keep up (README, Event ingestion)."""
+
+    TYPE: ClassVar[str] = "profile.counted"
+    PERSONAL: ClassVar[bool] = False
+    batch_id: int
+    count: int
+    event_types: list[str] = Field(default_factory=list)
+
+
 class ImportBatch(BaseModel):
-    """The customers of one ``profile.imported`` batch, with each one's version after it."""
+    """The customers of one ``profile.imported`` or ``profile.counted`` batch, with each
+    one's version after it."""
 
     model_config = ConfigDict(extra="ignore")
     batch_id: int

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ from redis.asyncio import Redis
 
 from services.profile.projection import Doc, Projection, merge_parts
 from shared import counters
-from shared.contracts.bus import DeliveryReported, ResponseRecorded
+from shared.contracts.bus import DeliveryReported, ImportBatch, ProfileCounted, ResponseRecorded
 from shared.events import CloudEvent
 from shared.privacy import event_subject
 from shared.redis import Keys
@@ -177,6 +178,64 @@ async def test_profile_changed_is_published(
     assert [d["version"] for d in seen] == [1, 2]
     assert seen[1]["changed"] == ["consents"]
     await sub.unsubscribe()
+
+
+async def test_an_event_batch_is_announced_once_naming_its_customers(
+    gw: httpx.AsyncClient, stack: Stack, js, cid: str
+) -> None:
+    """Events are announced per applied batch (``profile.counted``), not per customer: the
+    batch's customers and their versions are read from the profile service, and erasure
+    removes a customer from them."""
+    prefix = stack.env["KAIROS_BUS_PREFIX"]
+    others = [f"{cid}-{i}" for i in range(3)]
+    for c in (cid, *others):
+        assert (await gw.put(f"/v1/customers/{c}", json={"tags": ["t:1"]})).status_code == 200
+    counted = await js.subscribe(
+        f"{prefix}.{ProfileCounted.TYPE}", deliver_policy=DeliverPolicy.NEW
+    )
+    changed = await js.subscribe(f"{prefix}.profile.changed.*", deliver_policy=DeliverPolicy.NEW)
+    events = [{"type": "app.opened", "customer_id": c} for c in (cid, *others)]
+    events.append({"type": "topup", "customer_id": cid})
+    assert (await gw.post("/v1/events", json={"events": events})).status_code == 202
+    profile = httpx.AsyncClient(base_url=stack.url("profile"), timeout=10)
+    named: dict[str, int] = {}
+    types: set[str] = set()
+    batches: list[int] = []
+    while set(named) < {cid, *others}:
+        msg = await counted.next_msg(timeout=10)
+        ev = CloudEvent.from_bytes(msg.data)
+        assert ev.subject is None  # names no one: the stream keeps nothing personal
+        announced = ProfileCounted.parse(ev)
+        r = await profile.get(f"/internal/import-batches/{announced.batch_id}")
+        assert r.status_code == 200
+        got = ImportBatch.model_validate_json(r.content).customers
+        assert announced.count == len(got)
+        named.update({c: v for c, v in got.items() if c == cid or c in others})
+        types |= set(announced.event_types)
+        batches.append(announced.batch_id)
+    assert named == {c: 2 for c in (cid, *others)}  # PUT made version 1, the events 2
+    assert {"app.opened", "topup"} <= types
+    per_customer = []  # and no profile.changed per customer for the events (version 2)
+    with contextlib.suppress(TimeoutError):
+        while True:
+            ev = CloudEvent.from_bytes((await changed.next_msg(timeout=1)).data)
+            if ev.subject in (cid, *others) and ev.data["version"] > 1:
+                per_customer.append(ev.data)
+    assert per_customer == []
+    # Erased: gone from the announcement rows too.
+    assert (await gw.delete(f"/v1/customers/{cid}")).status_code == 202
+
+    async def names_of_batches() -> set[str]:
+        out: set[str] = set()
+        for b in batches:
+            r = await profile.get(f"/internal/import-batches/{b}")
+            out |= set(ImportBatch.model_validate_json(r.content).customers)
+        return out
+
+    await eventually(names_of_batches, lambda names: cid not in names and set(others) <= names)
+    await profile.aclose()
+    await counted.unsubscribe()
+    await changed.unsubscribe()
 
 
 async def test_erasure(gw: httpx.AsyncClient, stack: Stack, redis: Redis, js, cid: str) -> None:

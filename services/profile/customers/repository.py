@@ -116,6 +116,35 @@ class CustomerRepository(Repository[Customer]):
         )
         return {r[0]: r[1] for r in rows.all()}
 
+    async def bump_announced(self, ids: Iterable[str], now: datetime) -> tuple[int, dict[str, int]]:
+        """``bump``, and the event batch's announcement row (``profile.import_batch``, kind
+        ``events``: the customers and their new versions) in the same statement; returns
+        the row's id and the new versions."""
+        rows = (
+            await self.session.execute(
+                sa.text(
+                    "WITH b AS (UPDATE profile.customer SET version = version + 1,"
+                    " updated_at = :now WHERE customer_id = ANY(:ids)"
+                    " RETURNING customer_id, version),"
+                    " a AS (INSERT INTO profile.import_batch (created_at, size, customers, kind)"
+                    " SELECT :now, count(*), COALESCE(jsonb_object_agg(customer_id, version),"
+                    " '{}'), 'events' FROM b RETURNING batch_id)"
+                    " SELECT a.batch_id, b.customer_id, b.version FROM a LEFT JOIN b ON true"
+                ),
+                {"ids": sorted(set(ids)), "now": now},
+            )
+        ).all()
+        return int(rows[0][0]), {r[1]: r[2] for r in rows if r[1] is not None}
+
+    async def prune_event_batches(self, before: datetime) -> None:
+        """Forget event batches' announcement rows older than ``before``."""
+        await self.session.execute(
+            sa.text(
+                "DELETE FROM profile.import_batch WHERE kind = 'events' AND created_at < :before"
+            ),
+            {"before": before},
+        )
+
     async def upsert_many(self, rows: Sequence[dict[str, Any]]) -> None:
         """Create or replace whole profiles (PUT, import) in one statement; each replaced
         profile's version grows by one. Merged-away ids are left alone."""

@@ -17,7 +17,7 @@ from services.profile.customers.repository import CustomerRepository
 from services.profile.models import Counter, Merge
 from services.profile.projection import Doc
 from shared import counters
-from shared.contracts.bus import ProfileChanged, ProfileErased
+from shared.contracts.bus import ProfileChanged, ProfileCounted, ProfileErased
 from shared.contracts.customers import (
     CustomerPatch,
     CustomerPut,
@@ -593,9 +593,14 @@ async def apply_events(uow: UnitOfWork, events: list[EventData], now: datetime) 
             c["first_seen"] = min(c["first_seen"], e.time)
         rows.extend(existing[(cid, t)] for t in sorted({e.type for e in by_customer[cid]}))
     await repo.save_counters(rows)
-    versions = await repo.bump(by_customer, now)
-    for cid, v in versions.items():
-        _changed(uow, cid, v, ["counters"], event_types=sorted({e.type for e in by_customer[cid]}))
+    # One announcement for the batch (its customers and versions in a row erasure can edit),
+    # not a profile.changed per customer: that one message per customer cost the stack a
+    # quarter of its CPU at 5,000 events/s (README, Event ingestion).
+    batch_id, versions = await repo.bump_announced(by_customer, now)
+    if versions:
+        types = sorted({e.type for evs in by_customer.values() for e in evs})
+        counted = ProfileCounted(batch_id=batch_id, count=len(versions), event_types=types)
+        uow.emit(*counted.to_event(source=SOURCE))
     # Read back in the same transaction (one query): what is projected is exactly what
     # commits. Known customers whose events only moved counters get a counters-only write.
     whole = {c for c in out.customers if c in created or c not in by_customer}

@@ -78,7 +78,7 @@ SELECT announced.batch_id, up.* FROM announced LEFT JOIN up ON true
 """
 )
 # Announcements older than the PROFILE stream's retention name messages no longer there.
-PRUNE = "DELETE FROM profile.import_batch WHERE created_at < :before"
+PRUNE = "DELETE FROM profile.import_batch WHERE kind = 'import' AND created_at < :before"
 BATCH = "SELECT batch_id, customers FROM profile.import_batch WHERE batch_id = :b"
 # PUT replaces the identities it names (anonymous links stay): drop the ones that changed.
 DROP_IDENTITIES = f"""
