@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 from services.profile.customers import service
 from services.profile.customers.endpoints import projection, reproject
 from services.profile.customers.repository import CustomerRepository
-from shared.bus import Consumer, PoisonMessage, TransientError, bulk_gather_s
+from shared.bus import STREAM_MAX_AGE_S, Consumer, PoisonMessage, TransientError, bulk_gather_s
 from shared.contracts.bus import (
     CHANNELS,
     BusMessage,
@@ -57,7 +58,7 @@ async def handle_events(rt: Runtime, batch: Sequence[tuple[Msg, CloudEvent]]) ->
             # Lost a deadlock to another batch: it was rolled back whole; run it again now
             # rather than after the nak delay (which would reorder it behind later events).
             log.info("events batch conflicted with another (%s); retrying", exc)
-    await _prune_event_batches(rt)
+    _prune_soon(rt)
     proj = projection(rt)
     # Each projection and the markers of the events in it go in one script (triggers read
     # both at once: a marker means "the projection has this event").
@@ -71,22 +72,46 @@ async def handle_events(rt: Runtime, batch: Sequence[tuple[Msg, CloudEvent]]) ->
 
 _next_prune = 0.0
 PRUNE_EVERY_S = 60.0
+PRUNE_CHUNK = 20_000
+# Event ids are remembered (a redelivered or re-posted event counts once) for as long as a
+# stream can hand an event back, and a day more.
+DEDUP_S = STREAM_MAX_AGE_S + 24 * 3600
 
 
-async def _prune_event_batches(rt: Runtime) -> None:
-    """Now and then, forget event batches' announcement rows past their retention (in a
-    transaction of its own: never inside a batch's, where two replicas would queue)."""
+_pruning: set[asyncio.Task[None]] = set()
+
+
+def _prune_soon(rt: Runtime) -> None:
+    """Once a minute, prune in the background (never holding up the batch that asked)."""
     global _next_prune
-    if time.monotonic() < _next_prune:
+    if time.monotonic() < _next_prune or _pruning:
         return
     _next_prune = time.monotonic() + PRUNE_EVERY_S
+    task = asyncio.create_task(_prune(rt), name="profile-prune")
+    _pruning.add(task)
+    task.add_done_callback(_pruning.discard)
+
+
+async def _prune(rt: Runtime) -> None:
+    """Forget what is past its time: event batches' announcement rows
+    (``KAIROS_EVENT_BATCH_RETENTION_S``) and processed event ids (``DEDUP_S``); each chunk in a
+    transaction of its own, never inside a batch's, where two replicas would queue."""
     assert rt.db is not None
-    before = utcnow() - timedelta(seconds=rt.settings.event_batch_retention_s)
+    now = utcnow()
     try:
         async with rt.db.transaction() as uow:
-            await CustomerRepository(uow.session).prune_event_batches(before)
+            await CustomerRepository(uow.session).prune_event_batches(
+                now - timedelta(seconds=rt.settings.event_batch_retention_s)
+            )
+        while True:
+            async with rt.db.transaction() as uow:
+                gone = await CustomerRepository(uow.session).prune_processed(
+                    now - timedelta(seconds=DEDUP_S), PRUNE_CHUNK
+                )
+            if gone < PRUNE_CHUNK:
+                break
     except Exception as exc:  # the next round tries again; the batch itself is done
-        log.warning("pruning event batches failed: %r", exc)
+        log.warning("pruning event batches or processed event ids failed: %r", exc)
 
 
 M = TypeVar("M", bound=BusMessage)

@@ -145,6 +145,19 @@ class CustomerRepository(Repository[Customer]):
             {"before": before},
         )
 
+    async def prune_processed(self, before: datetime, limit: int) -> int:
+        """Forget up to ``limit`` processed event ids claimed before ``before`` (events that
+        old are out of every stream, so none is redelivered); returns how many went. The
+        rows to go are picked once (``ARRAY(…)``, an init plan), then deleted by tuple id."""
+        got = await self.session.execute(
+            sa.text(
+                "DELETE FROM profile.processed_event WHERE ctid = ANY(ARRAY("
+                "SELECT ctid FROM profile.processed_event WHERE at < :before LIMIT :n))"
+            ),
+            {"before": before, "n": limit},
+        )
+        return int(got.rowcount or 0)  # type: ignore[attr-defined]
+
     async def upsert_many(self, rows: Sequence[dict[str, Any]]) -> None:
         """Create or replace whole profiles (PUT, import) in one statement; each replaced
         profile's version grows by one. Merged-away ids are left alone."""
