@@ -312,8 +312,14 @@ class Audience:
                 _note(changed, cid, v, parts)
             elif id(ev) in announced_batches:  # an import's or an event batch's
                 batch_id, parts = announced_batches[id(ev)]
-                for cid, v in (await self._import_batch(batch_id)).items():
-                    _note(changed, cid, v, parts)
+                got = await self._import_batch(batch_id) or ImportBatch(
+                    batch_id=batch_id, customers={}
+                )
+                types = got.event_types or {}  # an event batch names each one's event types
+                for cid, v in got.customers.items():
+                    mine = types.get(cid)
+                    own = {"counters", *(f"event:{t}" for t in mine)} if mine else parts
+                    _note(changed, cid, v, own)
             elif ev.type == ProfileErased.TYPE:
                 gone = erased[id(ev)]
                 for cid in gone.ids or [gone.customer_id]:
@@ -349,7 +355,7 @@ class Audience:
             INDEX_LAG.observe(max(0.0, (datetime.now(UTC) - newest).total_seconds()))
         INDEX_CUSTOMERS.set(self.pop.total)
 
-    async def _import_batch(self, batch_id: int) -> dict[str, int]:
+    async def _import_batch(self, batch_id: int) -> ImportBatch | None:
         """The customers (and versions) of one announced batch (an import's or an event
         batch's), from the profile service. A batch whose row is gone (kept for a while
         only: this replica was down or behind for longer) named customers this index cannot
@@ -362,12 +368,12 @@ class Audience:
                 if resp.status == 404:
                     log.warning("announced batch %d is gone; reading every profile", batch_id)
                     self._refresh()
-                    return {}
+                    return None
                 resp.raise_for_status()
                 body = await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TransientError(f"import batch {batch_id} not readable: {exc}") from exc
-        return ImportBatch.model_validate_json(body).customers
+        return ImportBatch.model_validate_json(body)
 
     async def _read(self, wanted: dict[str, Change]) -> tuple[list[dict[str, Any]], list[str]]:
         """The projections of changed customers, and the ids whose projection is still older

@@ -492,11 +492,13 @@ class ProfileCounted(BusMessage):
 
 class ImportBatch(BaseModel):
     """The customers of one ``profile.imported`` or ``profile.counted`` batch, with each
-    one's version after it."""
+    one's version after it; for an event batch, also the event types each one's counters
+    got (the others did not move)."""
 
     model_config = ConfigDict(extra="ignore")
     batch_id: int
     customers: dict[str, int]
+    event_types: dict[str, list[str]] | None = None
 
 
 class ProfileChanged(BusMessage):

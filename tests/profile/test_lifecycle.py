@@ -208,10 +208,17 @@ async def test_an_event_batch_is_announced_once_naming_its_customers(
         announced = ProfileCounted.parse(ev)
         r = await profile.get(f"/internal/import-batches/{announced.batch_id}")
         assert r.status_code == 200
-        got = ImportBatch.model_validate_json(r.content).customers
+        batch = ImportBatch.model_validate_json(r.content)
+        got = batch.customers
         assert announced.count == len(got)
         named.update({c: v for c, v in got.items() if c == cid or c in others})
         types |= set(announced.event_types)
+        assert batch.event_types is not None
+        for c in got:  # each customer's own event types, not the whole batch's
+            if c == cid:
+                assert set(batch.event_types[c]) <= {"app.opened", "topup"}
+            elif c in others:
+                assert batch.event_types[c] == ["app.opened"]
         batches.append(announced.batch_id)
     assert named == {c: 2 for c in (cid, *others)}  # PUT made version 1, the events 2
     assert {"app.opened", "topup"} <= types

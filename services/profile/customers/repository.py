@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -116,22 +116,34 @@ class CustomerRepository(Repository[Customer]):
         )
         return {r[0]: r[1] for r in rows.all()}
 
-    async def bump_announced(self, ids: Iterable[str], now: datetime) -> tuple[int, dict[str, int]]:
-        """``bump``, and the event batch's announcement row (``profile.import_batch``, kind
-        ``events``: the customers and their new versions) in the same statement; returns
-        the row's id and the new versions."""
+    async def bump_announced(
+        self, types: Mapping[str, Sequence[str]], now: datetime
+    ) -> tuple[int, dict[str, int]]:
+        """``bump`` the customers of ``types`` (customer -> the event types their counters got),
+        and write the event batch's announcement row (``profile.import_batch``, kind
+        ``events``: each customer's new version and event types) in the same statement;
+        returns the row's id and the new versions."""
+        ids = sorted(types)
         rows = (
             await self.session.execute(
                 sa.text(
-                    "WITH b AS (UPDATE profile.customer SET version = version + 1,"
-                    " updated_at = :now WHERE customer_id = ANY(:ids)"
-                    " RETURNING customer_id, version),"
-                    " a AS (INSERT INTO profile.import_batch (created_at, size, customers, kind)"
+                    "WITH t AS (SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:types AS text[]))"
+                    " AS t(id, types)),"
+                    " b AS (UPDATE profile.customer c SET version = c.version + 1,"
+                    " updated_at = :now FROM t WHERE c.customer_id = t.id"
+                    " RETURNING c.customer_id, c.version, t.types),"
+                    " a AS (INSERT INTO profile.import_batch"
+                    " (created_at, size, customers, event_types, kind)"
                     " SELECT :now, count(*), COALESCE(jsonb_object_agg(customer_id, version),"
-                    " '{}'), 'events' FROM b RETURNING batch_id)"
+                    " '{}'), COALESCE(jsonb_object_agg(customer_id, types::jsonb), '{}'),"
+                    " 'events' FROM b RETURNING batch_id)"
                     " SELECT a.batch_id, b.customer_id, b.version FROM a LEFT JOIN b ON true"
                 ),
-                {"ids": sorted(set(ids)), "now": now},
+                {
+                    "ids": ids,
+                    "types": [orjson.dumps(sorted(set(types[c]))).decode() for c in ids],
+                    "now": now,
+                },
             )
         ).all()
         return int(rows[0][0]), {r[1]: r[2] for r in rows if r[1] is not None}
@@ -502,7 +514,8 @@ class CustomerRepository(Repository[Customer]):
         # The import announcements that named them (the stream messages name no one).
         await self.session.execute(
             sa.text(
-                "UPDATE profile.import_batch SET customers = customers - CAST(:ids AS text[])"
+                "UPDATE profile.import_batch SET customers = customers - CAST(:ids AS text[]),"
+                " event_types = event_types - CAST(:ids AS text[])"
                 " WHERE customers ?| CAST(:ids AS text[])"
             ),
             {"ids": ids},

@@ -23,7 +23,7 @@ async def import_batch(batch_id: Annotated[int, Path(ge=1)], rt: RuntimeDep) -> 
     customers left out); 404 once older than the PROFILE stream's retention."""
     assert rt.db is not None
     async with rt.db.sessions() as session:
-        customers = await ImportRepository(session).batch(batch_id)
-    if customers is None:
+        batch = await ImportRepository(session).batch(batch_id)
+    if batch is None:
         raise NotFound(f"No import batch {batch_id}.")
-    return ImportBatch(batch_id=batch_id, customers=customers)
+    return batch

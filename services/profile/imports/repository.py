@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.profile.customers.repository import PROJECTION_COLUMNS, conflicts_sql
 from services.profile.imports.parser import Row
 from services.profile.projection import Doc
+from shared.contracts.bus import ImportBatch
 
 
 class ConcurrentClaim(Exception):
@@ -79,7 +80,7 @@ SELECT announced.batch_id, up.* FROM announced LEFT JOIN up ON true
 )
 # Announcements older than the PROFILE stream's retention name messages no longer there.
 PRUNE = "DELETE FROM profile.import_batch WHERE kind = 'import' AND created_at < :before"
-BATCH = "SELECT batch_id, customers FROM profile.import_batch WHERE batch_id = :b"
+BATCH = "SELECT batch_id, customers, event_types FROM profile.import_batch WHERE batch_id = :b"
 # PUT replaces the identities it names (anonymous links stay): drop the ones that changed.
 DROP_IDENTITIES = f"""
 DELETE FROM profile.identity i USING (
@@ -153,7 +154,10 @@ class ImportRepository:
     async def prune(self, before: datetime) -> None:
         await self.session.execute(sa.text(PRUNE), {"before": before})
 
-    async def batch(self, batch_id: int) -> dict[str, int] | None:
-        """The customers (and their versions) an announcement names; None once pruned."""
+    async def batch(self, batch_id: int) -> ImportBatch | None:
+        """The customers (their versions, and for an event batch their event types) an
+        announcement names; None once pruned."""
         row = (await self.session.execute(sa.text(BATCH), {"b": batch_id})).one_or_none()
-        return None if row is None else dict(row[1])
+        if row is None:
+            return None
+        return ImportBatch(batch_id=batch_id, customers=dict(row[1]), event_types=row[2])
