@@ -23,13 +23,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 
 from bench.__main__ import RESULTS, start_stack
 from bench.loadgen import open_loop
 from bench.profile_import import stack_cpu
-from bench.scenarios import Context, _drain, _event, _pending
+from bench.scenarios import Context, _drain, _event, _pending, import_known
 from shared.stack import Stack
 
 PER_REQUEST = 50
@@ -41,19 +40,7 @@ async def once(stack: Stack, key: str, tmp: Path, rate: int, seconds: float) -> 
     )
     n_req = int(rate / PER_REQUEST * seconds)
     tag = uuid.uuid4().hex[:6]
-    lines = b"".join(
-        orjson.dumps({"customer_id": f"cpu-{tag}-{i}-{j}", "attributes": {"i": i}}) + b"\n"
-        for i in range(n_req)
-        for j in range(PER_REQUEST)
-    )
-    async with httpx.AsyncClient(timeout=None) as c:
-        r = await c.post(
-            f"{stack.url('gateway')}/v1/customers:import",
-            content=lines,
-            headers={**ctx.headers, "content-type": "application/x-ndjson"},
-        )
-        assert r.status_code == 200, r.text
-    await _drain(ctx)
+    await import_known(ctx, f"cpu-{tag}", n_req, PER_REQUEST)
 
     def make(i: int) -> tuple[str, str, bytes]:
         evs = [_event(f"cpu-{tag}-{i}-{j}") for j in range(PER_REQUEST)]

@@ -49,6 +49,24 @@ def _event(cid: str, etype: str = "app.opened") -> dict[str, Any]:
     return {"type": etype, "customer_id": cid, "properties": {"screen": "home"}}
 
 
+async def import_known(ctx: Context, prefix: str, requests: int, per_request: int) -> None:
+    """Import the customers ``<prefix>-<i>-<j>`` a phase's requests will name (request i,
+    event j), then wait until the import's own announcements are out of the way."""
+    lines = b"".join(
+        orjson.dumps({"customer_id": f"{prefix}-{i}-{j}", "attributes": {"i": i}}) + b"\n"
+        for i in range(requests)
+        for j in range(per_request)
+    )
+    async with httpx.AsyncClient(timeout=None) as c:
+        r = await c.post(
+            f"{ctx.stack.url('gateway')}/v1/customers:import",
+            content=lines,
+            headers={**ctx.headers, "content-type": "application/x-ndjson"},
+        )
+        assert r.status_code == 200, r.text
+    await _drain(ctx)
+
+
 async def _lag_at(
     ctx: Context, rate_events: int, per_request: int, run: int, *, known: bool = True
 ) -> dict[str, Any]:
@@ -104,21 +122,7 @@ async def _lag_at(
 
     req_rate = rate_events / per_request
     if known:
-        n_req = int(req_rate * ctx.duration)
-        lines = b"".join(
-            orjson.dumps({"customer_id": f"lag-{tag}-{run}-{i}-{j}", "attributes": {"i": i}})
-            + b"\n"
-            for i in range(n_req)
-            for j in range(per_request)
-        )
-        async with httpx.AsyncClient(timeout=None) as c:
-            r = await c.post(
-                f"{ctx.stack.url('gateway')}/v1/customers:import",
-                content=lines,
-                headers={**ctx.headers, "content-type": "application/x-ndjson"},
-            )
-            assert r.status_code == 200, r.text
-        await _drain(ctx)  # the import's own announcements must not queue ahead of the phase
+        await import_known(ctx, f"lag-{tag}-{run}", int(req_rate * ctx.duration), per_request)
     res = await open_loop(
         "127.0.0.1",
         ctx.gw_port,
