@@ -480,8 +480,9 @@ class ProfileCounted(BusMessage):
     no customer: the batch's customers and their new versions are read from the profile
     service (``GET /internal/import-batches/{batch_id}``), where erasure can remove one, and
     consumers re-read the behaviour part of each projection once it holds that version.
-    One message a batch instead of a ``profile.changed`` per customer: at 5,000 events/s
-    that let the profile keep up (README, Event ingestion)."""
+    One message a batch instead of a ``profile.changed`` per customer: with fewer bus
+    messages the profile applied 17 % more events at 5,000 events/s offered (README, Event
+    ingestion)."""
 
     TYPE: ClassVar[str] = "profile.counted"
     PERSONAL: ClassVar[bool] = False
