@@ -86,6 +86,7 @@ class Audience:
         self._tasks: list[asyncio.Task[Any]] = []
         self._http: aiohttp.ClientSession | None = None
         self._refreshing: asyncio.Task[None] | None = None
+        self._saving = asyncio.Lock()
         cfg = rt.settings
         self.path = (cfg.selection_index_dir or cfg.run_dir / "selection") / "index.pickle"
         name = re.sub(r"[^A-Za-z0-9_-]", "_", f"{cfg.instance_id}-{os.getpid()}")
@@ -347,7 +348,9 @@ class Audience:
                 raise TransientError(f"{len(behind)} projections not written yet")
             if behind:
                 log.warning("projections of %s never caught up; left as they were", behind[:5])
-        last = batch[-1][0].metadata.sequence.stream if batch[-1][0].metadata else 0
+        # The highest sequence of the batch, not its last message's: a redelivered message
+        # can come after a newer one.
+        last = max((m.metadata.sequence.stream for m, _ in batch if m.metadata), default=0)
         self.pop.seq = max(self.pop.seq, int(last))
         self.changes += 1
         if newest is not None:
@@ -454,16 +457,19 @@ class Audience:
 
     async def save(self) -> None:
         """Write the index and its stream positions (serialised here, written off-loop)."""
-        if self.changes == self._saved_changes:
-            return
-        marker = self.changes
-        self.pop.prepare()
-        blob = pickle.dumps(
-            {"format": FORMAT, "pop": self.pop, "contact_seq": self.contact_seq},
-            protocol=pickle.HIGHEST_PROTOCOL,
-        )
-        await asyncio.to_thread(_write_atomically, self.path, blob)
-        self._saved_changes = marker
+        # One save at a time: two (a rebuild's end and an erasure's, say) once wrote the same
+        # temporary file at once, and one of them failed on the rename.
+        async with self._saving:
+            if self.changes == self._saved_changes:
+                return
+            marker = self.changes
+            self.pop.prepare()
+            blob = pickle.dumps(
+                {"format": FORMAT, "pop": self.pop, "contact_seq": self.contact_seq},
+                protocol=pickle.HIGHEST_PROTOCOL,
+            )
+            await asyncio.to_thread(_write_atomically, self.path, blob)
+            self._saved_changes = marker
         log.info("audience index saved: %d customers, %d bytes", self.pop.total, len(blob))
 
     def _load(self) -> tuple[Population, int] | None:
