@@ -42,9 +42,11 @@ from shared.contracts.bus import (
     BusMessage,
     ContactRecorded,
     ImportBatch,
+    ProfileChanged,
     ProfileCounted,
     ProfileErased,
     ProfileImported,
+    ProfileMerged,
 )
 from shared.events import CloudEvent
 from shared.privacy import any_customer
@@ -58,6 +60,7 @@ M = TypeVar("M", bound=BusMessage)
 
 FORMAT = 1
 MAX_PROJECTION_WAITS = 30
+WAITING_FORGOTTEN_S = 600.0
 EXPORT_PAGE = 5000
 # How far back ``contacted`` rules can look once the CONTACT stream (7 days) has aged out.
 CONTACT_HISTORY_DAYS = 400
@@ -83,6 +86,7 @@ class Audience:
         self.changes = 0
         self._saved_changes = 0
         self._erased_while_loading: set[str] = set()
+        self._waiting: dict[int, float] = {}  # PROFILE seq handed back to wait -> since when
         self._tasks: list[asyncio.Task[Any]] = []
         self._http: aiohttp.ClientSession | None = None
         self._refreshing: asyncio.Task[None] | None = None
@@ -285,7 +289,19 @@ class Audience:
         await self.save()
 
     # -- applying changes ------------------------------------------------------------------
-    async def _on_profile(self, batch: Batch) -> None:
+    async def _on_profile(self, batch: Batch) -> list[Msg]:
+        try:
+            return await self._apply_profile(batch)
+        except TransientError:  # the whole batch comes back
+            self._note_waiting([], [m for m, _ in batch])
+            raise
+
+    async def _apply_profile(self, batch: Batch) -> list[Msg]:
+        """Apply a batch of profile messages; returns those that name a customer whose
+        projection is not written yet (they come back in a second: what was applied is then
+        skipped by the version guard). Each message waits on its own account: one that can
+        never be satisfied (a change of a customer erased meanwhile) once held its whole
+        batch back, and when it gave up, gave up on the fresh messages beside it too."""
         changed: dict[str, Change] = {}
         removed: list[str] = []
         newest: datetime | None = None
@@ -302,15 +318,13 @@ class Audience:
                 cnt = _parse(ProfileCounted, ev)
                 parts = {"counters", *(f"event:{t}" for t in cnt.event_types)}
                 announced_batches[id(ev)] = (cnt.batch_id, parts)
-        for _, ev in batch:
-            d = ev.data if isinstance(ev.data, dict) else {}
-            if ev.type == "profile.changed":
-                cid = str(d.get("customer_id") or ev.subject)
-                v = int(d.get("version", 0))
-                parts = set(d.get("changed") or ()) | {
-                    f"event:{t}" for t in d.get("event_types") or ()
-                }
-                _note(changed, cid, v, parts)
+        naming: list[tuple[Msg, list[str]]] = []  # the customers each message changed
+        for msg, ev in batch:
+            if ev.type == ProfileChanged.TYPE:
+                ch = _parse(ProfileChanged, ev)
+                parts = set(ch.changed) | {f"event:{t}" for t in ch.event_types or ()}
+                _note(changed, ch.customer_id, ch.version, parts)
+                naming.append((msg, [ch.customer_id]))
             elif id(ev) in announced_batches:  # an import's or an event batch's
                 batch_id, parts = announced_batches[id(ev)]
                 got = await self._import_batch(batch_id) or ImportBatch(
@@ -321,14 +335,16 @@ class Audience:
                     mine = types.get(cid)
                     own = {"counters", *(f"event:{t}" for t in mine)} if mine else parts
                     _note(changed, cid, v, own)
+                naming.append((msg, list(got.customers)))
             elif ev.type == ProfileErased.TYPE:
                 gone = erased[id(ev)]
                 for cid in gone.ids or [gone.customer_id]:
                     removed.append(cid)
                     changed.pop(cid, None)
-            elif ev.type == "profile.merged":
-                removed.append(str(d["source"]))
-                changed.pop(str(d["source"]), None)
+            elif ev.type == ProfileMerged.TYPE:
+                source = _parse(ProfileMerged, ev).source
+                removed.append(source)
+                changed.pop(source, None)
             at = _when(ev.time)
             if at is not None and (newest is None or at > newest):
                 newest = at
@@ -338,25 +354,60 @@ class Audience:
                 self._erased_while_loading.add(cid)
         if erased:
             await self.forget.erased([i for e in erased.values() for i in [e.customer_id, *e.ids]])
+        later: list[Msg] = []
         if changed:
             docs, behind = await self._read(changed)
             self.pop.upsert_many(docs, changed)
-            tries = max((m.metadata.num_delivered or 1) if m.metadata else 1 for m, _ in batch)
-            if behind and tries < MAX_PROJECTION_WAITS:
-                # Not written yet (a busy profile service): the batch comes back in a second;
-                # what was applied is skipped then by the version guard.
-                raise TransientError(f"{len(behind)} projections not written yet")
             if behind:
-                log.warning("projections of %s never caught up; left as they were", behind[:5])
+                later = self._wait_for(naming, set(behind))
+        seqs = [int(m.metadata.sequence.stream) for m, _ in batch if m.metadata]
+        self._note_waiting(seqs, later)
         # The highest sequence of the batch, not its last message's: a redelivered message
-        # can come after a newer one.
-        last = max((m.metadata.sequence.stream for m, _ in batch if m.metadata), default=0)
-        self.pop.seq = max(self.pop.seq, int(last))
+        # can come after a newer one. (What waits is remembered apart, for the saved index.)
+        self.pop.seq = max(self.pop.seq, max(seqs, default=0))
         self.changes += 1
         if newest is not None:
             self.last_change_at = newest
             INDEX_LAG.observe(max(0.0, (datetime.now(UTC) - newest).total_seconds()))
         INDEX_CUSTOMERS.set(self.pop.total)
+        return later
+
+    def _wait_for(self, naming: list[tuple[Msg, list[str]]], behind: set[str]) -> list[Msg]:
+        """The messages to take again later: those naming a customer whose projection is
+        behind, unless they have waited long enough (then that change is left as it was)."""
+        later: list[Msg] = []
+        abandoned: list[str] = []
+        for msg, cids in naming:
+            late = [c for c in cids if c in behind]
+            if not late:
+                continue
+            tries = (msg.metadata.num_delivered or 1) if msg.metadata else 1
+            if tries < MAX_PROJECTION_WAITS:
+                later.append(msg)
+            else:
+                abandoned += late
+        if abandoned:
+            log.warning("projections of %s never caught up; left as they were", abandoned[:5])
+        return later
+
+    def _note_waiting(self, seqs: list[int], later: list[Msg]) -> None:
+        """Track the messages handed back to wait, so that a saved index resumes before
+        them (a restart must not skip a change it never applied)."""
+        now = time.monotonic()
+        for s in seqs:
+            self._waiting.pop(s, None)
+        for m in later:
+            if m.metadata:
+                self._waiting[int(m.metadata.sequence.stream)] = now
+
+    def resume_seq(self) -> int:
+        """Where a restart resumes the PROFILE stream: after everything applied, but never
+        past a message still waiting (one waiting for over ``WAITING_FORGOTTEN_S`` has been
+        given up on: dead-lettered, or its consumer was replaced)."""
+        cutoff = time.monotonic() - WAITING_FORGOTTEN_S
+        for s in [s for s, t in self._waiting.items() if t < cutoff]:
+            del self._waiting[s]
+        return min(self.pop.seq, min(self._waiting, default=self.pop.seq + 1) - 1)
 
     async def _import_batch(self, batch_id: int) -> ImportBatch | None:
         """The customers (and versions) of one announced batch (an import's or an event
@@ -465,7 +516,12 @@ class Audience:
             marker = self.changes
             self.pop.prepare()
             blob = pickle.dumps(
-                {"format": FORMAT, "pop": self.pop, "contact_seq": self.contact_seq},
+                {
+                    "format": FORMAT,
+                    "pop": self.pop,
+                    "contact_seq": self.contact_seq,
+                    "resume_seq": self.resume_seq(),
+                },
                 protocol=pickle.HIGHEST_PROTOCOL,
             )
             await asyncio.to_thread(_write_atomically, self.path, blob)
@@ -484,7 +540,10 @@ class Audience:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             return None
         pop = data["pop"]
-        return (pop, int(data["contact_seq"])) if isinstance(pop, Population) else None
+        if not isinstance(pop, Population):
+            return None
+        pop.seq = int(data.get("resume_seq", pop.seq))  # before any change still waiting
+        return pop, int(data["contact_seq"])
 
 
 def _write_atomically(path: Path, blob: bytes) -> None:

@@ -317,6 +317,19 @@ class ProfileErased(BusMessage):
     ids: list[str] = Field(default_factory=list)  # the customer's ids, folded ones included
 
 
+class ProfileMerged(BusMessage):
+    """Profile ``source`` was folded into ``target`` (``profile.merged``, subject with the
+    target's token): ``source`` is gone; ``target`` announces its own ``profile.changed``."""
+
+    TYPE: ClassVar[str] = "profile.merged"
+    target: str
+    source: str
+    merge_id: int
+
+    def customer(self) -> str | None:
+        return self.target
+
+
 class EventOccurred(BusMessage):
     """A behavioural event as the gateway accepted it (``events.<type>``); the envelope's
     CloudEvents type is ``kairos.event.<type>``."""

@@ -139,16 +139,6 @@ async def test_index_follows_changes_events_and_erasure(gw: httpx.AsyncClient) -
     await eventually(lambda: _count(gw, mine), lambda n: n == 0)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known, intermittent, not caused by the test: after selection's cold restart (the "
-    "previous file), the import's last announcement sometimes stayed unconsumed (the index "
-    "stopped at the stream's last seq - 1) for over 60 s; seen on 69938da too. A consumer "
-    "runner that died silently on an error around a batch fits every symptom (no fetch, no "
-    "redelivery, no log line) and was fixed (test_bus_consumers), yet this test failed once "
-    "more afterwards (2026-11-26, one full run of several): the cause is still open. "
-    "The failure message carries the consumer state (pytest --runxfail shows it).",
-)
 async def test_index_follows_imports_by_their_batch_announcements(
     gw: httpx.AsyncClient, stack: Stack
 ) -> None:

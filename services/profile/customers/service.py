@@ -17,7 +17,12 @@ from services.profile.customers.repository import CustomerRepository
 from services.profile.models import Counter, Merge
 from services.profile.projection import Doc
 from shared import counters
-from shared.contracts.bus import ProfileChanged, ProfileCounted, ProfileErased
+from shared.contracts.bus import (
+    ProfileChanged,
+    ProfileCounted,
+    ProfileErased,
+    ProfileMerged,
+)
 from shared.contracts.customers import (
     CustomerPatch,
     CustomerPut,
@@ -27,7 +32,7 @@ from shared.contracts.customers import (
 from shared.db import UnitOfWork
 from shared.errors import Conflict, NotFound, Unprocessable
 from shared.events import CloudEvent, iso
-from shared.privacy import ANON_PREFIX, customer_subject
+from shared.privacy import ANON_PREFIX
 
 SOURCE = "kairos/profile"
 
@@ -385,13 +390,11 @@ async def merge(
         t.version,
         ["attributes", "tags", "consents", "identities", "devices", "counters"],
     )
+    assert record.merge_id is not None  # assigned by the flush
     uow.emit(
-        customer_subject("profile.merged", target),
-        _event(
-            "profile.merged",
-            target,
-            {"target": target, "source": source, "merge_id": record.merge_id},
-        ),
+        *ProfileMerged(target=target, source=source, merge_id=record.merge_id).to_event(
+            source=SOURCE
+        )
     )
     return record
 
