@@ -8,7 +8,9 @@ customers first (as the ingest bench's lag phase does), sends requests of 50 eve
 and the rate at which the profile applied them: events over the time from the first request
 until its events consumer had none pending. Medians of the runs are printed and written to
 ``bench/results/ingest_cpu-<label>-<time>.json`` (``KAIROS_BENCH_LABEL`` names an A/B pair;
-``BENCH_ENV`` passes settings to the stack)."""
+``BENCH_ENV`` passes settings to the stack). ``BENCH_PYSPY=1`` records py-spy profiles
+(collapsed stacks) of the profile, selection, decision, feedback and gateway processes over
+the first run's load into ``bench/results/pyspy-ingest-<process>-<time>.txt``."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from typing import Any
 import orjson
 
 from bench.__main__ import RESULTS, start_stack
+from bench.decision import _pyspy
 from bench.loadgen import open_loop
 from bench.profile_import import stack_cpu
 from bench.scenarios import Context, _drain, _event, _pending, import_known
@@ -34,7 +37,12 @@ from shared.stack import Stack
 PER_REQUEST = 50
 
 
-async def once(stack: Stack, key: str, tmp: Path, rate: int, seconds: float) -> dict[str, Any]:
+SPIED = ("profile", "selection", "decision", "feedback", "gateway")
+
+
+async def once(
+    stack: Stack, key: str, tmp: Path, rate: int, seconds: float, spy: bool = False
+) -> dict[str, Any]:
     ctx = Context(
         stack=stack, key=key, floor_port=0, tmp=tmp, duration=seconds, customers=0, tags_max=0
     )
@@ -46,6 +54,7 @@ async def once(stack: Stack, key: str, tmp: Path, rate: int, seconds: float) -> 
         evs = [_event(f"cpu-{tag}-{i}-{j}") for j in range(PER_REQUEST)]
         return "POST", "/v1/events", orjson.dumps({"events": evs})
 
+    spies = [_pyspy(stack.procs[n].pid, f"ingest-{n}", seconds) for n in SPIED] if spy else []
     cpu0, t0 = stack_cpu(stack), time.perf_counter()
     res = await open_loop(
         "127.0.0.1",
@@ -62,6 +71,9 @@ async def once(stack: Stack, key: str, tmp: Path, rate: int, seconds: float) -> 
         await asyncio.sleep(0.05)
     applied_s = time.perf_counter() - t0
     await _drain(ctx)
+    for p in spies:
+        if p is not None:
+            p.wait()
     cores = {n: round((cpu1[n] - cpu0[n]) / loaded_s, 3) for n in cpu1 if n in cpu0}
     return {
         "offered_events_per_s": rate,
@@ -86,7 +98,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="kairos-ingest-cpu-") as tmp:
             stack = start_stack(Path(tmp) / "run", key)
             try:
-                out.append(asyncio.run(once(stack, key, Path(tmp), rate, seconds)))
+                out.append(asyncio.run(once(stack, key, Path(tmp), rate, seconds, spy=i == 0)))
             finally:
                 stack.down()
         print(f"== run {i + 1}/{runs}", json.dumps(out[-1]), flush=True)
