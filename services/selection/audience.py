@@ -355,12 +355,23 @@ class Audience:
         if erased:
             await self.forget.erased([i for e in erased.values() for i in [e.customer_id, *e.ids]])
         later: list[Msg] = []
+        applied, behind = 0, list[str]()
         if changed:
             docs, behind = await self._read(changed)
-            self.pop.upsert_many(docs, changed)
+            applied = self.pop.upsert_many(docs, changed)
             if behind:
                 later = self._wait_for(naming, set(behind))
         seqs = [int(m.metadata.sequence.stream) for m, _ in batch if m.metadata]
+        if behind or any(ev.type == ProfileImported.TYPE for _, ev in batch):
+            log.info(
+                "PROFILE %d..%d: %d customers changed, %d applied, %d behind, %d messages wait",
+                min(seqs, default=0),
+                max(seqs, default=0),
+                len(changed),
+                applied,
+                len(behind),
+                len(later),
+            )
         self._note_waiting(seqs, later)
         # The highest sequence of the batch, not its last message's: a redelivered message
         # can come after a newer one. (What waits is remembered apart, for the saved index.)

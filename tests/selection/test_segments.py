@@ -193,10 +193,14 @@ async def test_index_follows_imports_by_their_batch_announcements(
             if later == 5_003:
                 break
             await asyncio.sleep(0.1)
+        log = stack.run_dir / "logs" / "selection.log"
+        words = ("PROFILE ", "caught up", "gone", "rebuilt", "transient", "failed", "ended")
+        logged = log.read_text(errors="replace").splitlines() if log.exists() else []
+        said = [x[-300:] for x in logged if any(w in x for w in words)][-30:]
         raise AssertionError(
             f"{exc}; index status {status}; missing of a sample {missing}; "
             f"PROFILE last seq {last}, its tail {tail}; consumers {consumers}; "
-            f"count after one more profile change {later}"
+            f"count after one more profile change {later}; selection said {said}"
         ) from exc
     high = {"all": [mine, {"attr": "i", "op": "gte", "value": 5_000}]}
     assert await _count(gw, high) == 3

@@ -220,3 +220,54 @@ async def test_a_bulk_consumer_takes_a_trickle_as_one_batch(bus: Bus) -> None:
         assert batches == [sent]
     finally:
         await c.stop()
+
+
+async def test_a_message_acknowledged_behind_the_runners_back_is_replayed(bus: Bus) -> None:
+    """A consumer of one process that starts at a sequence (a read model's) checks that it
+    was handed every message the server counts as acknowledged. One it never got (here
+    taken and acked by another puller on its durable while the handler was busy; in the
+    suite, once, by a cause not found) is replayed to it, with what came after."""
+    seen: list[str] = []
+    busy, release = asyncio.Event(), asyncio.Event()
+
+    async def handle(batch: Sequence[tuple[Msg, CloudEvent]]) -> None:
+        for _, ev in batch:
+            seen.append(ev.id)
+            if ev.data.get("hold"):
+                busy.set()
+                await release.wait()
+
+    stream = bus.stream("RESPONSE")
+    first = (await bus.js.stream_info(stream)).state.last_seq + 1
+    c = Consumer(
+        bus,
+        "healing",
+        ["response.>"],
+        "RESPONSE",
+        handle,
+        batch=10,  # no fetch ahead while the handler holds: the thief gets the next one
+        start_seq=first,
+        inactive_threshold_s=60.0,
+        heal_every_s=0.2,
+    )
+    await c.start()
+    thief = await bus.js.pull_subscribe_bind(bus.durable("healing"), stream=stream)
+    hold, lost, after = (
+        CloudEvent.new(source="t", type="response.recorded", subject=None, data=d)
+        for d in ({"hold": True}, {"n": 1}, {"n": 2})
+    )
+    try:
+        await bus.publish("response.recorded", hold)
+        await asyncio.wait_for(busy.wait(), 10)
+        await bus.publish("response.recorded", lost)
+        (stolen,) = await thief.fetch(1, timeout=5)
+        assert CloudEvent.from_bytes(stolen.data).id == lost.id
+        await stolen.ack()  # acknowledged, never handed to the runner
+        release.set()
+        await bus.publish("response.recorded", after)
+        await eventually(lambda: _value(seen), lambda d: lost.id in d and after.id in d, timeout=10)
+        assert seen.index(lost.id) > seen.index(hold.id)
+    finally:
+        release.set()
+        await thief.unsubscribe()
+        await c.stop()
