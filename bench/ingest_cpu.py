@@ -32,12 +32,33 @@ from bench.decision import _pyspy
 from bench.loadgen import open_loop
 from bench.profile_import import stack_cpu
 from bench.scenarios import Context, _drain, _event, _pending, import_known
+from shared.bus import Bus
 from shared.stack import Stack
 
 PER_REQUEST = 50
 
 
 SPIED = ("profile", "selection", "decision", "feedback", "gateway")
+
+
+async def _settled_filter(stack: Stack, within_s: float = 90.0) -> list[str]:
+    """The trigger consumer's filter once it no longer takes every event (or as it is after
+    ``within_s``)."""
+    bus = Bus(stack.env["KAIROS_NATS_URL"], prefix=stack.env["KAIROS_BUS_PREFIX"], source="bench")
+    await bus.connect(ensure_streams=False)
+    try:
+        deadline = time.monotonic() + within_s
+        while True:
+            info = await bus.js.consumer_info(
+                bus.stream("EVENTS"), bus.durable("decision-triggers")
+            )
+            wire = info.config.filter_subjects or [info.config.filter_subject or ">"]
+            subjects = [bus.logical(w) for w in wire]
+            if subjects != ["events.>"] or time.monotonic() > deadline:
+                return subjects
+            await asyncio.sleep(0.5)
+    finally:
+        await bus.close()
 
 
 async def once(
@@ -49,6 +70,9 @@ async def once(
     n_req = int(rate / PER_REQUEST * seconds)
     tag = uuid.uuid4().hex[:6]
     await import_known(ctx, f"cpu-{tag}", n_req, PER_REQUEST)
+    # A steady state: decision's trigger consumer narrowed to its campaigns' event types
+    # (``shared.event_filter``: some 30 s after a start), as in a process that has run a while.
+    trigger_filter = await _settled_filter(stack)
 
     def make(i: int) -> tuple[str, str, bytes]:
         evs = [_event(f"cpu-{tag}-{i}-{j}") for j in range(PER_REQUEST)]
@@ -84,6 +108,7 @@ async def once(
         "pending_when_load_ended": pending_at_end,
         "applied_events_per_s": round(n_req * PER_REQUEST / applied_s, 1),
         "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        "trigger_filter": trigger_filter,
     }
 
 

@@ -460,6 +460,30 @@ class Consumer:
         self._task = asyncio.create_task(self._loop(), name=f"consumer:{self.name}")
         self._task.add_done_callback(self._ended)
 
+    async def server_subjects(self) -> list[str]:
+        """The logical subjects the server's copy of this consumer takes now."""
+        info = await self.bus.js.consumer_info(
+            self.bus.stream(self.stream), self.bus.durable(self.name)
+        )
+        wire = info.config.filter_subjects or [info.config.filter_subject or ">"]
+        return [self.bus.logical(w) for w in wire if w]
+
+    async def refilter(self, subjects: list[str]) -> bool:
+        """Take these subjects from now on: the server updates the durable's filter in
+        place, keeping its position (what is stored past it is matched against the new
+        filter). False (and unchanged) where the server cannot hold several filters."""
+        config = self._config
+        if config is None:
+            raise RuntimeError("consumer not started")
+        wire = [self.bus.subject(x) for x in subjects]
+        if len(wire) > 1 and not _multi_filter(self.bus):
+            return False
+        config.filter_subjects = wire if len(wire) > 1 else None
+        config.filter_subject = wire[0] if len(wire) == 1 else None
+        await self.bus.js.add_consumer(self.bus.stream(self.stream), config)
+        self.subjects = list(subjects)
+        return True
+
     async def _create_at(self, seq: int) -> None:
         """(Re)create the consumer so that it delivers from stream sequence ``seq`` on."""
         config = self._config

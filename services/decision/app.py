@@ -18,7 +18,7 @@ from services.decision.engine import Engine
 from services.decision.learning import Learning
 from services.decision.messages import parse
 from services.decision.models import SCHEMA
-from services.decision.pipeline.catalog import load_catalog, refresh_forever
+from services.decision.pipeline.catalog import Catalog, load_catalog, refresh_forever
 from services.decision.policy.ledger import Ledger
 from services.decision.runs.endpoints import router as runs_router
 from services.decision.runs.service import Runs
@@ -34,6 +34,7 @@ from shared.contracts.bus import (
     SegmentChanged,
     SegmentDeleted,
 )
+from shared.event_filter import EventTypeFilter
 from shared.events import CloudEvent
 from shared.privacy import any_customer
 from shared.service import Runtime, create_service_app
@@ -100,19 +101,23 @@ async def _setup(rt: Runtime) -> None:
     rt.extras["triggers"] = triggers
     rt.extras["timers"] = timers
     rt.extras["runs"] = runs
+    # The server hands the trigger consumer only the event types campaigns name.
+    event_filter: EventTypeFilter | None = None
     if cfg.run_consumers:
+        on_events = Consumer(
+            rt.bus,
+            "decision-triggers",
+            [f"{EventOccurred.TYPE}.>"],
+            "EVENTS",
+            triggers.handle_events,
+            batch=cfg.consumer_batch,
+            max_deliver=cfg.consumer_max_deliver,
+            nak_delay_s=0.2,
+            ack_wait_s=10.0,  # a killed replica's batch comes back to another soon
+        )
+        event_filter = EventTypeFilter(on_events)
         rt.consumers += [
-            Consumer(
-                rt.bus,
-                "decision-triggers",
-                [f"{EventOccurred.TYPE}.>"],
-                "EVENTS",
-                triggers.handle_events,
-                batch=cfg.consumer_batch,
-                max_deliver=cfg.consumer_max_deliver,
-                nak_delay_s=0.2,
-                ack_wait_s=10.0,  # a killed replica's batch comes back to another soon
-            ),
+            on_events,
             Consumer(
                 rt.bus,
                 "decision-trigger-responses",
@@ -155,9 +160,20 @@ async def _setup(rt: Runtime) -> None:
         wake.set()
     for c in rt.consumers:
         await c.start()
-    rt.background.append(
-        asyncio.create_task(refresh_forever(eng.set_catalog, rt.db, selection, wake))
-    )
+
+    async def set_catalog(cat: Catalog) -> None:
+        if event_filter is not None:  # before the catalog acts: its event types come through
+            try:
+                await event_filter.want(cat.event_types())
+            except Exception as exc:  # the bus away: the filter's next check widens it
+                log.warning("trigger event filter not widened: %r", exc)
+        eng.set_catalog(cat)
+
+    if event_filter is not None:
+        if eng.loaded.is_set():  # an unloaded catalog wants nothing yet: events wait for it
+            await set_catalog(eng.catalog)
+        rt.background.append(asyncio.create_task(event_filter.forever(), name="event-filter"))
+    rt.background.append(asyncio.create_task(refresh_forever(set_catalog, rt.db, selection, wake)))
     rt.background.append(asyncio.create_task(eng.propensities.forever(eng.pairs)))
     # Touchpoint decisions write their contact records to a Redis stream in the step that
     # reserves the caps; every replica (consumers or not) relays it to JetStream.

@@ -111,7 +111,7 @@ class Triggers:
         wanted: list[tuple[Msg, CloudEvent, EventOccurred]] = []
         for msg, ev in batch:
             occurred = parse(ev, EventOccurred)
-            if occurred.type in cat.by_event or occurred.type in cat.by_unless:
+            if cat.acts_on(occurred.type):
                 wanted.append((msg, ev, occurred))
         if not wanted:
             return []

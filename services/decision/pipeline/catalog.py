@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,14 @@ class Catalog:
     policy: Policy = field(default_factory=Policy)
     segments: dict[str, rules.Predicate] = field(default_factory=dict)
     loaded_at: float = 0.0
+
+    def acts_on(self, event_type: str) -> bool:
+        """Whether an event of this type fires a trigger or cancels one."""
+        return event_type in self.by_event or event_type in self.by_unless
+
+    def event_types(self) -> set[str]:
+        """Every event type the triggers act on (the trigger consumer's filter)."""
+        return {*self.by_event, *self.by_unless}
 
 
 async def _segments(selection_url: str, ids: set[str]) -> dict[str, rules.Node]:
@@ -108,14 +116,17 @@ async def load_catalog(db: Database, selection_url: str) -> Catalog:
 
 
 async def refresh_forever(
-    set_catalog: Callable[[Catalog], None], db: Database, selection_url: str, wake: asyncio.Event
+    set_catalog: Callable[[Catalog], Awaitable[None]],
+    db: Database,
+    selection_url: str,
+    wake: asyncio.Event,
 ) -> None:
     """Reload the catalog whenever woken (a catalog or segment change), at most ~20×/s."""
     while True:
         await wake.wait()
         wake.clear()
         try:
-            set_catalog(await load_catalog(db, selection_url))
+            await set_catalog(await load_catalog(db, selection_url))
         except Exception as exc:  # keep serving the catalog in hand; retry shortly
             log.warning("catalog reload failed: %s", exc)
             await asyncio.sleep(1.0)
