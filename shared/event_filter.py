@@ -109,7 +109,8 @@ class EventTypeFilter:
             if not await self.consumer.refilter(subjects_of(new)):
                 # A server before 2.10 holds one filter only: several types mean every event.
                 new = {ALL}
-                await self.consumer.refilter(subjects_of(new))
+                if new != have:
+                    await self.consumer.refilter(subjects_of(new))
             if new != have:
                 log.info(
                     "consumer %s now takes %s",

@@ -9,7 +9,7 @@ import logging
 from fastapi import FastAPI
 
 from services.feedback import exports
-from services.feedback.consumers import consumers
+from services.feedback.consumers import consumers, keep_event_filter
 from services.feedback.history import endpoints as history
 from services.feedback.history import service
 from services.feedback.history.batcher import ResponseBatcher
@@ -45,6 +45,12 @@ async def _setup(rt: Runtime) -> None:
         for c in rt.consumers:
             await c.start()
         rt.background.append(asyncio.create_task(_prune(rt), name="feedback:prune"))
+        rt.background.append(
+            asyncio.create_task(
+                keep_event_filter(rt.db, rt.extras["feedback"], rt.extras["event_filter"]),
+                name="feedback:event-filter",
+            )
+        )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -3,6 +3,7 @@ received, conversion events and erasure. Each batch is one transaction."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -14,6 +15,7 @@ from services.feedback.history import service
 from shared.bus import Consumer, PoisonMessage, TransientError, bulk_gather_s
 from shared.contracts.bus import ContactRecorded, DeliveryReported, ProfileErased, ResponseReceived
 from shared.db import Database, is_transient
+from shared.event_filter import EventTypeFilter
 from shared.events import CloudEvent
 from shared.privacy import any_customer
 from shared.service import Runtime
@@ -64,6 +66,8 @@ class Handlers:
         assert rt.db is not None
         self.db: Database = rt.db
         self.state: service.State = rt.extras["feedback"]
+        # The events consumer's filter: the conversion types (``shared.event_filter``).
+        self.event_filter: EventTypeFilter | None = None
 
     async def _tx(self, work: Callable[[], Awaitable[list[Msg] | None]]) -> list[Msg] | None:
         try:
@@ -81,7 +85,12 @@ class Handlers:
             self.state.pending.clear()
             async with self.db.transaction() as uow:
                 await service.record_contacts(self.db, uow, self.state, rows)
-            self.state.learn()
+            if self.state.learn() and self.event_filter is not None:
+                # Before these contacts are acked: their conversion events come through.
+                try:
+                    await self.event_filter.want(self.state.types)
+                except Exception as exc:  # the bus away: the filter's loop widens it
+                    log.warning("conversion event filter not widened: %r", exc)
 
         return await self._tx(work)
 
@@ -147,7 +156,7 @@ def consumers(rt: Runtime) -> list[Consumer]:
         ("feedback-events", ["events.>"], "EVENTS", h.events, s.consumer_batch),
         ("feedback-erasure", [any_customer("profile.erased")], "PROFILE", h.erasure, 50),
     ]
-    return [
+    out = [
         Consumer(
             rt.bus,
             name,
@@ -160,3 +169,20 @@ def consumers(rt: Runtime) -> list[Consumer]:
         )
         for name, subjects, stream, handler, batch in spec
     ]
+    h.event_filter = EventTypeFilter(next(c for c in out if c.name == "feedback-events"))
+    rt.extras["event_filter"] = h.event_filter
+    return out
+
+
+async def keep_event_filter(db: Database, state: service.State, f: EventTypeFilter) -> None:
+    """The events consumer takes the conversion types: read again from the database every
+    couple of seconds (another replica may have learnt one), narrowed after the grace."""
+    while True:
+        try:
+            async with db.transaction() as uow:
+                types = await state.conversion_types(uow)
+            await f.want(types)
+            await f.check()
+        except Exception as exc:  # the database or the bus away: next time
+            log.warning("conversion event filter not checked: %r", exc)
+        await asyncio.sleep(f.check_s)

@@ -68,11 +68,14 @@ class State:
     # Conversion types noted by a transaction not yet committed.
     pending: dict[str, int] = field(default_factory=dict)
 
-    def learn(self) -> None:
-        """The transaction that noted ``pending`` types committed: use them from now on."""
+    def learn(self) -> bool:
+        """The transaction that noted ``pending`` types committed: use them from now on.
+        Whether a type is new to this process."""
+        new = any(t not in self.types for t in self.pending)
         for t, w in self.pending.items():
             self.types[t] = max(w, self.types.get(t, 0))
         self.pending.clear()
+        return new
 
     async def pseudonymise(self, uow: UnitOfWork, customers: Sequence[str]) -> dict[str, str]:
         """Erased customers among these, with their pseudonyms (none is the usual answer,
