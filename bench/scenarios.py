@@ -17,7 +17,7 @@ import psutil
 from nats.js.errors import NotFoundError
 from redis.asyncio import Redis
 
-from bench.loadgen import closed_loop, open_loop
+from bench.loadgen import open_loop
 from shared import demo
 from shared.contracts.bus import ImportBatch, ProfileCounted
 from shared.events import CloudEvent
@@ -150,53 +150,6 @@ async def _lag_at(
         "lag_max_ms": round(lags[-1] * 1000, 1) if n else None,
         "events_not_seen": len(accepted_at),
         "outbox_backlog_after": await _outbox(ctx),
-    }
-
-
-async def ingest(ctx: Context, run: int) -> dict[str, Any]:
-    """Event ingestion: single events, batches of 100, and lag at 5,000 events/s."""
-    body1 = orjson.dumps(_event("c-floor"))
-    floor = await closed_loop(
-        "127.0.0.1",
-        ctx.floor_port,
-        ctx.headers,
-        lambda i: ("POST", "/floor", body1),
-        concurrency=32,
-        duration=ctx.duration,
-    )
-    n_cust = 10_000
-
-    def single(i: int) -> tuple[str, str, bytes]:
-        return "POST", "/v1/events", orjson.dumps(_event(f"c-{i % n_cust}"))
-
-    one = await closed_loop(
-        "127.0.0.1", ctx.gw_port, ctx.headers, single, concurrency=32, duration=ctx.duration
-    )
-
-    def batch(i: int) -> tuple[str, str, bytes]:
-        evs = [
-            _event(f"c-{(i * 100 + j) % n_cust}", random.choice(demo.BASE_EVENTS))
-            for j in range(100)
-        ]
-        return "POST", "/v1/events", orjson.dumps({"events": evs})
-
-    hundred = await closed_loop(
-        "127.0.0.1", ctx.gw_port, ctx.headers, batch, concurrency=8, duration=ctx.duration
-    )
-    await _drain(ctx)
-    lags = {}
-    for rate in (1000, 2500, 5000):
-        lags[f"known_customers_at_{rate}_per_s"] = await _lag_at(ctx, rate, 50, run, known=True)
-        await _drain(ctx)
-    lags["first_sight_at_5000_per_s"] = await _lag_at(ctx, 5000, 50, run, known=False)
-    await _drain(ctx)
-    return {
-        "floor_bare_fastapi": floor.summary(),
-        "single_event_requests": one.summary(),
-        "single_vs_floor_ratio": round(one.rate / floor.rate, 3) if floor.rate else None,
-        "batch100_requests": hundred.summary(),
-        "batch100_events_per_s": round(hundred.rate * 100, 1),
-        "lag_202_to_profile": lags,
     }
 
 
