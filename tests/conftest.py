@@ -19,6 +19,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
+from shared.bus import Bus
 from shared.embedded import free_port
 from shared.migrate import drop_database
 from shared.stack import PROCESSES, Stack
@@ -162,6 +163,17 @@ async def _drop_streams(bus: object) -> None:
             with contextlib.suppress(Exception):
                 await js.delete_stream(bus.stream(name))
         await nc.close()
+
+
+@pytest.fixture
+async def scratch_bus(stack: Stack) -> AsyncIterator[Bus]:
+    """A bus of the test's own on the run's NATS: streams under a fresh prefix, dropped
+    afterwards."""
+    b = Bus(stack.env["KAIROS_NATS_URL"], prefix=f"s{uuid.uuid4().hex[:8]}")
+    await b.connect()
+    yield b
+    await _drop_streams(b)
+    await b.close()
 
 
 def auth(name: str = "admin") -> dict[str, str]:

@@ -19,7 +19,6 @@ from shared.bus import Bus
 from shared.redis import Keys
 from shared.stack import Stack
 from shared.stream_outbox import GROUP, StreamOutbox
-from tests.conftest import _drop_streams
 from tests.helpers import eventually
 
 NOW = 1_800_000_000_000
@@ -39,12 +38,8 @@ def keys(stack: Stack) -> Keys:
 
 
 @pytest.fixture
-async def bus(stack: Stack) -> AsyncIterator[Bus]:
-    b = Bus(stack.env["KAIROS_NATS_URL"], prefix=f"ob{uuid.uuid4().hex[:8]}")
-    await b.connect()
-    yield b
-    await _drop_streams(b)
-    await b.close()
+def bus(scratch_bus: Bus) -> Bus:
+    return scratch_bus
 
 
 def _record(name: str) -> Record:

@@ -4,8 +4,7 @@ when the process stops, and by the server when it was killed; restarts leave non
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import nats
 import pytest
@@ -15,17 +14,12 @@ from nats.js import JetStreamContext
 from shared.bus import Bus, Consumer, TransientError
 from shared.events import CloudEvent
 from shared.stack import Stack
-from tests.conftest import _drop_streams
 from tests.helpers import eventually
 
 
 @pytest.fixture
-async def bus(stack: Stack) -> AsyncIterator[Bus]:
-    b = Bus(stack.env["KAIROS_NATS_URL"], prefix=f"c{uuid.uuid4().hex[:8]}")
-    await b.connect()
-    yield b
-    await _drop_streams(b)
-    await b.close()
+def bus(scratch_bus: Bus) -> Bus:
+    return scratch_bus
 
 
 async def _names(js: JetStreamContext, stream: str) -> list[str]:

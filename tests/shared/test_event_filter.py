@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 from nats.aio.msg import Msg
@@ -14,18 +14,12 @@ from shared.bus import Bus, Consumer, _multi_filter
 from shared.event_filter import ALL, EventTypeFilter, types_of
 from shared.events import CloudEvent
 from shared.privacy import event_subject
-from shared.stack import Stack
-from tests.conftest import _drop_streams
 from tests.helpers import eventually
 
 
 @pytest.fixture
-async def bus(stack: Stack) -> AsyncIterator[Bus]:
-    b = Bus(stack.env["KAIROS_NATS_URL"], prefix=f"f{uuid.uuid4().hex[:8]}")
-    await b.connect()
-    yield b
-    await _drop_streams(b)
-    await b.close()
+def bus(scratch_bus: Bus) -> Bus:
+    return scratch_bus
 
 
 async def _send(bus: Bus, etype: str) -> str:
