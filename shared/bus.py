@@ -502,8 +502,8 @@ class Consumer:
     def heals(self) -> bool:
         """Whether this consumer checks that it was handed every message: one of this
         process alone that starts at a known sequence (a read model's), where a rewind
-        replays only to itself."""
-        return self.per_process and self.start_seq is not None
+        replays only to itself; fetching one batch at a time, as such consumers do."""
+        return self.per_process and self.start_seq is not None and self.in_flight == 1
 
     def _received(self, msgs: Sequence[Msg]) -> None:
         if not self.heals:
