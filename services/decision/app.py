@@ -50,7 +50,7 @@ async def _setup(rt: Runtime) -> None:
     eng = Engine(rt.redis, rt.keys, rt.bus, Ledger(rt.redis, rt.keys), explore=cfg.decision_explore)
     rt.extras["engine"] = eng
     selection = cfg.url_of("selection")
-    wake = asyncio.Event()
+    wake = eng.wake
 
     kinds: dict[str, type[BusMessage]] = {
         m.TYPE: m for m in (CatalogChanged, SegmentChanged, SegmentDeleted)

@@ -11,8 +11,11 @@ the request path, and no contact counted without its record or recorded without 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import random
 import secrets
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -33,6 +36,8 @@ from shared.contracts import catalog as api
 from shared.events import CloudEvent
 from shared.redis import Keys, read_projections
 
+log = logging.getLogger("kairos.decision.engine")
+
 
 class Engine:
     def __init__(
@@ -49,11 +54,35 @@ class Engine:
         # Set once a catalog has been loaded: until then triggers, timers and runs wait
         # (an empty catalog would drop what they hold).
         self.loaded = asyncio.Event()
+        # Set to have the catalog read again (``refresh_forever`` waits on it).
+        self.wake = asyncio.Event()
+        self._swapped = asyncio.Event()  # set (and replaced) by every new catalog
 
     def set_catalog(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self.loaded.set()
+        self._swapped.set()
+        self._swapped = asyncio.Event()
         self.propensities.wake.set()  # read the statistics of its new pairs at once
+
+    async def catalog_since_now(self, timeout: float = 10.0) -> Catalog:
+        """A catalog read from the database after this call. The catalog follows
+        ``catalog.changed`` a moment after each change; a run or a simulation started right
+        after its offers were written must not find them missing (its customers would be
+        turned away as ``ineligible: offer``). After ``timeout`` (the database or selection
+        away), the catalog in hand."""
+        asked = time.monotonic()
+        self.wake.set()
+        deadline = asked + timeout
+        while self.catalog.read_at < asked:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("no catalog read within %.0f s; going on with the one in hand", timeout)
+                break
+            swapped = self._swapped
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(swapped.wait(), left)
+        return self.catalog
 
     def pairs(self) -> list[Pair]:
         """Every (offer, treatment) of the active catalog, whose statistics ranking reads."""

@@ -31,6 +31,7 @@ class Catalog:
     policy: Policy = field(default_factory=Policy)
     segments: dict[str, rules.Predicate] = field(default_factory=dict)
     loaded_at: float = 0.0
+    read_at: float = 0.0  # ``time.monotonic()`` before its rows were read
 
     def acts_on(self, event_type: str) -> bool:
         """Whether an event of this type fires a trigger or cancels one."""
@@ -80,6 +81,7 @@ async def compile_one(campaign_id: str, body: dict[str, Any], selection_url: str
 
 async def load_catalog(db: Database, selection_url: str) -> Catalog:
     """Every active campaign, every offer and the policy, typed and compiled."""
+    read_at = time.monotonic()
     async with db.sessions() as s:
         rows = CatalogRows(s)
         camps = await rows.active_campaigns()
@@ -93,7 +95,7 @@ async def load_catalog(db: Database, selection_url: str) -> Catalog:
             log.error("campaign %s is not a valid campaign document, left out: %s", cid, exc)
     seg_nodes = await _segments(selection_url, names) if names else {}
     resolve = _resolver(seg_nodes)
-    cat = Catalog(policy=Policy.parse(policy), loaded_at=time.time())
+    cat = Catalog(policy=Policy.parse(policy), loaded_at=time.time(), read_at=read_at)
     for oid, body in offer_rows:
         try:
             cat.offers[oid] = Offer.parse(oid, body)

@@ -197,6 +197,9 @@ class Runs:
             await self._finish(run_id, "cancelled", f"campaign is {state}")
             return
         camp = await compile_one(cid, body, self.selection_url)
+        # The campaign is read above; its offers and the policy come from the catalog, which
+        # must have been read since (they may have been written a moment before the run).
+        await self.engine.catalog_since_now()
         snapshot_id, selected = row["snapshot_id"], row["selected"]
         if snapshot_id is None:
             snapshot_id, selected = await self._snapshot(body)
@@ -386,6 +389,7 @@ class Runs:
         t0 = time.perf_counter()
         body, _ = await self._campaign(campaign_id)
         camp = await compile_one(campaign_id, body, self.selection_url)
+        await self.engine.catalog_since_now()  # as a run: offers written a moment ago count
         counts = tallies.empty()
 
         async def walk(members: Sequence[str], **kw: Any) -> None:
