@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import gc
+
 import uvicorn
 
 from shared.deadlines import guarded_protocol
-from shared.settings import get_settings
+from shared.settings import Settings, get_settings
+
+
+def tune_gc(s: Settings) -> None:
+    """Apply the collector's thresholds (``KAIROS_GC_THRESHOLDS``, e.g. ``[50000,20,10]``);
+    see ``Settings.gc_thresholds`` for why they are not Python's default."""
+    gc.set_threshold(*s.gc_thresholds)
 
 
 def serve(name: str, factory: str) -> None:
     """Serve ``factory`` (an import path to create_app) on the process's configured port."""
     s = get_settings()
+    tune_gc(s)
     host = s.gateway_host if name == "gateway" else s.host
     uvicorn.run(
         factory,
