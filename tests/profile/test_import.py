@@ -247,6 +247,30 @@ async def test_a_later_batch_sees_what_an_earlier_one_wrote(gw: httpx.AsyncClien
     assert (await gw.get(f"/v1/customers/{p}-d")).status_code == 404
 
 
+async def test_an_identity_decides_across_batches_that_share_no_customer(
+    gw: httpx.AsyncClient,
+) -> None:
+    """An identity the first batch releases or claims decides the second's lines as if every
+    line were PUT in order, with no customer in both batches to hold them in order."""
+    p = _prefix("apart")
+    r = await gw.put(f"/v1/customers/{p}-a", json={"identities": {"email": f"{p}-x@example.com"}})
+    assert r.status_code in (200, 201), r.text
+    filler: list[object] = [{"customer_id": f"{p}-f{i}"} for i in range(10_000)]
+    # First batch: a gives up x for y; c takes z. Second batch: b takes x; d claims z.
+    filler[10] = {"customer_id": f"{p}-a", "identities": {"email": f"{p}-y@example.com"}}
+    filler[20] = {"customer_id": f"{p}-c", "identities": {"email": f"{p}-z@example.com"}}
+    filler[5005] = {"customer_id": f"{p}-b", "identities": {"email": f"{p}-x@example.com"}}
+    filler[5010] = {"customer_id": f"{p}-d", "identities": {"email": f"{p}-z@example.com"}}
+    doc = await _import(gw, _ndjson(filler))
+    assert doc["imported"] == 9_999 and doc["failed"] == 1, doc
+    assert [(e["line"], e["field"]) for e in doc["errors"]] == [(5011, "identities.email")]
+    b = (await gw.get(f"/v1/customers/{p}-b")).json()
+    assert b["identities"] == {"email": f"{p}-x@example.com"}
+    a = (await gw.get(f"/v1/customers/{p}-a")).json()
+    assert a["identities"] == {"email": f"{p}-y@example.com"}
+    assert (await gw.get(f"/v1/customers/{p}-d")).status_code == 404
+
+
 async def test_large_file_in_batches(gw: httpx.AsyncClient, stack: Stack) -> None:
     p = _prefix("big")
     n = 12_345
