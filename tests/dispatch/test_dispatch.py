@@ -95,15 +95,17 @@ def _req(channel: str, *, tracking: str | None = None, **kw: Any) -> DispatchReq
 
 
 async def _message(gw: httpx.AsyncClient, tracking: str, status: str) -> dict[str, Any]:
-    async def probe() -> httpx.Response:
-        return await gw.get(f"/v1/messages/{tracking}")
+    async def probe() -> dict[str, Any] | int:
+        r = await gw.get(f"/v1/messages/{tracking}")
+        # The body, not the response: a failure then shows the status and every attempt.
+        return r.json() if r.status_code == 200 else r.status_code
 
     # A liveness bound, not a speed check: the first receipt after the decision suite can wait
     # behind that suite's backlog of deliveries (once over 15 s in CI).
-    r = await eventually(
-        probe, lambda r: r.status_code == 200 and r.json()["status"] == status, timeout=45
+    body = await eventually(
+        probe, lambda b: isinstance(b, dict) and b["status"] == status, timeout=45
     )
-    body: dict[str, Any] = r.json()
+    assert isinstance(body, dict)
     return body
 
 
