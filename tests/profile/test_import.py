@@ -19,9 +19,11 @@ import nats
 import orjson
 import pytest
 from nats.js.api import DeliverPolicy
+from redis.asyncio import Redis
 
 from shared.contracts.bus import ImportBatch, ProfileImported
 from shared.events import CloudEvent
+from shared.redis import Keys, merge_parts
 from shared.stack import Stack
 from tests.conftest import KEYS
 from tests.helpers import eventually
@@ -215,6 +217,49 @@ async def _announced(stack: Stack, prefix: str, want: int) -> dict[str, int]:
         await sub.unsubscribe()
         await nc.close()
     return seen
+
+
+async def test_the_projection_keeps_what_an_imported_customer_had_and_a_new_one_has_nothing(
+    gw: httpx.AsyncClient, stack: Stack
+) -> None:
+    """The upsert returns each written customer's projection; for a customer it creates it
+    skips the device and counter lookups, for one it replaces it must not."""
+    had, new = _prefix("had"), _prefix("new")
+    keys = Keys(stack.env["KAIROS_REDIS_PREFIX"])
+    redis = Redis.from_url(stack.env["KAIROS_REDIS_URL"])
+
+    async def projection(cid: str) -> dict[str, Any] | None:
+        return merge_parts(await redis.hmget(keys.profile(cid), ["v", "p", "c"]))
+
+    try:
+        assert (await gw.put(f"/v1/customers/{had}", json={"attributes": {"age": 1}})).is_success
+        device = {"platform": "ios", "token": f"tok-{had}", "app_id": "a"}
+        assert (await gw.post(f"/v1/customers/{had}/devices", json=device)).is_success
+        event = {"type": "app.opened", "customer_id": had, "properties": {"screen": "home"}}
+        assert (await gw.post("/v1/events", json=event)).status_code == 202
+        await eventually(lambda: projection(had), lambda d: d and "app.opened" in d["counters"])
+        out = await _import(
+            gw,
+            _ndjson(
+                [
+                    {"customer_id": had, "attributes": {"age": 2}},
+                    {"customer_id": new, "attributes": {"age": 3}, "tags": ["t"]},
+                ]
+            ),
+        )
+        assert out["imported"] == 2, out
+        old = await eventually(
+            lambda: projection(had), lambda d: d and d["attributes"] == {"age": 2}
+        )
+        assert [d["token"] for d in old["devices"]] == [f"tok-{had}"]
+        assert old["counters"]["app.opened"]["total"] == 1
+        assert old["last"]["app.opened"] == {"screen": "home"}
+        fresh = await eventually(lambda: projection(new), lambda d: d is not None)
+        assert fresh["attributes"] == {"age": 3} and fresh["tags"] == ["t"]
+        assert fresh["devices"] == [] and fresh["counters"] == {} and fresh["last"] == {}
+        assert fresh["version"] == 1
+    finally:
+        await redis.aclose()
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["a-customer-in-both", "none-in-both"])

@@ -560,32 +560,54 @@ def to_json(v: Any) -> str:
 # The documents are built as ``json`` (text put together), not ``jsonb``: a jsonb document
 # is assembled in binary only to be printed again, which cost an import a fifth of its
 # Postgres time. Their keys are distinct (aggregates that could repeat one stay jsonb).
-_COUNTERS_PART = """
-  json_build_object(
-    'counters', COALESCE((SELECT jsonb_object_agg(k.event_type, k.buckets || jsonb_build_object(
+_DEVICES = """COALESCE((SELECT json_agg(json_build_object(
+                             'platform', d.platform, 'token', d.token, 'app_id', d.app_id))
+                         FROM profile.device d WHERE d.customer_id = c.customer_id), '[]')"""
+_COUNTERS = """COALESCE((SELECT jsonb_object_agg(k.event_type, k.buckets || jsonb_build_object(
                               'total', k.total, 'first', k.first_seen, 'last', k.last_seen))
-                          FROM profile.counter k WHERE k.customer_id = c.customer_id), '{}'),
-    'last', COALESCE((SELECT jsonb_object_agg(k.event_type, k.last) FROM profile.counter k
-                      WHERE k.customer_id = c.customer_id AND k.last <> '{}'), '{}'),
+                          FROM profile.counter k WHERE k.customer_id = c.customer_id), '{}')"""
+_LASTS = """COALESCE((SELECT jsonb_object_agg(k.event_type, k.last) FROM profile.counter k
+                      WHERE k.customer_id = c.customer_id AND k.last <> '{}'), '{}')"""
+
+
+def _unless(created: str | None, empty: str, lookup: str, kind: str = "jsonb") -> str:
+    """A lookup, or its empty value where the ``created`` condition holds."""
+    if created is None:
+        return lookup
+    return f"CASE WHEN {created} THEN '{empty}'::{kind} ELSE {lookup} END"
+
+
+def _counters_part(created: str | None = None) -> str:
+    return f"""
+  json_build_object(
+    'counters', {_unless(created, "{}", _COUNTERS)},
+    'last', {_unless(created, "{}", _LASTS)},
     'updated_at', c.updated_at)::text
 """
-# A projection document's columns over a customer row ``c``: the id, version, creation
-# time (ms), the profile part and the behaviour part. Reads select them; an import's upsert
-# returns them for the rows it writes.
-PROJECTION_COLUMNS = (
-    """c.customer_id, c.version, (extract(epoch FROM c.created_at) * 1000)::bigint,
+
+
+def projection_columns(created: str | None = None) -> str:
+    """A projection document's columns over a customer row ``c``: the id, version, creation
+    time (ms), the profile part and the behaviour part. Reads select them; an import's upsert
+    returns them for the rows it writes.
+
+    ``created`` is a condition true of a row the statement itself has just inserted (an
+    upsert's ``c.xmax = 0``). Such a customer has no devices and no counters: events and
+    device registrations create the customer row first, so their rows can only follow it.
+    Their lookups (three of an import's four per-customer subqueries) are then skipped."""
+    return f"""c.customer_id, c.version, (extract(epoch FROM c.created_at) * 1000)::bigint,
   json_build_object(
     'customer_id', c.customer_id,
     'attributes', c.attributes, 'tags', to_json(c.tags), 'consents', c.consents,
     'identities', COALESCE((SELECT jsonb_object_agg(i.kind, i.value)
-                            FROM profile.identity i WHERE i.customer_id = c.customer_id), '{}'),
-    'devices', COALESCE((SELECT json_agg(json_build_object(
-                             'platform', d.platform, 'token', d.token, 'app_id', d.app_id))
-                         FROM profile.device d WHERE d.customer_id = c.customer_id), '[]'),
+                            FROM profile.identity i WHERE i.customer_id = c.customer_id), '{{}}'),
+    'devices', {_unless(created, "[]", _DEVICES, "json")},
     'timezone', c.timezone, 'locale', c.locale,
-    'created_at', c.created_at, 'updated_at', c.updated_at)::text,"""
-    + _COUNTERS_PART
-)
+    'created_at', c.created_at, 'updated_at', c.updated_at)::text,""" + _counters_part(created)
+
+
+_COUNTERS_PART = _counters_part()
+PROJECTION_COLUMNS = projection_columns()
 PROJECTION_SQL = (
     "\nSELECT "
     + PROJECTION_COLUMNS

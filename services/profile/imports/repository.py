@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.profile.customers.repository import PROJECTION_COLUMNS, conflicts_sql
+from services.profile.customers.repository import conflicts_sql, projection_columns
 from services.profile.imports.parser import Row
 from services.profile.projection import Doc
 from shared.contracts.bus import ImportBatch
@@ -56,7 +56,7 @@ STAGED_CONFLICTS = conflicts_sql(
 )
 # Customers in id order, so that concurrent imports lock rows in the same order. The upsert
 # returns each written customer's projection document (the identities are written first, so
-# the document holds them), and the batch's announcement row names each one with its version.
+# the document holds them; a customer it creates has no devices or counters to look up), and the batch's announcement row names each one with its version.
 UPSERT = (
     f"""
 WITH up AS (
@@ -69,7 +69,7 @@ ON CONFLICT (customer_id) DO UPDATE SET attributes = EXCLUDED.attributes, tags =
   updated_at = EXCLUDED.updated_at, version = c.version + 1
 WHERE c.merged_into IS NULL
 RETURNING """
-    + PROJECTION_COLUMNS
+    + projection_columns(created="c.xmax = 0")
     + """),
 announced AS (
 INSERT INTO profile.import_batch (created_at, size, customers)
