@@ -7,8 +7,10 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
 # A command that meets a broken pooled connection (Redis restarted) reconnects and runs again,
@@ -17,12 +19,29 @@ RETRY = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 4)
 RETRY_ON = [ConnectionError, TimeoutError, BusyLoadingError]
 
 
+class HiredisPackedConnection(Connection):
+    """A TCP connection whose commands hiredis packs, in C. redis-py's asyncio connections
+    pack every argument in Python (the sync ones use hiredis): an import's projection
+    writes, six arguments a customer, spent a fifth of the profile process there. Same
+    bytes, same ``DataError`` for an argument Redis cannot take (``None``, a bool)."""
+
+    _packer = HiredisRespSerializer()
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        return self._packer.pack(*args)
+
+
 def make_redis(url: str) -> Redis:
-    """An asyncio Redis client (hiredis parser when installed) with a connection pool that
-    survives a Redis restart: idle connections are checked before use, failed commands are
-    retried on a fresh connection."""
+    """An asyncio Redis client (hiredis parsing, and packing over TCP) with a connection
+    pool that survives a Redis restart: idle connections are checked before use, failed
+    commands are retried on a fresh connection."""
+    # A unix:// or rediss:// URL picks its own connection class (and packs in Python).
+    tcp: dict[str, Any] = (
+        {"connection_class": HiredisPackedConnection} if url.startswith("redis://") else {}
+    )
     return Redis.from_url(
         url,
+        **tcp,
         max_connections=200,
         socket_timeout=5,
         socket_connect_timeout=5,
