@@ -460,3 +460,57 @@ async def test_email_unreachable_server_is_retried() -> None:
     await provider.close()
     assert result.kind == "retry"
     assert result.reason is not None and result.reason.startswith("SMTP connection")
+
+
+async def test_a_realtime_sms_never_queues_behind_a_batch_holding_every_connection() -> None:
+    """A batch run keeps a pool's worth of sends in flight; a realtime SMS (an OTP) goes out
+    on its own pool meanwhile. A loopback API that holds the batch's requests until told."""
+    from aiohttp import web
+
+    release = asyncio.Event()
+    held: list[str] = []
+
+    async def messages(request: web.Request) -> web.Response:
+        form = await request.post()
+        if form["Body"] == "batch":
+            held.append(str(form["To"]))
+            await release.wait()
+        return web.json_response({"sid": f"SM{uuid.uuid4().hex}", "status": "queued"}, status=201)
+
+    app = web.Application()
+    app.router.add_post("/2010-04-01/Accounts/AC1/Messages.json", messages)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    provider = SmsProvider(
+        url=f"http://127.0.0.1:{port}",
+        account="AC1",
+        token="t",
+        sender="+1",
+        public_url=PUBLIC_URL,
+        connections=2,
+    )
+    await provider.start()
+    batch: list[asyncio.Task[Any]] = []
+    try:
+        for _ in range(3):  # more than the pool holds: one waits for a connection
+            out = _sms(_number(), "batch")
+            out.request.lane = "batch"
+            batch.append(asyncio.create_task(provider.send(out)))
+
+        async def holding() -> int:
+            return len(held)
+
+        await eventually(holding, lambda n: n == 2)
+        realtime = await asyncio.wait_for(provider.send(_sms(_number(), "your code 1234")), 5)
+        assert realtime.kind == "sent", realtime
+        assert not any(t.done() for t in batch)  # still held: the realtime one did not wait
+        release.set()
+        assert [r.kind for r in await asyncio.gather(*batch)] == ["sent"] * 3
+    finally:
+        release.set()
+        await asyncio.gather(*batch, return_exceptions=True)
+        await provider.close()
+        await runner.cleanup()

@@ -102,18 +102,23 @@ class SmsProvider(Provider):
         self.callback_base = f"{public_url.rstrip('/')}/callbacks/sms/"
         self.connections = connections
         self.timeout = aiohttp.ClientTimeout(total=timeout, connect=min(3.0, timeout))
-        self._session: aiohttp.ClientSession | None = None
+        # One keep-alive pool per lane: a batch run keeps as many sends in flight as a pool
+        # has connections, and a realtime SMS (an OTP, a reply) must not queue behind them.
+        self._sessions: dict[bool, aiohttp.ClientSession] = {}
 
     async def start(self) -> None:
-        """Open the keep-alive connection pool."""
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self.connections, keepalive_timeout=30)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout)
+        """Open the keep-alive connection pools (realtime, batch)."""
+        for realtime in (True, False):
+            if realtime not in self._sessions:
+                connector = aiohttp.TCPConnector(limit=self.connections, keepalive_timeout=30)
+                self._sessions[realtime] = aiohttp.ClientSession(
+                    connector=connector, timeout=self.timeout
+                )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
 
     async def send(self, out: Outgoing) -> Result:
         """Submit one SMS and classify Twilio's answer."""
@@ -132,13 +137,14 @@ class SmsProvider(Provider):
             "StatusCallback": self.callback_base
             + out.links.token("c", req.tracking_id, channel="sms"),
         }
-        if self._session is None:
+        session = self._sessions.get(out.realtime)
+        if session is None:
             await self.start()
-        assert self._session is not None
+            session = self._sessions[out.realtime]
         try:
             # Encoded here: aiohttp's FormData path costs more CPU than the rest of the send.
             body = urlencode(form).encode()
-            async with self._session.post(self.endpoint, data=body, headers=self.headers) as resp:
+            async with session.post(self.endpoint, data=body, headers=self.headers) as resp:
                 status, raw, headers = resp.status, await resp.read(), resp.headers
         except (aiohttp.ClientError, TimeoutError) as exc:
             return Result("retry", reason=f"SMS API unreachable: {type(exc).__name__} {exc}")
