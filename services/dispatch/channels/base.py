@@ -10,9 +10,14 @@ cannot classify.
 
 from __future__ import annotations
 
+import ssl
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+import aiohttp
 
 from shared.contracts.bus import Device, DispatchRequested
 from shared.links import LinkSigner
@@ -71,3 +76,47 @@ class Provider(ABC):
     @abstractmethod
     async def send(self, out: Outgoing) -> Result:
         """Send one message (one device for push) and classify the answer."""
+
+
+def provider_pool(
+    connections: int, timeout: float, ca_file: str | Path | None, **extra: Any
+) -> aiohttp.ClientSession:
+    """A keep-alive HTTPS pool of ``connections`` to a push service (FCM, Web Push)."""
+    ctx: ssl.SSLContext | bool = True
+    if ca_file:
+        ctx = ssl.create_default_context(cafile=str(ca_file))
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections, ssl=ctx),
+        # The provider's silence times out, not the wait for a pooled connection
+        # (hundreds of sends may queue for 64 connections at a batch's peak).
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout),
+        **extra,
+    )
+
+
+class LanePools:
+    """One aiohttp keep-alive pool per lane, for the HTTP providers (FCM, Web Push, SMS).
+
+    A batch run keeps as many sends in flight as a pool has connections; a realtime message
+    (an OTP, a triggered offer) sharing that pool queued behind all of them (an SMS even
+    timed out into a retry, its connect timeout counting the wait for a free connection)."""
+
+    def __init__(self, make: Callable[[], aiohttp.ClientSession]) -> None:
+        self._make = make
+        self._pools: dict[bool, aiohttp.ClientSession] = {}
+
+    def get(self, realtime: bool) -> aiohttp.ClientSession:
+        """The lane's pool, opened on first use (inside the running event loop)."""
+        pool = self._pools.get(realtime)
+        if pool is None:
+            pool = self._pools[realtime] = self._make()
+        return pool
+
+    def open(self) -> None:
+        for realtime in (True, False):
+            self.get(realtime)
+
+    async def close(self) -> None:
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            await pool.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,13 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from services.dispatch.channels.base import Outgoing, Provider, Result
+from services.dispatch.channels.base import (
+    LanePools,
+    Outgoing,
+    Provider,
+    Result,
+    provider_pool,
+)
 from services.dispatch.channels.pushdata import push_data, ttl_seconds
 from shared.settings import Settings
 
@@ -117,32 +122,22 @@ class FcmProvider(Provider):
         self._ca_file = ca_file
         self._connections = connections
         self._timeout = timeout
-        self._session: aiohttp.ClientSession | None = None
+        self._pools = LanePools(self._new_pool)
         self._last_config_log = 0.0
 
     async def start(self) -> None:
-        self._client()
+        self._pools.open()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._pools.close()
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            ctx: ssl.SSLContext | bool = True
-            if self._ca_file:
-                ctx = ssl.create_default_context(cafile=str(self._ca_file))
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._connections, ssl=ctx),
-                # The provider's silence times out, not the wait for a pooled connection
-                # (hundreds of sends may queue for 64 connections at a batch's peak).
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=self._timeout, sock_read=self._timeout
-                ),
-                json_serialize=lambda o: orjson.dumps(o).decode(),
-            )
-        return self._session
+    def _new_pool(self) -> aiohttp.ClientSession:
+        return provider_pool(
+            self._connections,
+            self._timeout,
+            self._ca_file,
+            json_serialize=lambda o: orjson.dumps(o).decode(),
+        )
 
     def message(self, out: Outgoing) -> dict[str, Any]:
         """The ``message`` object of ``messages:send`` for one device."""
@@ -167,7 +162,7 @@ class FcmProvider(Provider):
         """Send one notification to one Android device and classify FCM's answer."""
         if out.device is None or not out.device.token:
             return Result("failed", reason="NoDeviceToken")
-        session = self._client()
+        session = self._pools.get(out.realtime)
         body = orjson.dumps({"message": self.message(out)})
         refreshed = False
         while True:

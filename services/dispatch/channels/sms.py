@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 import aiohttp
 import orjson
 
-from services.dispatch.channels.base import Outgoing, Provider, Result
+from services.dispatch.channels.base import LanePools, Outgoing, Provider, Result
 from shared.settings import Settings
 
 log = logging.getLogger("kairos.dispatch.sms")
@@ -102,23 +102,18 @@ class SmsProvider(Provider):
         self.callback_base = f"{public_url.rstrip('/')}/callbacks/sms/"
         self.connections = connections
         self.timeout = aiohttp.ClientTimeout(total=timeout, connect=min(3.0, timeout))
-        # One keep-alive pool per lane: a batch run keeps as many sends in flight as a pool
-        # has connections, and a realtime SMS (an OTP, a reply) must not queue behind them.
-        self._sessions: dict[bool, aiohttp.ClientSession] = {}
+        self._pools = LanePools(self._new_pool)
+
+    def _new_pool(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=self.connections, keepalive_timeout=30)
+        return aiohttp.ClientSession(connector=connector, timeout=self.timeout)
 
     async def start(self) -> None:
-        """Open the keep-alive connection pools (realtime, batch)."""
-        for realtime in (True, False):
-            if realtime not in self._sessions:
-                connector = aiohttp.TCPConnector(limit=self.connections, keepalive_timeout=30)
-                self._sessions[realtime] = aiohttp.ClientSession(
-                    connector=connector, timeout=self.timeout
-                )
+        """Open the keep-alive connection pools (one per lane)."""
+        self._pools.open()
 
     async def close(self) -> None:
-        sessions, self._sessions = list(self._sessions.values()), {}
-        for session in sessions:
-            await session.close()
+        await self._pools.close()
 
     async def send(self, out: Outgoing) -> Result:
         """Submit one SMS and classify Twilio's answer."""
@@ -137,10 +132,7 @@ class SmsProvider(Provider):
             "StatusCallback": self.callback_base
             + out.links.token("c", req.tracking_id, channel="sms"),
         }
-        session = self._sessions.get(out.realtime)
-        if session is None:
-            await self.start()
-            session = self._sessions[out.realtime]
+        session = self._pools.get(out.realtime)
         try:
             # Encoded here: aiohttp's FormData path costs more CPU than the rest of the send.
             body = urlencode(form).encode()

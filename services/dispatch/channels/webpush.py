@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,13 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from services.dispatch.channels.base import Outgoing, Provider, Result
+from services.dispatch.channels.base import (
+    LanePools,
+    Outgoing,
+    Provider,
+    Result,
+    provider_pool,
+)
 from services.dispatch.channels.pushdata import push_data, ttl_seconds
 from shared.settings import Settings
 
@@ -84,31 +89,17 @@ class WebPushProvider(Provider):
         self._ca_file = ca_file
         self._connections = connections
         self._timeout = timeout
-        self._session: aiohttp.ClientSession | None = None
+        self._pools = LanePools(self._new_pool)
         self._vapid: dict[str, tuple[str, float]] = {}  # audience → (header, renew at)
 
     async def start(self) -> None:
-        self._client()
+        self._pools.open()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._pools.close()
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            ctx: ssl.SSLContext | bool = True
-            if self._ca_file:
-                ctx = ssl.create_default_context(cafile=str(self._ca_file))
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._connections, ssl=ctx),
-                # The provider's silence times out, not the wait for a pooled connection
-                # (hundreds of sends may queue for 64 connections at a batch's peak).
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=self._timeout, sock_read=self._timeout
-                ),
-            )
-        return self._session
+    def _new_pool(self) -> aiohttp.ClientSession:
+        return provider_pool(self._connections, self._timeout, self._ca_file)
 
     def authorization(self, endpoint: str) -> str:
         """The VAPID ``Authorization`` header for a push service (one JWT per origin, reused
@@ -165,7 +156,9 @@ class WebPushProvider(Provider):
         # Topic: at most 32 base64url characters, so a digest of the collapse key.
         headers["Topic"] = b64url(hashlib.sha256(collapse.encode()).digest()[:24])
         try:
-            async with self._client().post(endpoint, data=body, headers=headers) as resp:
+            async with self._pools.get(out.realtime).post(
+                endpoint, data=body, headers=headers
+            ) as resp:
                 status = resp.status
                 text = (await resp.read())[:300].decode(errors="replace")
                 location = resp.headers.get("Location")
