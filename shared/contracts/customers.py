@@ -67,7 +67,12 @@ class Identities(BaseModel):
         return v
 
     def as_dict(self) -> dict[str, str]:
-        out = {k: v for k, v in self.model_dump().items() if v is not None}
+        # The fields and the extra keys as stored, without ``model_dump`` copying them first
+        # (this runs for every import line).
+        out = {k: v for k, v in self.__dict__.items() if v is not None}
+        for k, v in (self.__pydantic_extra__ or {}).items():
+            if v is not None:
+                out[k] = v
         for k, v in out.items():
             if not isinstance(v, str) or not v or len(v) > 200 and k != "email":
                 raise ValueError(f"identity {k!r} must be a non-empty string")
