@@ -558,8 +558,9 @@ def to_json(v: Any) -> str:
 
 # The compact read model decisions use; built server-side so the hot path only moves bytes.
 # The documents are built as ``json`` (text put together), not ``jsonb``: a jsonb document
-# is assembled in binary only to be printed again, which cost an import a fifth of its
-# Postgres time. Their keys are distinct (aggregates that could repeat one stay jsonb).
+# is assembled in binary only to be printed again, which cost an import's upsert about a
+# sixth of its Postgres time. Their keys are distinct (aggregates that could repeat one stay
+# jsonb).
 _DEVICES = """COALESCE((SELECT json_agg(json_build_object(
                              'platform', d.platform, 'token', d.token, 'app_id', d.app_id))
                          FROM profile.device d WHERE d.customer_id = c.customer_id), '[]')"""

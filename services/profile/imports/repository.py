@@ -56,7 +56,8 @@ STAGED_CONFLICTS = conflicts_sql(
 )
 # Customers in id order, so that concurrent imports lock rows in the same order. The upsert
 # returns each written customer's projection document (the identities are written first, so
-# the document holds them; a customer it creates has no devices or counters to look up), and the batch's announcement row names each one with its version.
+# the document holds them; a customer it creates has no devices or counters to look up), and
+# the batch's announcement row names each one with its version.
 UPSERT = (
     f"""
 WITH up AS (
