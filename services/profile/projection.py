@@ -14,8 +14,10 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 
 from shared.redis import APPLIED_TTL_S, Keys, merge_parts
@@ -97,6 +99,50 @@ class Doc:
     created_ms: int
     counters: bytes
     profile: bytes | None = None
+
+
+def _s(v: Any) -> str:
+    return orjson.dumps(v).decode()
+
+
+def profile_part(
+    customer_id: str,
+    attributes: str,
+    tags: Sequence[str],
+    consents: str,
+    identities: str,
+    devices: str,
+    timezone: str | None,
+    locale: str | None,
+    created_at: datetime,
+    updated_at: datetime,
+) -> bytes:
+    """The profile part of a projection document: the one place its shape is written down.
+    The JSON values come as text (Postgres' output, or what an import staged), so they are
+    put in as they are rather than parsed and printed again."""
+    return (
+        f'{{"customer_id":{_s(customer_id)},"attributes":{attributes},"tags":{_s(tags)},'
+        f'"consents":{consents},"identities":{identities},"devices":{devices},'
+        f'"timezone":{_s(timezone)},"locale":{_s(locale)},'
+        f'"created_at":{_s(created_at)},"updated_at":{_s(updated_at)}}}'
+    ).encode()
+
+
+def counters_part(counters: str, last: str, updated_at: datetime) -> bytes:
+    """The behaviour part of a projection document (counters and last event values)."""
+    return f'{{"counters":{counters},"last":{last},"updated_at":{_s(updated_at)}}}'.encode()
+
+
+def doc_from_row(row: Sequence[Any]) -> Doc:
+    """A projection document from a row of ``projection_columns`` (the profile service's
+    repository): the profile part is left out (a counters-only write) when the row did not
+    read it."""
+    cid, version, created_ms, attrs, tags, consents, idents, devices, tz, lc, cat, uat = row[:12]
+    counters = counters_part(row[12] or "{}", row[13] or "{}", uat)
+    if attrs is None:
+        return Doc(cid, int(version), int(created_ms), counters)
+    profile = profile_part(cid, attrs, tags, consents, idents, devices, tz, lc, cat, uat)
+    return Doc(cid, int(version), int(created_ms), counters, profile)
 
 
 class Projection:

@@ -262,6 +262,55 @@ async def test_the_projection_keeps_what_an_imported_customer_had_and_a_new_one_
         await redis.aclose()
 
 
+async def test_a_created_customers_projection_is_the_one_its_stored_profile_gives(
+    gw: httpx.AsyncClient, stack: Stack
+) -> None:
+    """The import writes the projection of a customer it creates from the line itself (the
+    database hands back only the id, version and times): it must be the document Postgres
+    gives for the stored profile (the export's), value for value."""
+    p = _prefix("same")
+    cid = f"{p}-a"
+    line = {
+        "customer_id": cid,
+        "attributes": {
+            "age": 41,
+            "score": 0.25,
+            "big": 10**15,
+            "name": 'Zoë "Z" Ä\u2028',
+            "nested": {"a": [1, "two", None, True]},
+            "no": None,
+        },
+        "tags": ["vip", "b-tag", "vip", "a-tag"],
+        "consents": {"email": True, "sms": False},
+        "identities": {
+            "email": f"{p}@example.com",
+            "msisdn": f"+4798{uuid.uuid4().int % 10**6:06d}",
+        },
+        "timezone": "Europe/Oslo",
+        "locale": "nb-NO",
+    }
+    keys = Keys(stack.env["KAIROS_REDIS_PREFIX"])
+    redis = Redis.from_url(stack.env["KAIROS_REDIS_URL"])
+    try:
+        out = await _import(gw, _ndjson([line, {"customer_id": f"{p}-b"}]))
+        assert out["imported"] == 2, out
+        written = await eventually(
+            lambda: redis.hmget(keys.profile(cid), ["v", "p", "c"]), lambda raw: raw[0]
+        )
+        async with httpx.AsyncClient(base_url=stack.url("profile")) as profile:
+            r = await profile.get("/v1/customers:export", params={"after": p, "limit": 2})
+        assert r.status_code == 200, r.text
+        exported = [orjson.loads(x) for x in r.content.splitlines()]
+        assert [d["customer_id"] for d in exported] == [cid, f"{p}-b"]
+        assert merge_parts(written) == exported[0]
+        assert exported[0]["tags"] == ["a-tag", "b-tag", "vip"]
+        assert exported[0]["identities"] == line["identities"]
+        empty = merge_parts(await redis.hmget(keys.profile(f"{p}-b"), ["v", "p", "c"]))
+        assert empty == exported[1]
+    finally:
+        await redis.aclose()
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["a-customer-in-both", "none-in-both"])
 async def test_a_later_batch_sees_what_an_earlier_one_wrote(
     gw: httpx.AsyncClient, shared: bool

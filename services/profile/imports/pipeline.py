@@ -104,9 +104,10 @@ async def write_batch(db: Database, parsed: Parsed, after: asyncio.Task[Any] | N
                     "detail": f"{e['field']}: {e['msg']}",
                 }
         await repo.drop_lines(sorted(refused))
-        kept = {r[1] for r in parsed.rows if r[0] not in refused}
+        # The last line of each customer (rows are in line order), as the merge keeps it.
+        kept = {r[1]: r for r in parsed.rows if r[0] not in refused}
         # The projection comes back from the writes themselves: exactly what commits.
-        batch_id, docs = await repo.merge(now)
+        batch_id, docs = await repo.merge(now, kept)
         if len(docs) != len(kept):
             raise ConcurrentClaim("a customer was merged away meanwhile")
         if docs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -10,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.profile.customers.repository import conflicts_sql, projection_columns
 from services.profile.imports.parser import Row
-from services.profile.projection import Doc
+from services.profile.projection import Doc, counters_part, doc_from_row, profile_part
 from shared.contracts.bus import ImportBatch
 
 
@@ -19,6 +20,7 @@ class ConcurrentClaim(Exception):
 
 
 STAGE = "kairos_import_stage"
+_UPDATED = "NOT (c.xmax = 0)"  # in an upsert's RETURNING: the row existed (it was updated)
 STAGE_COLUMNS = [
     "line",
     "customer_id",
@@ -55,9 +57,10 @@ STAGED_CONFLICTS = conflicts_sql(
     f"SELECT s.line, s.customer_id, e.key, e.value FROM {STAGE} s, jsonb_each_text(s.identities) e"
 )
 # Customers in id order, so that concurrent imports lock rows in the same order. The upsert
-# returns each written customer's projection document (the identities are written first, so
-# the document holds them; a customer it creates has no devices or counters to look up), and
-# the batch's announcement row names each one with its version.
+# returns the parts of each updated customer's projection document (the identities are
+# written first, so the document holds them). A customer it creates is known from its line
+# alone: only its id, version and times come back. The batch's announcement row names each
+# written customer with its version.
 UPSERT = (
     f"""
 WITH up AS (
@@ -70,7 +73,7 @@ ON CONFLICT (customer_id) DO UPDATE SET attributes = EXCLUDED.attributes, tags =
   updated_at = EXCLUDED.updated_at, version = c.version + 1
 WHERE c.merged_into IS NULL
 RETURNING """
-    + projection_columns(created="c.xmax = 0")
+    + projection_columns(profile=_UPDATED, counters=_UPDATED)
     + """),
 announced AS (
 INSERT INTO profile.import_batch (created_at, size, customers)
@@ -107,6 +110,22 @@ SELECT count(*) FROM added WHERE xmax::text <> '0'
 """
 
 
+def _doc(row: Sequence[Any], lines: Mapping[str, Row], now: datetime) -> Doc:
+    """A written customer's projection document: from the row's parts when the upsert
+    updated it, from its line when the upsert created it (the line is all it has: its
+    identities are the line's, and it has no devices, counters or last values yet)."""
+    if row[3] is not None:
+        return doc_from_row(row)
+    _, cid, attrs, tags, consents, tz, lc, idents = lines[row[0]]
+    return Doc(
+        cid,
+        int(row[1]),
+        int(row[2]),
+        counters_part("{}", "{}", now),
+        profile_part(cid, attrs, tags, consents, idents, "[]", tz, lc, now, now),
+    )
+
+
 class ImportRepository:
     """The statements of one import batch, inside the caller's transaction."""
 
@@ -134,22 +153,18 @@ class ImportRepository:
         rows = await self.session.execute(sa.text(STAGED_CONFLICTS))
         return [(r[0], r[1], r[2], r[3]) for r in rows.all()]
 
-    async def merge(self, now: datetime) -> tuple[int, list[Doc]]:
+    async def merge(self, now: datetime, lines: Mapping[str, Row]) -> tuple[int, list[Doc]]:
         """Write the staged identities, then upsert the staged customers (last line per
-        customer) and record the batch's announcement; returns (batch id, the projection
-        document of each written customer). Raises ``ConcurrentClaim`` when a concurrent
-        writer took one of the identities since the check."""
+        customer, ``lines``) and record the batch's announcement; returns (batch id, the
+        projection document of each written customer). Raises ``ConcurrentClaim`` when a
+        concurrent writer took one of the identities since the check."""
         await self.session.execute(sa.text(KEEP_LAST))
         await self.session.execute(sa.text(DROP_IDENTITIES))
         lost = await self.session.execute(sa.text(ADD_IDENTITIES))
         if lost.scalar_one():  # updated, not inserted: a row someone else holds
             raise ConcurrentClaim("an identity was claimed meanwhile")
         rows = (await self.session.execute(sa.text(UPSERT), {"now": now})).all()
-        docs = [
-            Doc(r[1], int(r[2]), int(r[3]), r[5].encode(), r[4].encode())
-            for r in rows
-            if r[1] is not None
-        ]
+        docs = [_doc(r[1:], lines, now) for r in rows if r[1] is not None]
         return int(rows[0][0]), docs
 
     async def prune(self, before: datetime) -> None:
