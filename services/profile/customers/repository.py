@@ -525,7 +525,8 @@ class CustomerRepository(Repository[Customer]):
 # PATCH) or an import batch's staged rows. Each claim looks its identity up by the primary
 # key (LATERAL with LIMIT: never a hash join over every stored identity).
 _CONFLICTS = """
-WITH c(line, cid, kind, value) AS ({claims}),
+WITH claims(line, cid, kind, value) AS ({claims}),
+c AS (SELECT line, cid, kind COLLATE "C" AS kind, value COLLATE "C" AS value FROM claims),
 first AS (SELECT DISTINCT ON (kind, value) kind, value, cid, line FROM c
           ORDER BY kind, value, line)
 SELECT c.line, c.kind, COALESCE(i.customer_id, f.cid),

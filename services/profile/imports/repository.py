@@ -35,7 +35,8 @@ STAGE_COLUMNS = [
 # connection only once and written inside transactions).
 CREATE_STAGE = f"""
 CREATE TEMP TABLE IF NOT EXISTS {STAGE} (
-  line int NOT NULL, customer_id text NOT NULL, attributes jsonb NOT NULL, tags text[] NOT NULL,
+  line int NOT NULL, customer_id text COLLATE "C" NOT NULL, attributes jsonb NOT NULL,
+  tags text[] NOT NULL,
   consents jsonb NOT NULL, timezone text, locale text, identities jsonb NOT NULL
 ) ON COMMIT DELETE ROWS
 """
@@ -102,7 +103,7 @@ ADD_IDENTITIES = f"""
 WITH added AS (
   INSERT INTO profile.identity AS i (kind, value, customer_id)
   SELECT e.key, e.value, s.customer_id FROM {STAGE} s, jsonb_each_text(s.identities) e
-  ORDER BY 1, 2
+  ORDER BY e.key COLLATE "C", e.value COLLATE "C"
   ON CONFLICT (kind, value) DO UPDATE SET customer_id = i.customer_id
   WHERE i.customer_id <> EXCLUDED.customer_id
   RETURNING xmax)
