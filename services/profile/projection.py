@@ -40,8 +40,8 @@ for i = 1, n do
   local v, created, p, c = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
   local cid, marks = ARGV[base + 4], tonumber(ARGV[base + 5])
   local ok, holds = true, true
-  local erased = redis.call('HGET', key, 'e')
-  local cur = redis.call('HGET', key, 'v')
+  local held = redis.call('HMGET', key, 'e', 'v')
+  local erased, cur = held[1], held[2]
   if erased then
     if tonumber(created) <= tonumber(erased) then ok = false; holds = false
     elseif mode == 'full' then redis.call('DEL', key)

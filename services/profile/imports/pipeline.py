@@ -6,15 +6,15 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from services.profile.customers import service
-from services.profile.imports.parser import Parsed, parse_batch
+from services.profile.imports.parser import Parsed, Row, parse_batch_yielding
 from services.profile.imports.reader import batches
-from services.profile.imports.repository import ConcurrentClaim, ImportRepository
+from services.profile.imports.repository import ConcurrentClaim, ImportRepository, docs_of
 from services.profile.projection import Doc, Projection
 from shared.bus import STREAM_MAX_AGE_S
 from shared.contracts.bus import ProfileImported
@@ -57,12 +57,19 @@ class Outcome:
 
 @dataclass
 class Written:
-    """One committed batch: how many lines it kept, the lines it refused, and the
-    projection documents to write."""
+    """One committed batch: how many lines it kept, the lines it refused, and what its
+    projection documents are made of (the written rows, the lines kept, the time)."""
 
     imported: int
     errors: list[dict[str, Any]]
-    docs: list[Doc]
+    rows: list[Sequence[Any]]
+    lines: dict[str, Row]
+    now: datetime
+
+    def docs(self) -> list[Doc]:
+        """Put together after the commit, outside the batch's task: the next batch, which
+        merges once this task is done, does not wait for them."""
+        return docs_of(self.rows, self.lines, self.now)
 
 
 class PreviousBatchFailed(Exception):
@@ -107,14 +114,14 @@ async def write_batch(db: Database, parsed: Parsed, after: asyncio.Task[Any] | N
         # The last line of each customer (rows are in line order), as the merge keeps it.
         kept = {r[1]: r for r in parsed.rows if r[0] not in refused}
         # The projection comes back from the writes themselves: exactly what commits.
-        batch_id, docs = await repo.merge(now, kept)
-        if len(docs) != len(kept):
+        batch_id, written = await repo.merge(now)
+        if len(written) != len(kept):
             raise ConcurrentClaim("a customer was merged away meanwhile")
-        if docs:
-            announce = ProfileImported(batch_id=batch_id, count=len(docs), changed=CHANGED)
+        if written:
+            announce = ProfileImported(batch_id=batch_id, count=len(written), changed=CHANGED)
             uow.emit(*announce.to_event(source=service.SOURCE))
     n = sum(1 for r in parsed.rows if r[0] not in refused)
-    return Written(n, sorted(refused.values(), key=lambda e: e["line"]), docs)
+    return Written(n, sorted(refused.values(), key=lambda e: e["line"]), written, kept, now)
 
 
 async def _committed(previous: asyncio.Task[Any]) -> None:
@@ -181,11 +188,11 @@ async def run_import(
         out.fail(done.errors)
         if projecting is not None:
             await projecting
-        projecting = asyncio.create_task(projection.write_many(done.docs))
+        projecting = asyncio.create_task(projection.write_many(done.docs()))
 
     try:
         async for lines in batches(body, content_encoding, batch_size):
-            parsed = parse_batch(lines)
+            parsed = await parse_batch_yielding(lines)
             if len(writing) >= IN_FLIGHT:
                 await settle()
             out.fail(parsed.errors)

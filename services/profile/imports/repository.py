@@ -83,6 +83,7 @@ RETURNING batch_id)
 SELECT announced.batch_id, up.* FROM announced LEFT JOIN up ON true
 """
 )
+UPSERT_PG = UPSERT.replace(":now", "$1::timestamptz")
 # Announcements older than the PROFILE stream's retention name messages no longer there.
 PRUNE = "DELETE FROM profile.import_batch WHERE kind = 'import' AND created_at < :before"
 BATCH = "SELECT batch_id, customers, event_types FROM profile.import_batch WHERE batch_id = :b"
@@ -111,6 +112,12 @@ SELECT count(*) FROM added WHERE xmax::text <> '0'
 """
 
 
+def docs_of(written: list[Sequence[Any]], lines: Mapping[str, Row], now: datetime) -> list[Doc]:
+    """The projection documents of what ``merge`` wrote (``lines``: the line it kept for
+    each customer)."""
+    return [_doc(r, lines, now) for r in written]
+
+
 def _doc(row: Sequence[Any], lines: Mapping[str, Row], now: datetime) -> Doc:
     """A written customer's projection document: from the row's parts when the upsert
     updated it, from its line when the upsert created it (the line is all it has: its
@@ -133,12 +140,16 @@ class ImportRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
+    async def _driver(self) -> Any:
+        """The transaction's asyncpg connection, for what SQLAlchemy adds nothing to."""
+        conn = await self.session.connection()
+        raw = await conn.get_raw_connection()
+        return raw.driver_connection
+
     async def stage(self, rows: list[Row]) -> None:
         """Create the connection's staging table if needed and COPY the rows into it."""
         await self.session.execute(sa.text(CREATE_STAGE))  # also begins the transaction
-        conn = await self.session.connection()
-        raw = await conn.get_raw_connection()
-        driver: Any = raw.driver_connection
+        driver = await self._driver()
         await driver.copy_records_to_table(STAGE, records=rows, columns=STAGE_COLUMNS)
 
     async def merged_away(self) -> list[tuple[int, str]]:
@@ -154,19 +165,21 @@ class ImportRepository:
         rows = await self.session.execute(sa.text(STAGED_CONFLICTS))
         return [(r[0], r[1], r[2], r[3]) for r in rows.all()]
 
-    async def merge(self, now: datetime, lines: Mapping[str, Row]) -> tuple[int, list[Doc]]:
+    async def merge(self, now: datetime) -> tuple[int, list[Sequence[Any]]]:
         """Write the staged identities, then upsert the staged customers (last line per
-        customer, ``lines``) and record the batch's announcement; returns (batch id, the
-        projection document of each written customer). Raises ``ConcurrentClaim`` when a
-        concurrent writer took one of the identities since the check."""
+        customer) and record the batch's announcement; returns (batch id, the projection
+        columns of each written customer, for ``docs_of`` once committed). Raises
+        ``ConcurrentClaim`` when a concurrent writer took one of the identities since the
+        check."""
         await self.session.execute(sa.text(KEEP_LAST))
         await self.session.execute(sa.text(DROP_IDENTITIES))
         lost = await self.session.execute(sa.text(ADD_IDENTITIES))
         if lost.scalar_one():  # updated, not inserted: a row someone else holds
             raise ConcurrentClaim("an identity was claimed meanwhile")
-        rows = (await self.session.execute(sa.text(UPSERT), {"now": now})).all()
-        docs = [_doc(r[1:], lines, now) for r in rows if r[1] is not None]
-        return int(rows[0][0]), docs
+        # Straight through asyncpg: 5,000 rows of 15 columns, which SQLAlchemy's result
+        # rows would only wrap.
+        rows = await (await self._driver()).fetch(UPSERT_PG, now)
+        return int(rows[0][0]), [r[1:] for r in rows if r[1] is not None]
 
     async def prune(self, before: datetime) -> None:
         await self.session.execute(sa.text(PRUNE), {"before": before})
