@@ -612,10 +612,12 @@ def projection_columns(profile: str | None = None, counters: str | None = None) 
     return ",\n  ".join(cols)
 
 
-def _projection_sql(profile: str | None = None, counters: str | None = None) -> str:
+def _projection_sql(
+    profile: str | None = None, counters: str | None = None, *, also: str = ""
+) -> str:
     return f"""
 SELECT {projection_columns(profile, counters)}
-FROM profile.customer c
+FROM profile.customer c{also}
 WHERE c.customer_id = ANY(:ids) AND c.merged_into IS NULL
 """
 
@@ -627,4 +629,8 @@ EXPORT_SQL = PROJECTION_SQL.replace(
 )
 COUNTERS_SQL = _projection_sql(profile="false")
 # Whole documents for some ids, the counters part alone for the others (an event batch).
-MIXED_SQL = _projection_sql(profile="c.customer_id = ANY(:whole)")
+# (Whether a row is whole is worked out once, not in each of the part's columns.)
+MIXED_SQL = _projection_sql(
+    profile="w.whole",
+    also="\nCROSS JOIN LATERAL (SELECT c.customer_id = ANY(:whole) AS whole OFFSET 0) w",
+)
