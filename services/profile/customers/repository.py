@@ -597,8 +597,8 @@ def projection_columns(profile: str | None = None, counters: str | None = None) 
     and the behaviour part's values. ``profile`` and ``counters`` are conditions under which
     each part is read (None: always); a part not read comes back as NULLs.
 
-    An import's upsert reads neither for a row it has just inserted (``c.xmax <> 0`` is
-    false): it knows that customer's profile from its own lines, and such a customer has no
+    An import's upsert reads neither for a row it has just inserted (``c.xmax = 0`` in its
+    ``RETURNING``): it knows that customer's profile from its own lines, and such a customer has no
     devices and no counters (events and device registrations create the customer row first,
     so their rows can only follow it)."""
     cols = [
