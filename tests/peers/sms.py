@@ -41,6 +41,7 @@ class SmsPeer:
         self._answers: dict[str, list[tuple[Answer, int | None]]] = {}
         self._undelivered: dict[str, tuple[int, str]] = {}
         self._sids = itertools.count(1)
+        self._reporting: set[asyncio.Task[None]] = set()
         self.callbacks_enabled = True
         self.thread = LoopThread("peer-sms")
         self.port: int = self.thread.run(self._serve())
@@ -139,7 +140,10 @@ class SmsPeer:
             self._received.append({**form, "MessageSid": sid})
         callback = form.get("StatusCallback")
         if callback and self.callbacks_enabled:
-            asyncio.get_running_loop().create_task(self._report(callback, sid, form))
+            # Held until done: the loop keeps only weak references to tasks.
+            task = asyncio.get_running_loop().create_task(self._report(callback, sid, form))
+            self._reporting.add(task)
+            task.add_done_callback(self._reporting.discard)
         body: dict[str, Any] = {
             "sid": sid,
             "account_sid": ACCOUNT,
@@ -171,11 +175,17 @@ class SmsPeer:
             steps.append({**base, "MessageStatus": "delivered"})
         for step in steps:
             status = 0
-            try:
-                async with self._client.post(url, data=step) as resp:
-                    status = resp.status
-            except aiohttp.ClientError:
-                status = -1
+            # A provider tries a callback again when the connection fails (a keep-alive
+            # connection the receiver closed just as it was reused, say); what the receiver
+            # answered, it keeps.
+            for attempt in range(3):
+                try:
+                    async with self._client.post(url, data=step) as resp:
+                        status = resp.status
+                    break
+                except aiohttp.ClientError:
+                    status = -1
+                    await asyncio.sleep(0.05 * (attempt + 1))
             with self._lock:
                 self._callbacks.append((url, step, status))
 
