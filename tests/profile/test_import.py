@@ -184,6 +184,34 @@ async def test_gzip_bodies_are_inflated_as_a_stream(gw: httpx.AsyncClient) -> No
     assert "gzip" in r.json()["detail"]
 
 
+async def test_a_body_that_breaks_off_leaves_what_committed_projected(
+    gw: httpx.AsyncClient, stack: Stack
+) -> None:
+    """A gzip body cut short after its first batch: the request fails (400), the batch that
+    committed stays, and its customers' projections are written all the same (a touchpoint
+    decision reads the profile from there)."""
+    p = _prefix("cut")
+    lines = [{"customer_id": f"{p}-{i:05d}", "tags": ["cut"]} for i in range(5_600)]
+    packed = gzip.compress(_ndjson(lines), compresslevel=1)
+    r = await gw.post(
+        "/v1/customers:import",
+        content=packed[: len(packed) - 40],  # the last ~600 lines' stream is cut
+        headers={**NDJSON, "content-encoding": "gzip"},
+        timeout=120,
+    )
+    assert r.status_code == 400, r.text
+    keys = Keys(stack.env["KAIROS_REDIS_PREFIX"])
+    redis = Redis.from_url(stack.env["KAIROS_REDIS_URL"])
+    try:
+        first, last = f"{p}-00000", f"{p}-04999"
+        assert (await gw.get(f"/v1/customers/{last}")).status_code == 200
+        for cid in (first, last):
+            doc = merge_parts(await redis.hmget(keys.profile(cid), ["v", "p", "c"]))
+            assert doc is not None and doc["tags"] == ["cut"], (cid, doc)
+    finally:
+        await redis.aclose()
+
+
 async def _announced(stack: Stack, prefix: str, want: int) -> dict[str, int]:
     """Customers (and versions) announced by ``profile.imported`` messages, read from the
     stream and resolved through the profile service, as selection does."""

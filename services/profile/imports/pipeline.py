@@ -208,10 +208,15 @@ async def run_import(
             projecting = None
     finally:
         # The body broke off (or was refused): a batch being written commits or rolls
-        # back as a whole, never half; wait for it rather than cancel it mid-commit.
+        # back as a whole, never half; wait for it rather than cancel it mid-commit. What
+        # committed still gets its projection (decisions read the profile from there).
         for task in (*writing, projecting):
             if task is not None:
                 with contextlib.suppress(Exception):
                     await task
+        for task in writing:
+            if not task.cancelled() and task.exception() is None:
+                with contextlib.suppress(Exception):
+                    await projection.write_many(task.result().docs())
     out.errors.sort(key=lambda e: e["line"])
     return out
